@@ -1,0 +1,24 @@
+"""Detection operators on plain tensors: box geometry, box coding, NMS, RoIAlign / RoIPool.
+
+Boxes are ``Tensor[N, 4]`` in ``(x1, y1, x2, y2)`` absolute pixels. Nothing here knows about the model.
+"""
+from .box_coder import BoxCoder
+from .boxes import box_area, box_iou, clip_boxes_to_image, remove_small_boxes
+from .nms import batched_nms, nms
+from .poolers import MultiScaleRoIAlign, assign_fpn_levels
+from .roi_align import roi_align
+from .roi_pool import roi_pool
+
+__all__ = [
+    "BoxCoder",
+    "MultiScaleRoIAlign",
+    "assign_fpn_levels",
+    "batched_nms",
+    "box_area",
+    "box_iou",
+    "clip_boxes_to_image",
+    "nms",
+    "remove_small_boxes",
+    "roi_align",
+    "roi_pool",
+]

@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from fasterrcnn.ops import MultiScaleRoIAlign, assign_fpn_levels, roi_align
+
+
+def square(side, x0=0.0):
+    return [x0, 0.0, x0 + side, side]
+
+
+def test_assign_fpn_levels_hand_values():
+    boxes = torch.tensor([square(112), square(224), square(448), square(896)])
+    # k = floor(4 + log2(side / 224)): 3, 4, 5, 6 -> clamped to [2, 5], minus k_min = 2
+    levels = assign_fpn_levels(boxes, 2, 5)
+    assert levels.dtype == torch.int64
+    assert levels.tolist() == [1, 2, 3, 3]
+    # just below a power of two goes one level down; tiny, zero-area and huge boxes are clamped
+    boxes = torch.tensor([square(111.9), square(223.9), square(1.0), [5.0, 5.0, 5.0, 5.0], square(1e5)])
+    assert assign_fpn_levels(boxes, 2, 5).tolist() == [0, 1, 0, 0, 3]
+    # a 56 x 56 box is level 2 and a 2000 x 2000 one level 7 without clamping
+    assert assign_fpn_levels(torch.tensor([square(56), square(2000)]), 0, 10).tolist() == [2, 7]
+    # other canonical values: 100 px at level 3 -> 200 px is level 4
+    assert assign_fpn_levels(torch.tensor([square(200)]), 2, 5, canonical_scale=100,
+                             canonical_level=3).tolist() == [2]
+    assert assign_fpn_levels(torch.zeros(0, 4), 2, 5).shape == (0,)
+
+
+def make_features(batch, channels, height, width, strides, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return {str(i): torch.randn(batch, channels, math.ceil(height / s), math.ceil(width / s), generator=g,
+                                dtype=dtype) for i, s in enumerate(strides)}
+
+
+def random_boxes(k, height, width, seed, max_side):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(k, 2, generator=g) * torch.tensor([width, height])
+    wh = torch.rand(k, 2, generator=g) * max_side + 1
+    return torch.cat((xy, xy + wh), 1)
+
+
+def test_multiscale_matches_per_level_roi_align():
+    strides = [4, 8, 16, 32]
+    feats = make_features(2, 3, 128, 192, strides, seed=30, dtype=torch.float64)
+    feats["pool"] = torch.randn(2, 3, 2, 3, dtype=torch.float64)  # not in featmap_names: ignored
+    image_sizes = [(128, 192), (100, 150)]  # original size = (128, 192)
+    boxes = [random_boxes(25, 128, 192, seed=31, max_side=900).double(),
+             random_boxes(15, 100, 150, seed=32, max_side=100).double()]
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], (7, 5), 2)
+    out = pooler(feats, boxes, image_sizes)
+    assert out.shape == (40, 3, 7, 5) and out.dtype == torch.float64
+    scales, k_min, k_max = pooler.scales_and_levels([feats[k] for k in "0123"], image_sizes)
+    assert scales == [0.25, 0.125, 0.0625, 0.03125] and (k_min, k_max) == (2, 5)
+    all_boxes = torch.cat(boxes)
+    batch = torch.tensor([0] * 25 + [1] * 15)
+    levels = assign_fpn_levels(all_boxes, 2, 5)
+    assert len(set(levels.tolist())) == 4  # the data exercises every level
+    for r in range(40):
+        lvl = int(levels[r])
+        roi = torch.cat((batch[r:r + 1].double(), all_boxes[r])).view(1, 5)
+        expected = roi_align(feats[str(lvl)], roi, (7, 5), scales[lvl], 2, aligned=False)
+        torch.testing.assert_close(out[r:r + 1], expected, rtol=0, atol=0)
+
+
+def test_multiscale_scale_inference_rounds_in_log2():
+    # padded feature sizes (ceil) and a smaller second image still give exact powers of two
+    feats = make_features(1, 2, 100, 150, [4, 8], seed=33)
+    pooler = MultiScaleRoIAlign(["0", "1"], 7, 2)
+    scales, k_min, k_max = pooler.scales_and_levels(list(feats.values()), [(100, 150), (90, 40)])
+    assert scales == [0.25, 0.125] and (k_min, k_max) == (2, 3)
+
+
+def test_multiscale_single_map_and_gradients():
+    feats = make_features(2, 2, 32, 48, [8], seed=34)
+    feats["0"].requires_grad_()
+    boxes = [random_boxes(3, 32, 48, seed=35, max_side=20), random_boxes(2, 32, 48, seed=36, max_side=20)]
+    pooler = MultiScaleRoIAlign(["0"], 3, 0)
+    out = pooler(feats, boxes, [(32, 48), (32, 48)])
+    expected = roi_align(feats["0"], boxes, 3, 0.125, 0, aligned=False)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert feats["0"].grad.abs().sum() > 0
+
+
+def test_multiscale_backward_reaches_every_level():
+    feats = make_features(1, 1, 640, 640, [4, 8, 16, 32], seed=37)
+    for f in feats.values():
+        f.requires_grad_()
+    boxes = [torch.tensor([square(60.0), square(150.0), square(300.0), square(600.0)])]
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 2, 2)
+    assert assign_fpn_levels(boxes[0], 2, 5).tolist() == [0, 1, 2, 3]
+    pooler(feats, boxes, [(640, 640)]).sum().backward()
+    assert all(f.grad.abs().sum() > 0 for f in feats.values())
+
+
+def test_multiscale_empty_boxes_and_dtype():
+    feats = make_features(2, 4, 64, 64, [4, 8], seed=38, dtype=torch.float64)
+    pooler = MultiScaleRoIAlign(["0", "1"], (7, 7), 2)
+    out = pooler(feats, [torch.zeros(0, 4), torch.zeros(0, 4)], [(64, 64), (64, 64)])
+    assert out.shape == (0, 4, 7, 7) and out.dtype == torch.float64
+    out = pooler(feats, [torch.tensor([square(10.0)]), torch.zeros(0, 4)], [(64, 64), (64, 64)])
+    assert out.shape == (1, 4, 7, 7) and out.dtype == torch.float64
+
+
+def test_multiscale_errors():
+    feats = make_features(1, 2, 64, 64, [4, 16], seed=39)
+    with pytest.raises(ValueError, match="level"):
+        MultiScaleRoIAlign(["0", "1"], 7, 2)(feats, [torch.tensor([square(10.0)])], [(64, 64)])
+    with pytest.raises(KeyError, match="missing"):
+        MultiScaleRoIAlign(["0", "x"], 7, 2)(feats, [torch.tensor([square(10.0)])], [(64, 64)])
