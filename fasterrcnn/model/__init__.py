@@ -1,0 +1,25 @@
+"""The detector: backbone, RPN, RoI heads, transform, and the builders that assemble them."""
+from .anchors import AnchorGenerator
+from .backbone import BackboneWithFPN, SingleMapBackbone, resnet_fpn_backbone, resnet_single_map_backbone
+from .builders import (
+    BUILDERS,
+    fasterrcnn_resnet18_fpn,
+    fasterrcnn_resnet34_fpn,
+    fasterrcnn_resnet50_c4,
+    fasterrcnn_resnet50_c5,
+    fasterrcnn_resnet50_fpn,
+    fasterrcnn_resnet50_single_map,
+    fasterrcnn_resnet101_fpn,
+    fasterrcnn_resnet_fpn,
+)
+from .faster_rcnn import FasterRCNN
+from .fpn import FeaturePyramidNetwork
+from .frozen_bn import FrozenBatchNorm2d
+from .matcher import Matcher
+from .resnet import ResNetBody
+from .roi_heads import FastRCNNPredictor, Res5Head, RoIHeads, TwoMLPHead
+from .rpn import RegionProposalNetwork, RPNHead
+from .sampler import BalancedPositiveNegativeSampler
+from .single_map_pooler import SingleMapRoIPooler
+from .transform import DetectionTransform, ImageList
+from .weights import load_backbone_weights, load_detector_weights, read_state_dict

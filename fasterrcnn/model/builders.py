@@ -1,0 +1,146 @@
+"""Builders: one call for each standard layout, optionally loading weights.
+
+    fasterrcnn_resnet{18,34,50,101}_fpn  ResNet + FPN P2..P6, one anchor size per level, RoIAlign 7x7
+                                          (torchvision's v1 layout: the R50 state_dict is key-for-key its
+                                          fasterrcnn_resnet50_fpn)
+    fasterrcnn_resnet50_c4               the original single-map detector: RPN on C4 (stride 16) with
+                                          9 anchors, RoIPool or RoIAlign 14x14, res5 as the box head
+    fasterrcnn_resnet50_c5               single map C5 (stride 32), 9 anchors, 7x7 pooling, 2-fc head
+
+``weights``: a torchvision-format detector checkpoint (path or URL); it is loaded strictly, the
+backbone's norm layers become FrozenBatchNorm2d with eps 0.0 (as torchvision sets for its published
+COCO weights) and ``num_classes`` defaults to the checkpoint's. ``weights_backbone``: an ImageNet
+ResNet checkpoint; FrozenBatchNorm2d with eps 1e-5. With neither, the model trains from scratch
+with ordinary BatchNorm and every layer trainable. Any other keyword goes to ``FasterRCNN``.
+"""
+import functools
+import os
+from typing import Callable
+
+from torch import nn
+
+from .anchors import AnchorGenerator
+from .backbone import resnet_fpn_backbone, resnet_single_map_backbone
+from .faster_rcnn import FasterRCNN
+from .frozen_bn import FrozenBatchNorm2d
+from .resnet import RESNET_SPECS, Bottleneck, make_stage
+from .roi_heads import FastRCNNPredictor, Res5Head, TwoMLPHead
+from .rpn import RPNHead
+from .single_map_pooler import SingleMapRoIPooler
+from .weights import load_backbone_weights, load_detector_weights, read_state_dict, upgrade_legacy_keys
+
+PathOrURL = str | os.PathLike | None
+
+
+def _resolve(weights: PathOrURL, weights_backbone: PathOrURL, trainable_backbone_layers: int | None,
+             num_classes: int | None) -> tuple[Callable[[int], nn.Module], int, int, dict | None]:
+    """-> (norm layer, trainable layers, num_classes, detector state_dict or None)."""
+    state_dict = None
+    if weights is not None:
+        state_dict = upgrade_legacy_keys(read_state_dict(weights))
+        if num_classes is None:
+            key = "roi_heads.box_predictor.cls_score.weight"
+            if key not in state_dict:
+                raise ValueError(f"{os.fspath(weights)} has no {key}: is it a Faster R-CNN checkpoint?")
+            num_classes = state_dict[key].shape[0]
+    is_trained = weights is not None or weights_backbone is not None
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = 3 if is_trained else 5
+    if is_trained:
+        eps = 0.0 if weights is not None else 1e-5
+        norm_layer = functools.partial(FrozenBatchNorm2d, eps=eps)
+    else:
+        # Training from scratch needs BatchNorm that learns; freezing layers of a random network
+        # would only freeze noise.
+        if trainable_backbone_layers != 5:
+            raise ValueError("trainable_backbone_layers < 5 freezes layers, which only makes sense with "
+                             "weights or weights_backbone; without them every layer must train")
+        norm_layer = nn.BatchNorm2d
+    return norm_layer, trainable_backbone_layers, (91 if num_classes is None else num_classes), state_dict
+
+
+def fasterrcnn_resnet_fpn(depth: int = 50, *, num_classes: int | None = None, weights: PathOrURL = None,
+                          weights_backbone: PathOrURL = None, trainable_backbone_layers: int | None = None,
+                          fpn_channels: int = 256, **overrides) -> FasterRCNN:
+    """Faster R-CNN with a ResNet-``depth`` + FPN backbone (torchvision's v1 layout at depth 50)."""
+    norm_layer, trainable, num_classes, state_dict = _resolve(weights, weights_backbone,
+                                                              trainable_backbone_layers, num_classes)
+    backbone = resnet_fpn_backbone(depth, norm_layer=norm_layer, trainable_layers=trainable,
+                                   out_channels=fpn_channels)
+    if weights_backbone is not None and weights is None:
+        load_backbone_weights({"": backbone.body}, weights_backbone)
+    model = FasterRCNN(backbone, num_classes, **overrides)
+    if weights is not None:
+        load_detector_weights(model, weights, state_dict=state_dict)
+    return model
+
+
+fasterrcnn_resnet18_fpn = functools.partial(fasterrcnn_resnet_fpn, 18)
+fasterrcnn_resnet34_fpn = functools.partial(fasterrcnn_resnet_fpn, 34)
+fasterrcnn_resnet50_fpn = functools.partial(fasterrcnn_resnet_fpn, 50)
+fasterrcnn_resnet101_fpn = functools.partial(fasterrcnn_resnet_fpn, 101)
+for _depth in (18, 34, 50, 101):
+    _f = globals()[f"fasterrcnn_resnet{_depth}_fpn"]
+    _f.__name__ = _f.__qualname__ = f"fasterrcnn_resnet{_depth}_fpn"
+    _f.__doc__ = f"Faster R-CNN, ResNet-{_depth} + FPN. See ``fasterrcnn_resnet_fpn`` for the arguments."
+
+# The paper's single-map defaults (Ren et al. 2015, Sec. 3.1 and 4): images scaled to a shorter side
+# of 600 (at most 1000), anchors of 128, 256 and 512 pixels at three aspect ratios, 2000 proposals
+# for training and 300 for testing, from up to 12000 / 6000 boxes before NMS.
+SINGLE_MAP_DEFAULTS = dict(min_size=600, max_size=1000,
+                           rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000,
+                           rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=300)
+
+
+def fasterrcnn_resnet50_single_map(*, feature: str = "c4", roi_op: str = "roi_pool", num_classes: int | None = None,
+                                   weights: PathOrURL = None, weights_backbone: PathOrURL = None,
+                                   trainable_backbone_layers: int | None = None,
+                                   anchor_sizes: tuple[int, ...] = (128, 256, 512),
+                                   aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), **overrides) -> FasterRCNN:
+    """Faster R-CNN on one ResNet-50 feature map, with 9 anchors per location.
+
+    ``feature="c4"``: the RPN and RoI pooling read C4 (stride 16, 1024 channels); each RoI is pooled to
+    14x14 and the network's own res5 stage (stride 2) with global average pooling is the box head, the
+    ResNet detector of He et al. 2016. ``feature="c5"``: C5 (stride 32, 2048 channels), 7x7 pooling and
+    the two-fc head. ``roi_op``: "roi_pool" (the original, quantised max) or "roi_align".
+    """
+    norm_layer, trainable, num_classes, state_dict = _resolve(weights, weights_backbone,
+                                                              trainable_backbone_layers, num_classes)
+    backbone = resnet_single_map_backbone(50, feature=feature, norm_layer=norm_layer, trainable_layers=trainable)
+    anchor_generator = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
+    rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0])
+    if feature == "c4":
+        pooler = SingleMapRoIPooler("0", 14, op=roi_op)
+        kind, blocks = RESNET_SPECS[50]
+        head = Res5Head(make_stage(Bottleneck, 1024, 512, blocks[3], 2, norm_layer), out_features=2048)
+        if trainable < 1:  # res5 counts as the backbone's last layer for freezing
+            head.requires_grad_(False)
+        backbone_parts = {"": backbone.body, "layer4.": head}
+    else:
+        pooler = SingleMapRoIPooler("0", 7, op=roi_op)
+        head = TwoMLPHead(backbone.out_channels * 7 * 7, overrides.pop("representation_size", 1024))
+        backbone_parts = {"": backbone.body}
+    if weights_backbone is not None and weights is None:
+        load_backbone_weights(backbone_parts, weights_backbone)
+    options = {**SINGLE_MAP_DEFAULTS, **overrides}
+    model = FasterRCNN(backbone, None, rpn_anchor_generator=anchor_generator, rpn_head=rpn_head,
+                       box_roi_pool=pooler, box_head=head,
+                       box_predictor=FastRCNNPredictor(head.out_features, num_classes), **options)
+    if weights is not None:
+        load_detector_weights(model, weights, state_dict=state_dict)
+    return model
+
+
+fasterrcnn_resnet50_c4 = functools.partial(fasterrcnn_resnet50_single_map, feature="c4")
+fasterrcnn_resnet50_c5 = functools.partial(fasterrcnn_resnet50_single_map, feature="c5")
+fasterrcnn_resnet50_c4.__doc__ = "Faster R-CNN on ResNet-50 C4 with a res5 head (see fasterrcnn_resnet50_single_map)."
+fasterrcnn_resnet50_c5.__doc__ = "Faster R-CNN on ResNet-50 C5 with a 2-fc head (see fasterrcnn_resnet50_single_map)."
+
+BUILDERS = {
+    "fasterrcnn_resnet18_fpn": fasterrcnn_resnet18_fpn,
+    "fasterrcnn_resnet34_fpn": fasterrcnn_resnet34_fpn,
+    "fasterrcnn_resnet50_fpn": fasterrcnn_resnet50_fpn,
+    "fasterrcnn_resnet101_fpn": fasterrcnn_resnet101_fpn,
+    "fasterrcnn_resnet50_c4": fasterrcnn_resnet50_c4,
+    "fasterrcnn_resnet50_c5": fasterrcnn_resnet50_c5,
+}

@@ -1,0 +1,106 @@
+"""Faster R-CNN: the whole detector, from a list of images to boxes, or to the four losses.
+
+    images B x [3, H_i, W_i] in [0, 1]
+      -> transform: normalise, resize, pad             ImageList [B, 3, Hp, Wp] + sizes
+      -> backbone                                       {name: [B, D, H_l, W_l]}
+      -> rpn                                            B x proposals [P_i, 4]   (+ 2 losses)
+      -> roi_heads                                      B x {boxes, scores, labels} (+ 2 losses)
+      -> transform.postprocess                          boxes in each original image's pixels
+Training: ``model.train(); losses = model(images, targets)`` with the dict
+{loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg}. Inference: ``model.eval();
+model(images)`` -> one dict per image with boxes [D, 4] (xyxy), labels [D] int64, scores [D].
+
+The constructor takes torchvision's keyword arguments, so a user can bring any backbone (a module
+returning an ordered dict of feature maps, with ``out_channels``) and swap the anchors, the pooler,
+the box head or the predictor.
+"""
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ..ops import MultiScaleRoIAlign
+from .anchors import AnchorGenerator
+from .roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
+from .rpn import RegionProposalNetwork, RPNHead
+from .transform import DetectionTransform
+from .validation import check_images, check_targets
+
+
+class FasterRCNN(nn.Module):
+    def __init__(self, backbone: nn.Module, num_classes: int | None = None, *,
+                 # transform
+                 min_size: int | tuple[int, ...] = 800, max_size: int = 1333,
+                 image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), size_divisible: int = 32,
+                 # RPN
+                 rpn_anchor_generator: AnchorGenerator | None = None, rpn_head: nn.Module | None = None,
+                 rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
+                 rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
+                 rpn_nms_thresh: float = 0.7, rpn_fg_iou_thresh: float = 0.7, rpn_bg_iou_thresh: float = 0.3,
+                 rpn_batch_size_per_image: int = 256, rpn_positive_fraction: float = 0.5,
+                 rpn_score_thresh: float = 0.0,
+                 # box head
+                 box_roi_pool: nn.Module | None = None, box_head: nn.Module | None = None,
+                 box_predictor: nn.Module | None = None,
+                 box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
+                 box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
+                 box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
+                 bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+                 representation_size: int = 1024):
+        super().__init__()
+        if not hasattr(backbone, "out_channels"):
+            raise ValueError("the backbone must state its feature channels as backbone.out_channels")
+        if (num_classes is None) == (box_predictor is None):
+            raise ValueError("give exactly one of num_classes (including background) and box_predictor")
+        out_channels = backbone.out_channels
+        # Registration order fixes the state_dict's key order: transform, backbone, rpn, roi_heads,
+        # as in torchvision's checkpoints.
+        self.transform = DetectionTransform(min_size, max_size, image_mean, image_std, size_divisible)
+        self.backbone = backbone
+
+        anchor_generator = rpn_anchor_generator or AnchorGenerator()
+        head = rpn_head or RPNHead(out_channels, anchor_generator.num_anchors_per_location()[0])
+        self.rpn = RegionProposalNetwork(
+            anchor_generator, head,
+            fg_iou_thresh=rpn_fg_iou_thresh, bg_iou_thresh=rpn_bg_iou_thresh,
+            batch_size_per_image=rpn_batch_size_per_image, positive_fraction=rpn_positive_fraction,
+            pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+            post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
+            nms_thresh=rpn_nms_thresh, score_thresh=rpn_score_thresh)
+
+        if box_roi_pool is None:
+            box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        if box_head is None:
+            size = box_roi_pool.output_size
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            box_head = TwoMLPHead(out_channels * size[0] * size[1], representation_size)
+        if box_predictor is None:
+            box_predictor = FastRCNNPredictor(box_head.out_features, num_classes)
+        self.roi_heads = RoIHeads(
+            box_roi_pool, box_head, box_predictor,
+            fg_iou_thresh=box_fg_iou_thresh, bg_iou_thresh=box_bg_iou_thresh,
+            batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
+            bbox_reg_weights=bbox_reg_weights, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
+            detections_per_img=box_detections_per_img)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background (the predictor's output width)."""
+        return self.roi_heads.box_predictor.cls_score.out_features
+
+    def features(self, image_tensors: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        feats = self.backbone(image_tensors)
+        return OrderedDict([("0", feats)]) if isinstance(feats, torch.Tensor) else feats
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        check_images(images)
+        if self.training:
+            check_targets(targets, len(images), self.num_classes)
+        original_sizes = [tuple(im.shape[-2:]) for im in images]
+        image_list, targets = self.transform(images, targets)
+        features = self.features(image_list.tensors)
+        proposals, rpn_losses = self.rpn(image_list.tensors, image_list.image_sizes, features, targets)
+        detections, head_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        if self.training:
+            return {**rpn_losses, **head_losses}
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)

@@ -1,0 +1,48 @@
+"""Feature Pyramid Network (Lin et al. 2017): one 256-channel map per stage, strong at every scale.
+
+Shapes (inputs from a ResNet body, L inputs C2..C5 with channels in_channels_list):
+    inner_blocks[i]: 1x1 conv      C_i [B, c_i, H_i, W_i] -> lateral [B, D, H_i, W_i]
+    top-down:        lateral_i + nearest-upsample(merged_{i+1}) -> merged_i
+    layer_blocks[i]: 3x3 conv      merged_i -> P_i [B, D, H_i, W_i]
+    extra level:     P6 = max-pool(P5, kernel 1, stride 2) -> [B, D, ceil(H_5/2), ceil(W_5/2)], named "pool"
+Outputs keep the input names ("0".."3") and add "pool".
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeaturePyramidNetwork(nn.Module):
+    def __init__(self, in_channels_list: list[int], out_channels: int = 256, *, extra_max_pool: bool = True):
+        super().__init__()
+        # Each conv sits alone in a Sequential: the keys (inner_blocks.0.0.weight) are the layout of
+        # torchvision's checkpoints, which leave room for a norm layer after the conv.
+        self.inner_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, out_channels, 1)) for c in in_channels_list
+        )
+        self.layer_blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1)) for _ in in_channels_list
+        )
+        self.extra_max_pool = extra_max_pool
+        self.out_channels = out_channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
+        names = list(x.keys())
+        feats = list(x.values())
+        merged = self.inner_blocks[-1](feats[-1])
+        results = [self.layer_blocks[-1](merged)]
+        for i in range(len(feats) - 2, -1, -1):
+            lateral = self.inner_blocks[i](feats[i])
+            top_down = F.interpolate(merged, size=lateral.shape[-2:], mode="nearest")
+            merged = lateral + top_down
+            results.insert(0, self.layer_blocks[i](merged))
+        if self.extra_max_pool:
+            names.append("pool")
+            results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
+        return OrderedDict(zip(names, results))

@@ -1,0 +1,43 @@
+"""RoI pooling on one feature map, as in the original Faster R-CNN: RoIPool (Fast R-CNN's quantised
+max) or RoIAlign (bilinear, Mask R-CNN), chosen by name.
+
+Shapes: features {"0": [B, D, H, W]}, proposals B x [R_i, 4] -> [sum R_i, D, P, P].
+The map's stride is inferred from its size against the largest image in the batch (a power of two).
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..ops import roi_align, roi_pool
+
+ROI_OPS = ("roi_align", "roi_pool")
+
+
+class SingleMapRoIPooler(nn.Module):
+    def __init__(self, featmap_name: str = "0", output_size: int = 7, *, op: str = "roi_align",
+                 sampling_ratio: int = 0, aligned: bool = False):
+        super().__init__()
+        if op not in ROI_OPS:
+            raise ValueError(f"op must be one of {ROI_OPS}, got {op!r}")
+        self.featmap_name = featmap_name
+        self.output_size = output_size
+        self.op = op
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+
+    @staticmethod
+    def infer_scale(feature: torch.Tensor, image_sizes: list[tuple[int, int]]) -> float:
+        """1 / stride, rounded to a power of two (a padded image is a little larger than the map says)."""
+        max_h = max(s[0] for s in image_sizes)
+        return 2.0 ** round(math.log2(feature.shape[-2] / max_h))
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        feature = features[self.featmap_name]
+        scale = self.infer_scale(feature, image_sizes)
+        boxes = [p.to(feature.dtype) for p in proposals]
+        if self.op == "roi_pool":
+            return roi_pool(feature, boxes, self.output_size, spatial_scale=scale)
+        return roi_align(feature, boxes, self.output_size, spatial_scale=scale,
+                         sampling_ratio=self.sampling_ratio, aligned=self.aligned)

@@ -1,0 +1,96 @@
+"""The model's own input transform: normalise, resize, batch with padding; and map detections back.
+
+Shapes: B images of their own sizes [3, H_i, W_i] in [0, 1]
+    normalize:  (x - mean) / std per channel
+    resize:     scale = min(min_size / min(H, W), max_size / max(H, W)); bilinear;
+                new size floor(H * scale) x floor(W * scale); target boxes scale with it
+    batch:      zero-pad into [B, 3, Hp, Wp], Hp and Wp the largest sizes rounded up to size_divisible
+    postprocess: detected boxes scaled from the resized size back to the original size
+The output keeps each image's resized (unpadded) size: boxes are clipped to it, not to the padding.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ImageList:
+    """A padded batch and the size of each image inside it (before padding)."""
+    tensors: torch.Tensor  # [B, 3, Hp, Wp]
+    image_sizes: list[tuple[int, int]]  # B x (H_i, W_i)
+
+    def to(self, *args, **kwargs) -> "ImageList":
+        return ImageList(self.tensors.to(*args, **kwargs), self.image_sizes)
+
+
+def resize_boxes(boxes: torch.Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> torch.Tensor:
+    """Scale xyxy boxes from an image of original_size (H, W) to one of new_size."""
+    ratio_h = torch.tensor(new_size[0], dtype=torch.float32) / torch.tensor(original_size[0], dtype=torch.float32)
+    ratio_w = torch.tensor(new_size[1], dtype=torch.float32) / torch.tensor(original_size[1], dtype=torch.float32)
+    scale = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(device=boxes.device, dtype=boxes.dtype)
+    return boxes * scale
+
+
+class DetectionTransform(nn.Module):
+    def __init__(self, min_size: int | tuple[int, ...] = 800, max_size: int = 1333,
+                 image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+                 image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+                 size_divisible: int = 32):
+        super().__init__()
+        self.min_size = (min_size,) if isinstance(min_size, int) else tuple(min_size)
+        self.max_size = max_size
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.size_divisible = size_divisible
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
+        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        return (image - mean[:, None, None]) / std[:, None, None]
+
+    def choose_min_size(self) -> int:
+        """Training picks one of the min sizes at random (multi-scale training); testing uses the last."""
+        if not self.training or len(self.min_size) == 1:
+            return self.min_size[-1]
+        return self.min_size[int(torch.randint(len(self.min_size), ()).item())]
+
+    def resize(self, image: torch.Tensor, target: dict | None) -> tuple[torch.Tensor, dict | None]:
+        h, w = image.shape[-2:]
+        # In double precision, then floor(H * scale): the sizes torchvision's eager model uses, so
+        # that its checkpoints see the same pixels (a side of 427 becomes 800, not 799).
+        scale = min(self.choose_min_size() / min(h, w), self.max_size / max(h, w))
+        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
+                              recompute_scale_factor=True, align_corners=False)[0]
+        if target is not None and "boxes" in target:
+            target = dict(target)
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), tuple(image.shape[-2:]))
+        return image, target
+
+    def batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+        d = self.size_divisible
+        hp = int(math.ceil(max(im.shape[-2] for im in images) / d) * d)
+        wp = int(math.ceil(max(im.shape[-1] for im in images) / d) * d)
+        batched = images[0].new_zeros((len(images), images[0].shape[0], hp, wp))
+        for out, im in zip(batched, images):
+            out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
+        return batched
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> tuple[ImageList, list[dict] | None]:
+        out_images, out_targets = [], [] if targets is not None else None
+        for i, image in enumerate(images):
+            image, target = self.resize(self.normalize(image), None if targets is None else targets[i])
+            out_images.append(image)
+            if out_targets is not None:
+                out_targets.append(target)
+        sizes = [tuple(int(s) for s in im.shape[-2:]) for im in out_images]
+        return ImageList(self.batch(out_images), sizes), out_targets
+
+    def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+        return [
+            {**det, "boxes": resize_boxes(det["boxes"], size, orig)}
+            for det, size, orig in zip(detections, image_sizes, original_sizes)
+        ]
