@@ -3,16 +3,28 @@
     import fasterrcnn
     model = fasterrcnn.fasterrcnn_resnet50_fpn(weights="fasterrcnn_resnet50_fpn_coco.pth").eval()
     detections = model([image])  # image: Tensor[3, H, W] in [0, 1]
+
+The builders are imported on first use, so that ``fasterrcnn.data`` and the command line start
+without loading the model code.
 """
-from .model import (
-    FasterRCNN,
-    fasterrcnn_resnet18_fpn,
-    fasterrcnn_resnet34_fpn,
-    fasterrcnn_resnet50_c4,
-    fasterrcnn_resnet50_c5,
-    fasterrcnn_resnet50_fpn,
-    fasterrcnn_resnet50_single_map,
-    fasterrcnn_resnet101_fpn,
-)
+import importlib
 
 __version__ = "0.1.0"
+
+_MODEL_EXPORTS = {
+    "FasterRCNN",
+    "fasterrcnn_resnet18_fpn",
+    "fasterrcnn_resnet34_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet101_fpn",
+    "fasterrcnn_resnet50_c4",
+    "fasterrcnn_resnet50_c5",
+    "fasterrcnn_resnet50_single_map",
+}
+__all__ = sorted(_MODEL_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _MODEL_EXPORTS:
+        return getattr(importlib.import_module(".model", __name__), name)
+    raise AttributeError(f"module 'fasterrcnn' has no attribute {name!r}")
