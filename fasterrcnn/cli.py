@@ -95,7 +95,96 @@ def _run_check_data(args: argparse.Namespace) -> int:
     return 0 if check.ok else 1
 
 
+# ---- train ------------------------------------------------------------------------------------
+
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="config overrides, e.g. solver.lr=0.01 train.iterations=2000 data.train=ann.json")
+    p.add_argument("--config", default=None,
+                   help="a YAML config (default: the built-in CPU demo recipe, configs/demo.yaml)")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="continue the run of this last.pt")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from fasterrcnn.engine import distributed as dist
+    from fasterrcnn.engine.config import load_config
+    from fasterrcnn.engine.trainer import train
+
+    _setup_logging()
+    cfg = load_config(args.config or DEMO_CONFIG, overrides=args.overrides)
+    try:
+        result = train(cfg, resume=args.resume)
+    finally:
+        dist.cleanup()
+    if dist.is_main() and result.evaluation is not None:
+        print(result.evaluation.format_table())
+        print(f"\nrun folder: {result.run_dir} ({result.seconds:.0f} s); plots: "
+              + ", ".join(str(result.run_dir / n) for n in ("losses.png", "ap.png", "precision_recall.png")))
+    return 0
+
+
+# ---- evaluate -----------------------------------------------------------------------------------
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True, help="a training checkpoint (last.pt/best.pt) or torchvision weights")
+    p.add_argument("--data", required=True, help="a COCO instances json or a Pascal VOC root")
+    p.add_argument("--images", default=None, help="COCO image folder (default: next to the json)")
+    p.add_argument("--split", default="val", help="VOC split (default: val)")
+    p.add_argument("--classes", default=None, help="VOC class names, comma-separated (default: the checkpoint's)")
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--out", default=None, help="folder for eval.json, voc.json and predictions.json")
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fasterrcnn.engine.evaluator import evaluate_model
+    from fasterrcnn.engine.setup import load_model_for_inference, open_dataset, resolve_device
+
+    _setup_logging()
+    device = resolve_device(args.device)
+    model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
+    dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
+    is_coco = args.data.endswith(".json")
+    if is_coco:  # the data's own category ids decide what a label means
+        if getattr(dataset, "label_to_cat_id", None) and len(dataset.class_names) == len(class_names):
+            label_to_cat_id = dict(dataset.label_to_cat_id)
+        class_names = list(dataset.class_names) if len(dataset.class_names) == len(class_names) else class_names
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    result = evaluate_model(model, dataset, class_names=class_names, label_to_cat_id=label_to_cat_id,
+                            ann_file=args.data if is_coco else None, batch_size=args.batch_size, device=device,
+                            amp=args.amp, results_path=out / "predictions.json" if out else None)
+    if result.coco.message:
+        print(f"note: {result.coco.message}")
+    print(result.format_table())
+    if out:
+        result.coco.to_json(out / "eval.json")
+        result.voc.to_json(out / "voc.json")
+        (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
+        print(f"\nwritten: {out / 'eval.json'}, {out / 'voc.json'}, {out / 'predictions.json'}")
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
+    Subcommand("train", "train a detector (no arguments: the built-in synthetic demo)", _add_train, _run_train),
+    Subcommand("evaluate", "COCO and VOC metrics of a checkpoint on a dataset", _add_evaluate, _run_evaluate),
     Subcommand("synth", "write the synthetic shapes dataset (COCO json, optionally VOC)", _add_synth, _run_synth),
     Subcommand("check-data", "check a COCO json or VOC root: counts, box sizes, problems "
                "(exit 0: clean, 1: problems listed, 2: unusable)", _add_check_data, _run_check_data),
@@ -113,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _usage_errors() -> tuple[type, ...]:
+    """Errors that are the user's to fix (config, checkpoint, a non-finite loss): a message, no traceback."""
+    from fasterrcnn.engine.checkpoint import CheckpointError
+    from fasterrcnn.engine.config import ConfigError
+    from fasterrcnn.engine.trainer import NonFiniteLossError
+
+    return ConfigError, CheckpointError, NonFiniteLossError
+
+
 def main(argv: list[str] | None = None) -> int:
     from fasterrcnn.data.report import DataError
 
@@ -122,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`, which has closed: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (DataError, OSError) as e:  # bad input: the message names the file, record and field
+    except (DataError, OSError, *_usage_errors()) as e:  # bad input: the message names the file, record and field
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

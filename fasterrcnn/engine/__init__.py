@@ -1,0 +1,1 @@
+"""Training, evaluation and the configuration that drives them."""

@@ -1,0 +1,111 @@
+"""Run a detector over a dataset and score it: COCO's 12 numbers (pycocotools) and Pascal VOC mAP@0.5.
+
+The ground truth of a COCO-format set is its own json (crowd regions and all, as pycocotools
+expects); any other set (VOC) is turned into an in-memory COCO ground truth from its targets.
+"""
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pycocotools.coco import COCO
+
+from ..data import make_data_loader
+from ..evaluation import COCO_STAT_NAMES, CocoEvaluator, CocoMetrics, VocMetrics, evaluate_voc
+from .progress import Progress
+
+
+@dataclass
+class Evaluation:
+    coco: CocoMetrics
+    voc: VocMetrics
+    results: list[dict]  # COCO results format
+    seconds: float
+    num_images: int
+
+    def summary(self) -> dict[str, float]:
+        return {**{name: float(getattr(self.coco, name)) for name in COCO_STAT_NAMES},
+                "VOC07_mAP50": float(self.voc.map_11point), "VOC_mAP50": float(self.voc.map_area)}
+
+    def format_table(self) -> str:
+        return self.coco.format_table() + "\n\n" + self.voc.format_table()
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def predict_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 4, device: torch.device = torch.device("cpu"),
+                    amp: str = "none", num_workers: int = 0, show_progress: bool = True):
+    """-> (image ids, detections on the CPU in float32), in dataset order."""
+    was_training = model.training
+    model.eval()
+    loader = make_data_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, aspect_grouping=False)
+    ids, dets = [], []
+    progress = Progress(total=len(dataset), desc="evaluate", unit="img", enabled=show_progress)
+    for images, targets in loader:
+        with autocast(device, amp):
+            out = model([im.to(device, non_blocking=True) for im in images])
+        for t, d in zip(targets, out):
+            ids.append(int(t["image_id"]))
+            dets.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()})
+        progress.update(len(images))
+    progress.close()
+    model.train(was_training)
+    return ids, dets
+
+
+def coco_from_targets(image_ids, targets, sizes, class_names) -> COCO:
+    """An in-memory COCO ground truth (category id = label) from our targets."""
+    images, anns = [], []
+    for image_id, t, (h, w) in zip(image_ids, targets, sizes):
+        images.append({"id": int(image_id), "height": int(h), "width": int(w)})
+        crowd = t.get("iscrowd", torch.zeros(len(t["labels"]), dtype=torch.int64))
+        difficult = t.get("difficult", torch.zeros(len(t["labels"]), dtype=torch.bool))
+        for box, label, c, dif in zip(t["boxes"].tolist(), t["labels"].tolist(), crowd.tolist(), difficult.tolist()):
+            x1, y1, x2, y2 = box
+            # a difficult VOC object is neither required nor penalised: COCO's "ignore" is a crowd region
+            anns.append({"id": len(anns) + 1, "image_id": int(image_id), "category_id": int(label),
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                         "iscrowd": int(c or dif)})
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": anns,
+                  "categories": [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]}
+    with contextlib.redirect_stdout(None):
+        gt.createIndex()
+    return gt
+
+
+def evaluate_detections(dataset, image_ids, detections, *, class_names, label_to_cat_id, ann_file=None) -> tuple[CocoMetrics, VocMetrics, list[dict]]:
+    targets = [dataset.target(i) for i in range(len(dataset))]
+    if ann_file:
+        evaluator = CocoEvaluator(ann_file, label_to_cat_id)
+    else:
+        sizes = [(r.height, r.width) for r in dataset.records]
+        evaluator = CocoEvaluator(coco_from_targets(dataset.image_ids, targets, sizes, class_names),
+                                  {i: i for i in range(1, len(class_names))})
+    evaluator.update(image_ids, detections)
+    coco = evaluator.evaluate()
+    by_id = dict(zip(image_ids, detections))
+    ordered = [by_id[i] for i in dataset.image_ids]
+    voc = evaluate_voc(ordered, targets, num_classes=len(class_names) - 1, class_names=class_names[1:])
+    return coco, voc, evaluator.results
+
+
+def evaluate_model(model, dataset, *, class_names, label_to_cat_id, ann_file=None, batch_size=4,
+                   device=torch.device("cpu"), amp="none", num_workers=0, show_progress=True,
+                   results_path: str | Path | None = None) -> Evaluation:
+    start = time.perf_counter()
+    ids, dets = predict_dataset(model, dataset, batch_size=batch_size, device=device, amp=amp,
+                                num_workers=num_workers, show_progress=show_progress)
+    coco, voc, results = evaluate_detections(dataset, ids, dets, class_names=class_names,
+                                             label_to_cat_id=label_to_cat_id, ann_file=ann_file)
+    if results_path is not None:
+        Path(results_path).write_text(json.dumps(results))
+    return Evaluation(coco, voc, results, time.perf_counter() - start, len(ids))
