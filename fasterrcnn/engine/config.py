@@ -121,6 +121,11 @@ def _check_type(value, annotation, where: str):
         return dict(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, float, str, bool):
         if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
             raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
@@ -180,7 +185,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
         _apply(cfg, parse_override(text), "")
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        source = f"{path}" + (" with command-line overrides" if overrides else "") if path else "command line"
+        raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 

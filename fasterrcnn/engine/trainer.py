@@ -18,8 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..data import make_data_loader
+from ..viz.precision_recall import plot_precision_recall
 from ..viz.training import plot_ap_history, plot_losses
-from ..evaluation import plot_precision_recall
 from . import distributed as dist
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, config_from_dict, save_config
@@ -230,7 +230,7 @@ def train(cfg: Config, *, resume: str | None = None, show_progress: bool = True)
             check_finite(losses, loss, iteration + 1)
             scaler.scale(loss / s.accumulate).backward()
             for k in LOSS_NAMES:
-                sums[k] += float(losses[k]) / s.accumulate
+                sums[k] += float(losses[k].detach()) / s.accumulate
             window_images += len(images) * dist.world_size()
         if s.clip_grad_norm > 0:
             scaler.unscale_(optimizer)

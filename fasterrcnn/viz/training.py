@@ -44,7 +44,8 @@ def plot_ap_history(rows: list[dict], path: str | Path) -> Path:
     ax.set_xlabel("iteration")
     ax.set_ylabel("COCO metric")
     ax.set_ylim(0, 1)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
