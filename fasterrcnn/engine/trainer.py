@@ -56,6 +56,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def sample_seed(seed: int, iteration: int, image_id: int) -> int:
+    """The seed of one image's anchor and RoI sampling at one iteration: independent of how the
+    batch is split over processes (see fasterrcnn.model.sampler.sample_generators)."""
+    return ((seed * 1_000_003 + iteration) * 1_000_003 + image_id) % (2**62)
+
+
 class EpochBatches:
     """Batches in a fixed, seeded order per epoch, resumable in the middle of an epoch."""
 
@@ -222,7 +228,8 @@ def train(cfg: Config, *, resume: str | None = None, show_progress: bool = True)
                 images, targets = next(loader_iter)
             batch_in_epoch += 1
             images = [im.to(device, non_blocking=True) for im in images]
-            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+            targets = [{**{k: v.to(device, non_blocking=True) for k, v in t.items()},
+                        "sample_seed": sample_seed(cfg.train.seed, iteration, int(t["image_id"]))} for t in targets]
             with autocast(device, cfg.train.amp):
                 losses = train_model(images, targets)
             losses = {k: v.float() for k, v in losses.items()}

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ops import BoxCoder, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
-from .sampler import BalancedPositiveNegativeSampler
+from .sampler import BalancedPositiveNegativeSampler, sample_generators
 
 
 class TwoMLPHead(nn.Module):
@@ -97,7 +97,7 @@ class RoIHeads(nn.Module):
         -> (proposals B x [S_i, 4], labels B x [S_i], regression_targets B x [S_i, 4])
         """
         out_props, out_labels, out_targets = [], [], []
-        for props, tgt in zip(proposals, targets):
+        for props, tgt, gen in zip(proposals, targets, sample_generators(targets, stream=1)):
             gt_boxes, gt_labels = tgt["boxes"].to(props.dtype), tgt["labels"]
             props = torch.cat([props, gt_boxes])
             if gt_boxes.numel() == 0:
@@ -109,7 +109,7 @@ class RoIHeads(nn.Module):
                 labels[matches == BELOW_LOW_THRESHOLD] = 0
                 labels[matches == BETWEEN_THRESHOLDS] = -1
                 matched = gt_boxes[matches.clamp(min=0)]
-            (pos,), (neg,) = self.sampler([labels])
+            (pos,), (neg,) = self.sampler([labels], [gen])
             keep = torch.nonzero(pos | neg).flatten()
             out_props.append(props[keep])
             out_labels.append(labels[keep])

@@ -18,7 +18,7 @@ from torch import nn
 from ..ops import BoxCoder, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 from .anchors import AnchorGenerator
 from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
-from .sampler import BalancedPositiveNegativeSampler
+from .sampler import BalancedPositiveNegativeSampler, sample_generators
 
 
 class RPNHead(nn.Module):
@@ -154,9 +154,9 @@ class RegionProposalNetwork(nn.Module):
         return labels, matched_boxes
 
     def compute_loss(self, objectness: torch.Tensor, deltas: torch.Tensor, labels: list[torch.Tensor],
-                     regression_targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+                     regression_targets: list[torch.Tensor], generators=None) -> dict[str, torch.Tensor]:
         """objectness [B, N], deltas [B, N, 4]; labels / targets per image [N], [N, 4]."""
-        pos_masks, neg_masks = self.sampler(labels)
+        pos_masks, neg_masks = self.sampler(labels, generators)
         pos = torch.cat(pos_masks)
         sampled = pos | torch.cat(neg_masks)
         num_sampled = max(int(sampled.sum()), 1)
@@ -188,5 +188,6 @@ class RegionProposalNetwork(nn.Module):
                 raise ValueError("the RPN needs targets in training mode")
             labels, matched = self.assign_targets(anchors, targets)
             regression_targets = [self.box_coder.encode(m, a) for m, a in zip(matched, anchors)]
-            losses = self.compute_loss(objectness, deltas, labels, regression_targets)
+            losses = self.compute_loss(objectness, deltas, labels, regression_targets,
+                                       sample_generators(targets, stream=0))
         return boxes, losses

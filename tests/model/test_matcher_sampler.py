@@ -69,3 +69,15 @@ def test_sampler_is_random_but_seeded():
     torch.manual_seed(3)
     b = BalancedPositiveNegativeSampler(10, 0.5)([labels])
     assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[1][0], b[1][0])
+
+
+def test_sampler_with_per_image_generators_is_independent_of_batch_composition():
+    from fasterrcnn.model.sampler import sample_generators
+    a = torch.tensor([1] * 30 + [0] * 70)
+    b = torch.tensor([1] * 5 + [0] * 95)
+    sampler = BalancedPositiveNegativeSampler(20, 0.5)
+    alone = sampler([b], sample_generators([{"sample_seed": 7}], 0))
+    torch.manual_seed(123)  # the global RNG does not matter
+    together = sampler([a, b], sample_generators([{"sample_seed": 3}, {"sample_seed": 7}], 0))
+    assert torch.equal(alone[0][0], together[0][1]) and torch.equal(alone[1][0], together[1][1])
+    assert sample_generators([{"boxes": None}], 0) == [None]
