@@ -207,8 +207,9 @@ def _usage_errors() -> tuple[type, ...]:
     from fasterrcnn.engine.checkpoint import CheckpointError
     from fasterrcnn.engine.config import ConfigError
     from fasterrcnn.engine.trainer import NonFiniteLossError
+    from fasterrcnn.model.weights import WeightsError
 
-    return ConfigError, CheckpointError, NonFiniteLossError
+    return ConfigError, CheckpointError, NonFiniteLossError, WeightsError
 
 
 def main(argv: list[str] | None = None) -> int:

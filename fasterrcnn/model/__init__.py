@@ -22,4 +22,4 @@ from .rpn import RegionProposalNetwork, RPNHead
 from .sampler import BalancedPositiveNegativeSampler
 from .single_map_pooler import SingleMapRoIPooler
 from .transform import DetectionTransform, ImageList
-from .weights import load_backbone_weights, load_detector_weights, read_state_dict
+from .weights import WeightsError, load_backbone_weights, load_detector_weights, read_state_dict

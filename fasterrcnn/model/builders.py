@@ -27,7 +27,7 @@ from .resnet import RESNET_SPECS, Bottleneck, make_stage
 from .roi_heads import FastRCNNPredictor, Res5Head, TwoMLPHead
 from .rpn import RPNHead
 from .single_map_pooler import SingleMapRoIPooler
-from .weights import load_backbone_weights, load_detector_weights, read_state_dict, upgrade_legacy_keys
+from .weights import WeightsError, load_backbone_weights, load_detector_weights, read_state_dict, upgrade_legacy_keys
 
 PathOrURL = str | os.PathLike | None
 
@@ -41,7 +41,7 @@ def _resolve(weights: PathOrURL, weights_backbone: PathOrURL, trainable_backbone
         if num_classes is None:
             key = "roi_heads.box_predictor.cls_score.weight"
             if key not in state_dict:
-                raise ValueError(f"{os.fspath(weights)} has no {key}: is it a Faster R-CNN checkpoint?")
+                raise WeightsError(f"{os.fspath(weights)} has no {key}: is it a Faster R-CNN checkpoint?")
             num_classes = state_dict[key].shape[0]
     is_trained = weights is not None or weights_backbone is not None
     if trainable_backbone_layers is None:

@@ -11,6 +11,10 @@ import torch
 from torch import nn
 
 
+class WeightsError(ValueError):
+    """A weights file that cannot be read, or does not fit the model; the message names the file."""
+
+
 def read_state_dict(source: str | os.PathLike, *, key: str = "model") -> "OrderedDict[str, torch.Tensor]":
     """A state_dict from a file or URL: a bare state_dict, or a dict holding one under ``key``."""
     source = os.fspath(source)
@@ -24,11 +28,11 @@ def read_state_dict(source: str | os.PathLike, *, key: str = "model") -> "Ordere
     except FileNotFoundError:
         raise
     except Exception as e:  # an unpickling refusal, a corrupt zip, a network error: say which file
-        raise ValueError(f"cannot read weights from {source}: {type(e).__name__}: {e}") from e
+        raise WeightsError(f"cannot read weights from {source}: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
         obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{source} holds no state_dict (expected a dict of tensors, or one under '{key}')")
+        raise WeightsError(f"{source} holds no state_dict (expected a dict of tensors, or one under '{key}')")
     return OrderedDict(obj)
 
 
@@ -60,7 +64,7 @@ def check_compatible(model: nn.Module, state_dict: dict, source: str, *, ignore:
         more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
         return f"\n  {title} ({len(items)}):\n    {head}{more}" if items else ""
 
-    raise ValueError(f"the weights in {source} do not fit this model ({type(model).__name__})"
+    raise WeightsError(f"the weights in {source} do not fit this model ({type(model).__name__})"
                      + listing("missing from the checkpoint", missing)
                      + listing("unexpected in the checkpoint", unexpected)
                      + listing("shape mismatch", shapes))

@@ -1,0 +1,61 @@
+"""`fasterrcnn evaluate` on a checkpoint of a short run: the tables, the json files, and the errors."""
+import json
+
+import pytest
+import torch
+
+from fasterrcnn.cli import main
+from fasterrcnn.engine.trainer import train
+
+from .helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = tiny_config(tmp, tmp / "synth", "train.iterations=2")
+    return train(cfg, show_progress=False), tmp / "synth"
+
+
+def test_evaluate_writes_coco_and_voc_numbers(short_run, tmp_path, capsys):
+    result, synth = short_run
+    out = tmp_path / "ev"
+    rc = main(["evaluate", "--weights", str(result.run_dir / "last.pt"),
+               "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out), "--batch-size", "2"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "AP50" in text and "VOC2007 11-point" in text and "circle" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"AP", "AP50", "AR100", "VOC07_mAP50", "VOC_mAP50"}
+    assert json.loads((out / "eval.json").read_text())["AP"] == summary["AP"]
+    results = json.loads((out / "predictions.json").read_text())
+    assert all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
+
+
+def test_no_detections_gives_zero_with_a_message(short_run, tmp_path, capsys, monkeypatch):
+    result, synth = short_run
+    import fasterrcnn.engine.setup as setup
+    original = setup.load_model_for_inference
+
+    def silent_model(*args, **kwargs):
+        model, names, mapping = original(*args, **kwargs)
+        model.roi_heads.score_thresh = 1.1  # nothing can pass
+        return model, names, mapping
+
+    monkeypatch.setattr(setup, "load_model_for_inference", silent_model)
+    rc = main(["evaluate", "--weights", str(result.run_dir / "last.pt"),
+               "--data", str(synth / "annotations" / "instances_val.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "no detections" in text.lower()
+    assert "AP      0.000" in text
+
+
+def test_bad_weights_are_a_clear_error(tmp_path, short_run, capsys):
+    _, synth = short_run
+    bad = tmp_path / "bad.pt"
+    torch.save({"something": torch.zeros(1)}, bad)
+    rc = main(["evaluate", "--weights", str(bad), "--data", str(synth / "annotations" / "instances_val.json")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "bad.pt" in err and "Traceback" not in err
