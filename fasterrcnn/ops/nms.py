@@ -18,7 +18,9 @@ from .boxes import _pairwise_inter_union
 
 __all__ = ["nms", "batched_nms"]
 
-_BLOCK = 256
+# 128: as fast as 256 single-threaded, and a block's [128, 128] matrices stay under ATen's parallel grain
+# (32768 elements), so the many small per-block ops never pay an OpenMP wake-up (ms each on a busy machine)
+_BLOCK = 128
 
 
 def _threshold_in(dtype: torch.dtype, iou_threshold: float) -> Tensor:
@@ -92,7 +94,7 @@ def _greedy_sorted(boxes: Tensor, groups: Tensor | None, iou_threshold: float) -
             sup &= blk_groups[:, None] == blk_groups[None, :]
         sup &= alive[:, None]  # dead boxes never suppress
         if bool(sup.any()):
-            supf = sup.to(torch.float32)  # matmul form of any_j(sup[j, i] & k[j]); counts <= 256 are exact
+            supf = sup.to(torch.float32)  # matmul form of any_j(sup[j, i] & k[j]); counts <= block size are exact
             k = alive
             for _ in range(m + 1):
                 new = alive & ~((k.to(torch.float32)[None, :] @ supf)[0] > 0)

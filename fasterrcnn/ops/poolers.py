@@ -21,11 +21,12 @@ def assign_fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: in
                       canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
     """Pyramid level of each box, relative to ``k_min``: ``Tensor[R, 4] -> int64[R]`` in ``[0, k_max - k_min]``.
 
-    ``k = floor(canonical_level + log2(sqrt(area) / canonical_scale + eps))`` clamped to ``[k_min, k_max]``;
+    ``k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)`` clamped to ``[k_min, k_max]``
+    (eps outside the log, as torchvision, so boxes on a level boundary go where its checkpoints expect);
     a 224x224 box goes to ``canonical_level``, each halving of the side one level down.
     """
     scale = torch.sqrt(box_area(boxes))
-    k = torch.floor(canonical_level + torch.log2(scale / canonical_scale + eps))
+    k = torch.floor(canonical_level + torch.log2(scale / canonical_scale) + eps)
     k = k.clamp(min=k_min, max=k_max)
     return k.to(torch.int64) - k_min
 
