@@ -19,5 +19,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+# The main job on the built-in synthetic data: generate it (once), train the CPU demo recipe from
+# scratch, evaluate, print the metrics and where the run's pictures are.
+demo: setup
+	$(VENV)/bin/fasterrcnn train $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

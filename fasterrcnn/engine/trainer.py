@@ -107,7 +107,7 @@ def _fmt(v):
 def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, iteration: int) -> None:
     if torch.isfinite(total):
         return
-    values = ", ".join(f"{k}={float(v):.6g}" for k, v in losses.items())
+    values = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in losses.items())
     raise NonFiniteLossError(
         f"iteration {iteration}: the loss is not finite ({values}); stopping without writing a checkpoint. "
         "Lower solver.lr, set solver.clip_grad_norm, or check the data (check-data).")
