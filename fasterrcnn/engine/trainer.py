@@ -147,6 +147,8 @@ def train(cfg: Config, *, resume: str | None = None, show_progress: bool = True)
 
     data = build_data(cfg.data)
     model = build_model(cfg.model, num_classes=len(data.class_names)).to(device)
+    if cfg.train.channels_last:
+        model.to_channels_last()
     params = [p for p in model.parameters() if p.requires_grad]
     s = cfg.solver
     if s.optimizer == "sgd":

@@ -45,6 +45,7 @@ class DetectionTransform(nn.Module):
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self.size_divisible = size_divisible
+        self.memory_format = torch.contiguous_format  # channels_last: see FasterRCNN.to_channels_last
 
     def normalize(self, image: torch.Tensor) -> torch.Tensor:
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
@@ -76,7 +77,7 @@ class DetectionTransform(nn.Module):
         batched = images[0].new_zeros((len(images), images[0].shape[0], hp, wp))
         for out, im in zip(batched, images):
             out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
-        return batched
+        return batched.contiguous(memory_format=self.memory_format)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> tuple[ImageList, list[dict] | None]:
         out_images, out_targets = [], [] if targets is not None else None

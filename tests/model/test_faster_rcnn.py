@@ -117,3 +117,14 @@ def test_model_does_not_mutate_inputs():
     model(images, targets)
     assert all(torch.equal(a, t["boxes"]) for a, t in zip(before[0], targets))
     assert all(torch.equal(a, im) for a, im in zip(before[1], images))
+
+
+def test_channels_last_gives_the_same_detections():
+    model = tiny_model(box_score_thresh=0.0).eval()
+    images, _ = sample_batch()
+    with torch.no_grad():
+        ref = model(images)
+        out = model.to_channels_last()(images)
+    for a, b in zip(ref, out):
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3) and torch.allclose(a["scores"], b["scores"], atol=1e-5)
