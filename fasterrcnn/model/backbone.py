@@ -15,11 +15,11 @@ from .resnet import STAGE_NAMES, NormLayer, ResNetBody, freeze_layers
 
 
 class BackboneWithFPN(nn.Module):
-    def __init__(self, body: ResNetBody, out_channels: int = 256):
+    def __init__(self, body: ResNetBody, out_channels: int = 256, fpn_norm: str = "none"):
         super().__init__()
         self.body = body
         in_channels_list = [body.stage_channels[s] for s in body.return_stages]
-        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels)
+        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, norm=fpn_norm)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
@@ -38,13 +38,14 @@ class SingleMapBackbone(nn.Module):
 
 
 def resnet_fpn_backbone(depth: int = 50, *, norm_layer: NormLayer = nn.BatchNorm2d, trainable_layers: int = 5,
-                        returned_layers: tuple[int, ...] = (1, 2, 3, 4), out_channels: int = 256) -> BackboneWithFPN:
+                        returned_layers: tuple[int, ...] = (1, 2, 3, 4), out_channels: int = 256,
+                        fpn_norm: str = "none") -> BackboneWithFPN:
     if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > 4:
         raise ValueError(f"returned_layers must be a subset of 1..4, got {returned_layers}")
     return_stages = {STAGE_NAMES[k - 1]: str(i) for i, k in enumerate(returned_layers)}
     body = ResNetBody(depth, norm_layer=norm_layer, num_stages=4, return_stages=return_stages)
     freeze_layers(body, trainable_layers)
-    return BackboneWithFPN(body, out_channels)
+    return BackboneWithFPN(body, out_channels, fpn_norm)
 
 
 def resnet_single_map_backbone(depth: int = 50, *, feature: str = "c4", norm_layer: NormLayer = nn.BatchNorm2d,

@@ -61,14 +61,25 @@ def _resolve(weights: PathOrURL, weights_backbone: PathOrURL, trainable_backbone
 
 def fasterrcnn_resnet_fpn(depth: int = 50, *, num_classes: int | None = None, weights: PathOrURL = None,
                           weights_backbone: PathOrURL = None, trainable_backbone_layers: int | None = None,
-                          fpn_channels: int = 256, **overrides) -> FasterRCNN:
-    """Faster R-CNN with a ResNet-``depth`` + FPN backbone (torchvision's v1 layout at depth 50)."""
+                          fpn_channels: int = 256, anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+                          aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), fpn_norm: str = "none",
+                          **overrides) -> FasterRCNN:
+    """Faster R-CNN with a ResNet-``depth`` + FPN backbone (torchvision's v1 layout at depth 50).
+
+    ``anchor_sizes``: one anchor size per pyramid level P2..P6 (each with every aspect ratio); scale
+    them with the objects of your data (e.g. 16..256 for objects from 12 pixels up). ``fpn_norm``:
+    "none" (torchvision's v1 layout), "bn" or "gn" after each FPN conv, for training from scratch.
+    """
     norm_layer, trainable, num_classes, state_dict = _resolve(weights, weights_backbone,
                                                               trainable_backbone_layers, num_classes)
     backbone = resnet_fpn_backbone(depth, norm_layer=norm_layer, trainable_layers=trainable,
-                                   out_channels=fpn_channels)
+                                   out_channels=fpn_channels, fpn_norm=fpn_norm)
     if weights_backbone is not None and weights is None:
         load_backbone_weights({"": backbone.body}, weights_backbone)
+    if len(anchor_sizes) != 5:
+        raise ValueError(f"anchor_sizes needs one size per level P2..P6 (5), got {anchor_sizes}")
+    overrides.setdefault("rpn_anchor_generator",
+                         AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),)))
     model = FasterRCNN(backbone, num_classes, **overrides)
     if weights is not None:
         load_detector_weights(model, weights, state_dict=state_dict)
@@ -96,7 +107,8 @@ def fasterrcnn_resnet50_single_map(*, feature: str = "c4", roi_op: str = "roi_po
                                    weights: PathOrURL = None, weights_backbone: PathOrURL = None,
                                    trainable_backbone_layers: int | None = None,
                                    anchor_sizes: tuple[int, ...] = (128, 256, 512),
-                                   aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), **overrides) -> FasterRCNN:
+                                   aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), fpn_norm: str = "none",
+                          **overrides) -> FasterRCNN:
     """Faster R-CNN on one ResNet-50 feature map, with 9 anchors per location.
 
     ``feature="c4"``: the RPN and RoI pooling read C4 (stride 16, 1024 channels); each RoI is pooled to

@@ -116,3 +116,21 @@ def test_custom_backbone_and_predictor_swap():
     images, targets = sample_batch(num_classes=7)
     losses = model.train()(images, targets)
     assert torch.isfinite(sum(losses.values()))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_fpn_with_norm_layers_trains(norm):
+    model = tiny_model(fpn_norm=norm)
+    assert "backbone.fpn.inner_blocks.0.1.weight" in model.state_dict()  # conv, then norm
+    assert model.backbone.fpn.inner_blocks[0][0].bias is None
+    images, targets = sample_batch()
+    losses = model.train()(images, targets)
+    sum(losses.values()).backward()
+    assert model.backbone.fpn.layer_blocks[0][1].weight.grad is not None
+
+
+def test_anchor_sizes_option():
+    model = tiny_model(anchor_sizes=(16, 32, 64, 128, 256))
+    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    with pytest.raises(ValueError, match="one size per level"):
+        tiny_model(anchor_sizes=(16, 32))
