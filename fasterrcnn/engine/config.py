@@ -146,6 +146,10 @@ def _apply(obj, values: dict, where: str):
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, path)
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # a mapping (model.options, solver.loss_weights) is updated key by key, so that
+            # `model.options.fpn_norm=bn` adds to the options instead of replacing them all
+            setattr(obj, key, {**current, **_check_type(value, hints[key], path)})
         else:
             setattr(obj, key, _check_type(value, hints[key], path))
 

@@ -38,3 +38,11 @@ def test_override_errors():
         load_config(overrides=["solver.nope=1"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_mapping_overrides_merge_instead_of_replacing(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  options: {min_size: 256, max_size: 320}\n")
+    cfg = load_config(path, overrides=["model.options.fpn_norm=bn", "solver.loss_weights.loss_box_reg=2"])
+    assert cfg.model.options == {"min_size": 256, "max_size": 320, "fpn_norm": "bn"}
+    assert cfg.solver.loss_weights["loss_box_reg"] == 2 and cfg.solver.loss_weights["loss_classifier"] == 1.0
