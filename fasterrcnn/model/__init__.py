@@ -17,7 +17,7 @@ from .fpn import FeaturePyramidNetwork
 from .frozen_bn import FrozenBatchNorm2d
 from .matcher import Matcher
 from .resnet import ResNetBody
-from .roi_heads import FastRCNNPredictor, Res5Head, RoIHeads, TwoMLPHead
+from .roi_heads import ConvFCHead, FastRCNNPredictor, Res5Head, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
 from .sampler import BalancedPositiveNegativeSampler
 from .single_map_pooler import SingleMapRoIPooler

@@ -10,7 +10,9 @@ Training: ``model.train(); losses = model(images, targets)`` with the dict
 {loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg}. Inference: ``model.eval();
 model(images)`` -> one dict per image with boxes [D, 4] (xyxy), labels [D] int64, scores [D].
 
-The constructor takes torchvision's keyword arguments, so a user can bring any backbone (a module
+``box_head_convs`` (channels of 3x3 conv+BN layers before one fc, e.g. (256,) * 4) replaces the
+default two-fc head with the conv head, for training from scratch. The constructor takes
+torchvision's keyword arguments, so a user can bring any backbone (a module
 returning an ordered dict of feature maps, with ``out_channels``) and swap the anchors, the pooler,
 the box head or the predictor.
 """
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..ops import MultiScaleRoIAlign
 from .anchors import AnchorGenerator
-from .roi_heads import FastRCNNPredictor, RoIHeads, TwoMLPHead
+from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import DetectionTransform
 from .validation import check_images, check_targets
@@ -46,7 +48,7 @@ class FasterRCNN(nn.Module):
                  box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
                  bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-                 representation_size: int = 1024):
+                 representation_size: int = 1024, box_head_convs: tuple[int, ...] = ()):
         super().__init__()
         if not hasattr(backbone, "out_channels"):
             raise ValueError("the backbone must state its feature channels as backbone.out_channels")
@@ -73,7 +75,10 @@ class FasterRCNN(nn.Module):
         if box_head is None:
             size = box_roi_pool.output_size
             size = (size, size) if isinstance(size, int) else tuple(size)
-            box_head = TwoMLPHead(out_channels * size[0] * size[1], representation_size)
+            if box_head_convs:
+                box_head = ConvFCHead(out_channels, size, tuple(box_head_convs), representation_size)
+            else:
+                box_head = TwoMLPHead(out_channels * size[0] * size[1], representation_size)
         if box_predictor is None:
             box_predictor = FastRCNNPredictor(box_head.out_features, num_classes)
         self.roi_heads = RoIHeads(

@@ -36,6 +36,29 @@ class TwoMLPHead(nn.Module):
         return F.relu(self.fc7(x))
 
 
+class ConvFCHead(nn.Module):
+    """3x3 conv + BatchNorm + ReLU layers on each pooled RoI, then one fc + ReLU (the v2 box head's
+    form): [R, D, P, P] -> [R, representation_size]. Spatial features help classification when the
+    backbone is trained from scratch."""
+
+    def __init__(self, in_channels: int, pool_size: tuple[int, int], conv_channels: tuple[int, ...] = (256,) * 4,
+                 representation_size: int = 1024):
+        super().__init__()
+        layers, c = [], in_channels
+        for out in conv_channels:
+            layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            c = out
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Linear(c * pool_size[0] * pool_size[1], representation_size)
+        self.out_features = representation_size
+        for m in self.convs.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(self.convs(x).flatten(start_dim=1)))
+
+
 class Res5Head(nn.Module):
     """The ResNet C4 detector's head (He et al. 2016): the network's own last stage (res5, stride 2)
     runs on each pooled RoI, then global average pooling: [R, 1024, 14, 14] -> [R, 2048]."""

@@ -128,3 +128,15 @@ def test_channels_last_gives_the_same_detections():
     for a, b in zip(ref, out):
         assert torch.equal(a["labels"], b["labels"])
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3) and torch.allclose(a["scores"], b["scores"], atol=1e-5)
+
+
+def test_conv_box_head_option_trains_and_detects():
+    model = tiny_model(box_head_convs=(16, 16), box_score_thresh=0.0)
+    assert type(model.roi_heads.box_head).__name__ == "ConvFCHead"
+    images, targets = sample_batch()
+    losses = model.train()(images, targets)
+    sum(losses.values()).backward()
+    assert model.roi_heads.box_head.convs[0].weight.grad is not None
+    with torch.no_grad():
+        out = model.eval()(images)
+    assert out[0]["boxes"].shape[-1] == 4
