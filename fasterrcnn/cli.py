@@ -160,11 +160,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
-    is_coco = args.data.endswith(".json")
-    if is_coco:  # the data's own category ids decide what a label means
-        if getattr(dataset, "label_to_cat_id", None) and len(dataset.class_names) == len(class_names):
-            label_to_cat_id = dict(dataset.label_to_cat_id)
-        class_names = list(dataset.class_names) if len(dataset.class_names) == len(class_names) else class_names
+    is_coco = args.data.endswith(".json")  # the model's labels meet the data's through the category ids
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,25 @@ def test_bad_weights_are_a_clear_error(tmp_path, short_run, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "bad.pt" in err and "Traceback" not in err
+
+
+def test_ground_truth_moves_into_the_models_label_space():
+    from fasterrcnn.engine.evaluator import targets_in_model_labels
+
+    class Data:  # a COCO dataset with categories 3 and 7 as labels 1 and 2
+        label_to_cat_id = {1: 3, 2: 7}
+
+        def __len__(self):
+            return 1
+
+        def target(self, i):
+            return {"boxes": torch.tensor([[0.0, 0, 5, 5], [1.0, 1, 6, 6], [2.0, 2, 8, 8]]),
+                    "labels": torch.tensor([1, 2, 1]), "iscrowd": torch.zeros(3, dtype=torch.int64),
+                    "image_id": torch.tensor(5)}
+
+    # a model in torchvision's layout (label == category id) that knows category 3 but not 7
+    (t,) = targets_in_model_labels(Data(), {i: i for i in range(1, 5)})
+    assert t["labels"].tolist() == [3, 3]
+    assert t["boxes"].tolist() == [[0.0, 0, 5, 5], [2.0, 2, 8, 8]] and int(t["image_id"]) == 5
+    (same,) = targets_in_model_labels(Data(), {1: 3, 2: 7})
+    assert same["labels"].tolist() == [1, 2, 1]
