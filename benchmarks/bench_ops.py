@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import statistics
 import time
 

@@ -55,7 +55,7 @@ class DataCheck:
         lines.append(format_table(("class", *cols), rows + [("total", *total)]))
         lines.append("")
         lines.append("box sizes (COCO, by box area): " + ", ".join(
-            f"{k} {self.sizes[k]}" for k in SIZE_NAMES) + f"  (small < 32^2 <= medium < 96^2 <= large)")
+            f"{k} {self.sizes[k]}" for k in SIZE_NAMES) + "  (small < 32^2 <= medium < 96^2 <= large)")
         if self.empty_images:
             shown = self.empty_images[:MAX_LISTED_EMPTY]
             more = len(self.empty_images) - len(shown)

@@ -9,10 +9,12 @@ Outputs (rank 0) under runs/<name>/: config.yaml, last.pt, best.pt, metrics.csv,
 import csv
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -48,9 +50,6 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
-    import random  # noqa: PLC0415
-
-    import numpy as np  # noqa: PLC0415
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

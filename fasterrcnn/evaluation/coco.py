@@ -35,6 +35,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ._io import write_json
+
 __all__ = [
     "COCO_STAT_NAMES",
     "CocoClassAP",
@@ -189,10 +191,7 @@ class CocoMetrics:
         return out
 
     def to_json(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
-        return path
+        return write_json(path, self.as_dict())
 
     def format_table(self) -> str:
         def num(v: float) -> str:

@@ -27,7 +27,6 @@ detections has AP 0. With no detections at all, every class with ground truth ha
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from ..ops import box_iou
+from ._io import write_json
 
 __all__ = ["VocClassResult", "VocMetrics", "average_precision", "evaluate_voc"]
 
@@ -129,10 +129,7 @@ class VocMetrics:
         }
 
     def to_json(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n")
-        return path
+        return write_json(path, self.as_dict())
 
     def format_table(self) -> str:
         def num(v: float) -> str:

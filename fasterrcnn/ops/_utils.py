@@ -41,3 +41,19 @@ def pair(output_size: int | Sequence[int], name: str) -> tuple[int, int]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Coordinates are computed in the input's dtype, but never below float32."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def roi_op_arguments(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
+                     name: str) -> tuple[int, int, Tensor, torch.dtype]:
+    """What every RoI operator checks first: ``-> (oh, ow, rois[K, 5] in the compute dtype, compute dtype)``."""
+    if input.dim() != 4:
+        raise ValueError(f"{name} input: expected Tensor[N, C, H, W], got shape {tuple(input.shape)}")
+    oh, ow = pair(output_size, name)
+    cdtype = compute_dtype(input.dtype)
+    return oh, ow, convert_boxes_to_rois(boxes, cdtype, input.device, name), cdtype
+
+
+def empty_roi_output(input: Tensor, k: int, oh: int, ow: int) -> Tensor:
+    """``Tensor[K, C, oh, ow]`` of zeros for no RoI (or an empty map), connected to the graph (a sum over
+    no element), so a loss over no RoI still backpropagates."""
+    return input.new_zeros((k, input.shape[1], oh, ow)) + input.reshape(-1)[:0].sum()

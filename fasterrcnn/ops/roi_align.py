@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import BoxesArg, compute_dtype, convert_boxes_to_rois, pair
+from ._utils import BoxesArg, empty_roi_output, roi_op_arguments
 
 __all__ = ["roi_align"]
 
@@ -138,16 +138,11 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
 
     Differentiable w.r.t. ``input`` (not the boxes). ``output_size`` is an int or ``(oh, ow)``.
     """
-    if input.dim() != 4:
-        raise ValueError(f"roi_align input: expected Tensor[N, C, H, W], got shape {tuple(input.shape)}")
-    oh, ow = pair(output_size, "roi_align")
+    oh, ow, rois, cdtype = roi_op_arguments(input, boxes, output_size, "roi_align")
     n, c, height, width = input.shape
-    cdtype = compute_dtype(input.dtype)
-    rois = convert_boxes_to_rois(boxes, cdtype, input.device, "roi_align")
     k = rois.shape[0]
     if k == 0 or n * height * width == 0:
-        # connected to the graph (a sum over no element), so a loss over no RoI still backpropagates
-        return input.new_zeros((k, c, oh, ow)) + input.reshape(-1)[:0].sum()
+        return empty_roi_output(input, k, oh, ow)
 
     x = input if input.dtype == cdtype else input.to(cdtype)
     # channels-last rows, one per pixel; contiguous, since the gather reads whole rows

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._utils import BoxesArg, compute_dtype, convert_boxes_to_rois, pair
+from ._utils import BoxesArg, empty_roi_output, roi_op_arguments
 
 __all__ = ["roi_pool"]
 
@@ -81,16 +81,11 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
 
     Differentiable w.r.t. ``input`` (gradient to each bin's argmax).
     """
-    if input.dim() != 4:
-        raise ValueError(f"roi_pool input: expected Tensor[N, C, H, W], got shape {tuple(input.shape)}")
-    oh, ow = pair(output_size, "roi_pool")
+    oh, ow, rois, cdtype = roi_op_arguments(input, boxes, output_size, "roi_pool")
     n, c, height, width = input.shape
-    cdtype = compute_dtype(input.dtype)
-    rois = convert_boxes_to_rois(boxes, cdtype, input.device, "roi_pool")
     k = rois.shape[0]
     if k == 0 or n * height * width == 0:
-        # connected to the graph (a sum over no element), so a loss over no RoI still backpropagates
-        return input.new_zeros((k, c, oh, ow)) + input.reshape(-1)[:0].sum()
+        return empty_roi_output(input, k, oh, ow)
 
     # channels-last rows, one per pixel; contiguous, since the gather reads whole rows
     feats = input.permute(0, 2, 3, 1).contiguous().view(n * height * width, c)
