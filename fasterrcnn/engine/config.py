@@ -43,7 +43,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "fasterrcnn_resnet18_fpn"
+    arch: str = "fasterrcnn_resnet50_fpn"
     weights: str = ""  # a torchvision-format detector checkpoint (path or URL); fine-tunes when classes differ
     weights_backbone: str = ""  # an ImageNet ResNet checkpoint (path or URL)
     trainable_backbone_layers: int | None = None
