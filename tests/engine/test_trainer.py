@@ -82,3 +82,13 @@ def test_existing_run_is_not_overwritten_and_cuda_without_gpu_is_refused(tmp_pat
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no GPU"):
             train(tiny_config(tmp_path / "c", synth_dir, "train.device=cuda"), show_progress=False)
+
+
+def test_gradient_accumulation_and_clipping(tmp_path, synth_dir):
+    cfg = tiny_config(tmp_path, synth_dir, "train.iterations=2", "solver.accumulate=2", "solver.clip_grad_norm=1.0",
+                      "solver.optimizer=adamw", "solver.lr=0.001")
+    result = train(cfg, show_progress=False)
+    state = load_checkpoint(result.run_dir / "last.pt")
+    assert state["iteration"] == 2
+    assert state["batch_in_epoch"] == 4  # two micro-batches per optimizer step
+    assert [i for i, _ in _train_losses(result.run_dir)] == [1, 2]
