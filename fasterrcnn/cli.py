@@ -115,6 +115,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from fasterrcnn.engine import distributed as dist
     from fasterrcnn.engine.config import load_config
     from fasterrcnn.engine.trainer import train
@@ -122,7 +124,8 @@ def _run_train(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_config(args.config or DEMO_CONFIG, overrides=args.overrides)
     try:
-        result = train(cfg, resume=args.resume)
+        with logging_redirect_tqdm():  # log lines go above a progress bar, not into it
+            result = train(cfg, resume=args.resume)
     finally:
         dist.cleanup()
     if dist.is_main() and result.evaluation is not None:
