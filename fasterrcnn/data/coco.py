@@ -80,6 +80,17 @@ def _int_field(item: dict, key: str, path, name: str, positive: bool = False) ->
     return value
 
 
+def _unique_record(item, path, section: str, i: int, kind: str, first_at: dict[int, int]) -> tuple[dict, int]:
+    """``section[i]`` as a dict and its integer ``id``, refused when another record of the section has it."""
+    name = f"{section}[{i}]"
+    item = _record(item, path, name)
+    ident = _int_field(item, "id", path, name)
+    if ident in first_at:
+        raise DataError(f"{where(path, name, 'id')}: duplicate {kind} id {ident} (first at {section}[{first_at[ident]}])")
+    first_at[ident] = i
+    return item, ident
+
+
 class CocoDetection(DetectionDataset):
     """A COCO instances json (``ann_file``) with its images under ``image_root``.
 
@@ -115,12 +126,9 @@ class CocoDetection(DetectionDataset):
         if not categories:
             raise DataError(f"{where(path, None, 'categories')}: empty; at least one category is needed")
         names: dict[int, str] = {}
+        first_at: dict[int, int] = {}
         for i, cat in enumerate(categories):
-            name = f"categories[{i}]"
-            cat = _record(cat, path, name)
-            cid = _int_field(cat, "id", path, name)
-            if cid in names:
-                raise DataError(f"{where(path, name, 'id')}: duplicate category id {cid}")
+            cat, cid = _unique_record(cat, path, "categories", i, "category", first_at)
             if not isinstance(cat.get("name"), str) or not cat["name"]:
                 raise DataError(f"{where(path, f'category id {cid}', 'name')}: expected a non-empty string")
             names[cid] = cat["name"]
@@ -135,14 +143,7 @@ class CocoDetection(DetectionDataset):
         out: dict[int, tuple[dict, list]] = {}
         first_at: dict[int, int] = {}
         for i, img in enumerate(images):
-            name = f"images[{i}]"
-            img = _record(img, path, name)
-            iid = _int_field(img, "id", path, name)
-            if iid in out:
-                raise DataError(
-                    f"{where(path, name, 'id')}: duplicate image id {iid} (first at images[{first_at[iid]}])"
-                )
-            first_at[iid] = i
+            img, iid = _unique_record(img, path, "images", i, "image", first_at)
             rec = f"image id {iid}"
             file = resolve_inside(self.image_root, img.get("file_name"), path, rec, "file_name")
             if "width" in img or "height" in img:
@@ -161,15 +162,7 @@ class CocoDetection(DetectionDataset):
         path = self.ann_file
         first_at: dict[int, int] = {}
         for i, ann in enumerate(annotations):
-            name = f"annotations[{i}]"
-            ann = _record(ann, path, name)
-            aid = _int_field(ann, "id", path, name)
-            if aid in first_at:
-                raise DataError(
-                    f"{where(path, name, 'id')}: duplicate annotation id {aid} "
-                    f"(first at annotations[{first_at[aid]}])"
-                )
-            first_at[aid] = i
+            ann, aid = _unique_record(ann, path, "annotations", i, "annotation", first_at)
             rec = f"annotation id {aid}"
             iid = ann.get("image_id")
             if not is_int(iid) or iid not in images:
