@@ -156,14 +156,14 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fasterrcnn.engine.evaluator import evaluate_model
-    from fasterrcnn.engine.setup import load_model_for_inference, open_dataset, resolve_device
+    from fasterrcnn.engine.setup import data_format, load_model_for_inference, open_dataset, resolve_device
 
     _setup_logging()
     device = resolve_device(args.device)
     model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
-    is_coco = args.data.endswith(".json")  # the model's labels meet the data's through the category ids
+    is_coco = data_format(args.data) == "coco"  # the model's labels meet the data's through the category ids
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _format(path: str, declared: str) -> str:
+def data_format(path: str, declared: str = "auto") -> str:
+    """The format of a dataset path: "coco" for an instances json, "voc" for a VOC root, unless declared."""
     if declared != "auto":
         return declared
     return "coco" if path.endswith(".json") else "voc"
@@ -46,7 +47,7 @@ def _format(path: str, declared: str) -> str:
 
 def open_dataset(path: str, images: str, fmt: str, split: str, classes: list[str], transforms=None,
                  drop_empty: bool = False):
-    if _format(path, fmt) == "coco":
+    if data_format(path, fmt) == "coco":
         return CocoDetection(path, images or None, transforms=transforms, drop_empty=drop_empty)
     kwargs = {"classes": classes} if classes else {}
     return VocDetection(path, split=split, transforms=transforms, drop_empty=drop_empty, **kwargs)
@@ -54,13 +55,13 @@ def open_dataset(path: str, images: str, fmt: str, split: str, classes: list[str
 
 def build_data(cfg: DataConfig, *, train: bool = True) -> Data:
     if not cfg.train:  # the built-in synthetic dataset, generated once (by rank 0) and reused
-        if is_main():
-            paths = generate(cfg.synth_dir, num_train=cfg.synth_num_train, num_val=cfg.synth_num_val,
-                             seed=cfg.synth_seed, image_size=tuple(cfg.synth_size))
+        def synth():
+            return generate(cfg.synth_dir, num_train=cfg.synth_num_train, num_val=cfg.synth_num_val,
+                            seed=cfg.synth_seed, image_size=tuple(cfg.synth_size))
+
+        paths = synth() if is_main() else None
         barrier()
-        if not is_main():
-            paths = generate(cfg.synth_dir, num_train=cfg.synth_num_train, num_val=cfg.synth_num_val,
-                             seed=cfg.synth_seed, image_size=tuple(cfg.synth_size))  # reuses rank 0's files
+        paths = paths or synth()  # the other ranks reuse rank 0's files
         train_path, train_images = str(paths.train_json), str(paths.train_images)
         val_path, val_images, fmt = str(paths.val_json), str(paths.val_images), "coco"
     else:
@@ -82,7 +83,7 @@ def build_data(cfg: DataConfig, *, train: bool = True) -> Data:
     label_to_cat_id = dict(getattr(reference, "label_to_cat_id", None) or
                            {i: i for i in range(1, len(reference.class_names))})
     return Data(train_ds, val_ds, list(reference.class_names), label_to_cat_id,
-                str(val_path) if _format(val_path, fmt) == "coco" else None)
+                str(val_path) if data_format(val_path, fmt) == "coco" else None)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:

@@ -262,15 +262,19 @@ def train(cfg: Config, *, resume: str | None = None, show_progress: bool = True)
 
         evaluate_now = iteration == total or (cfg.train.eval_every and iteration % cfg.train.eval_every == 0)
         save_now = evaluate_now or (cfg.train.checkpoint_every and iteration % cfg.train.checkpoint_every == 0)
-        if dist.is_main() and evaluate_now:
-            evaluation = run_evaluation()
-            if evaluation.coco.AP > best_ap:
-                best_ap = evaluation.coco.AP
-                save_checkpoint(run_dir / "best.pt", checkpoint_state())
         if dist.is_main() and save_now:
-            save_checkpoint(run_dir / "last.pt", checkpoint_state())
-            plot_losses(metrics.rows(), run_dir / "losses.png")
-            plot_ap_history(metrics.rows(), run_dir / "ap.png")
+            is_best = False
+            if evaluate_now:
+                evaluation = run_evaluation()
+                is_best = evaluation.coco.AP > best_ap
+                best_ap = max(best_ap, evaluation.coco.AP)
+            state = checkpoint_state()
+            if is_best:
+                save_checkpoint(run_dir / "best.pt", state)
+            save_checkpoint(run_dir / "last.pt", state)
+            rows = metrics.rows()
+            plot_losses(rows, run_dir / "losses.png")
+            plot_ap_history(rows, run_dir / "ap.png")
         if evaluate_now or save_now:
             dist.barrier()
             train_model.train()

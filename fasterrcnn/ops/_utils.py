@@ -45,12 +45,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def roi_op_arguments(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
                      name: str) -> tuple[int, int, Tensor, torch.dtype]:
-    """What every RoI operator checks first: ``-> (oh, ow, rois[K, 5] in the compute dtype, compute dtype)``."""
+    """What every RoI operator checks first (shapes, output size, batch indices in ``[0, N)``):
+    ``-> (oh, ow, rois[K, 5] in the compute dtype, compute dtype)``."""
     if input.dim() != 4:
         raise ValueError(f"{name} input: expected Tensor[N, C, H, W], got shape {tuple(input.shape)}")
     oh, ow = pair(output_size, name)
     cdtype = compute_dtype(input.dtype)
-    return oh, ow, convert_boxes_to_rois(boxes, cdtype, input.device, name), cdtype
+    rois = convert_boxes_to_rois(boxes, cdtype, input.device, name)
+    n = input.shape[0]
+    batch = rois[:, 0]
+    if bool(((batch < 0) | (batch >= n) | (batch != batch.floor())).any()):
+        raise ValueError(f"{name} boxes: batch indices must be integers in [0, {n}), got {batch.unique().tolist()[:10]}")
+    return oh, ow, rois, cdtype
 
 
 def empty_roi_output(input: Tensor, k: int, oh: int, ow: int) -> Tensor:

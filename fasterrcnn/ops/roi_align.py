@@ -149,10 +149,6 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
     feats = x.permute(0, 2, 3, 1).contiguous().view(n * height * width, c)
 
     with torch.no_grad():
-        batch = rois[:, 0]
-        if bool(((batch < 0) | (batch >= n) | (batch != batch.floor())).any()):
-            raise ValueError(f"roi_align boxes: batch indices must be integers in [0, {n}), got "
-                             f"{batch.unique().tolist()[:10]}")
         if sampling_ratio > 0:
             gh = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
             gw = gh

@@ -91,10 +91,6 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
     feats = input.permute(0, 2, 3, 1).contiguous().view(n * height * width, c)
 
     with torch.no_grad():
-        batch = rois[:, 0]
-        if bool(((batch < 0) | (batch >= n) | (batch != batch.floor())).any()):
-            raise ValueError(f"roi_pool boxes: batch indices must be integers in [0, {n}), got "
-                             f"{batch.unique().tolist()[:10]}")
         start_w = _c_round(rois[:, 1] * spatial_scale).to(torch.int64)
         start_h = _c_round(rois[:, 2] * spatial_scale).to(torch.int64)
         end_w = _c_round(rois[:, 3] * spatial_scale).to(torch.int64)
@@ -108,7 +104,7 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
         bag_w = (w_hi - w_lo).clamp(min=0)[:, None, :].expand(k, oh, ow).reshape(-1)
         bag_y0 = h_lo[:, :, None].expand(k, oh, ow).reshape(-1)
         bag_x0 = w_lo[:, None, :].expand(k, oh, ow).reshape(-1)
-        bag_base = (batch.to(torch.int64) * (height * width))[:, None].expand(k, oh * ow).reshape(-1)
+        bag_base = (rois[:, 0].to(torch.int64) * (height * width))[:, None].expand(k, oh * ow).reshape(-1)
         sizes = bag_h * bag_w
         offsets = torch.cumsum(sizes, 0) - sizes
         total = int(sizes.sum())
