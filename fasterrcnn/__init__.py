@@ -4,6 +4,9 @@
     model = fasterrcnn.fasterrcnn_resnet50_fpn(weights="fasterrcnn_resnet50_fpn_coco.pth").eval()
     detections = model([image])  # image: Tensor[3, H, W] in [0, 1]
 
+    detector = fasterrcnn.Detector.load("runs/demo/best.pt")  # weights and class names, once
+    found = detector("photo.jpg")  # or a PIL image, a NumPy array, a tensor; .boxes .scores .names
+
 The builders are imported on first use, so that ``fasterrcnn.data`` and the command line start
 without loading the model code.
 """
@@ -13,6 +16,7 @@ __version__ = "0.1.0"
 
 _MODEL_EXPORTS = {
     "FasterRCNN",
+    "fasterrcnn_resnet18_c4",
     "fasterrcnn_resnet18_fpn",
     "fasterrcnn_resnet34_fpn",
     "fasterrcnn_resnet50_fpn",
@@ -21,10 +25,13 @@ _MODEL_EXPORTS = {
     "fasterrcnn_resnet50_c5",
     "fasterrcnn_resnet50_single_map",
 }
-__all__ = sorted(_MODEL_EXPORTS)
+_ENGINE_EXPORTS = {"Detector": ".engine.predictor", "Detections": ".engine.predictor"}
+__all__ = sorted(_MODEL_EXPORTS | set(_ENGINE_EXPORTS))
 
 
 def __getattr__(name: str):
     if name in _MODEL_EXPORTS:
         return getattr(importlib.import_module(".model", __name__), name)
+    if name in _ENGINE_EXPORTS:
+        return getattr(importlib.import_module(_ENGINE_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'fasterrcnn' has no attribute {name!r}")

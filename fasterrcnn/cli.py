@@ -111,21 +111,32 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. solver.lr=0.01 train.iterations=2000 data.train=ann.json")
     p.add_argument("--config", default=None,
                    help="a YAML config (default: the built-in CPU demo recipe, configs/demo.yaml)")
-    p.add_argument("--resume", default=None, metavar="CKPT", help="continue the run of this last.pt")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue the run of this last.pt exactly as it was configured (overrides: only "
+                        "data.workers, train.threads, train.device, train.log_every)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from fasterrcnn.engine import distributed as dist
-    from fasterrcnn.engine.config import load_config
+    from fasterrcnn.engine.config import ConfigError, load_config
+    from fasterrcnn.engine.signals import TrainingInterrupted
     from fasterrcnn.engine.trainer import train
 
     _setup_logging()
-    cfg = load_config(args.config or DEMO_CONFIG, overrides=args.overrides)
+    if args.resume and args.config:
+        raise ConfigError(f"--resume {args.resume} continues the run with the config saved in the checkpoint; "
+                          f"drop --config {args.config}")
+    # with --resume the checkpoint's config is used; the overrides go to train(), which allows a few
+    cfg = None if args.resume else load_config(args.config or DEMO_CONFIG, overrides=args.overrides)
     try:
         with logging_redirect_tqdm():  # log lines go above a progress bar, not into it
-            result = train(cfg, resume=args.resume)
+            result = train(cfg, resume=args.resume, resume_overrides=args.overrides if args.resume else ())
+    except TrainingInterrupted as stop:  # SIGINT/SIGTERM: last.pt saved; 128 + the signal, as a shell reports
+        if dist.is_main():
+            print(f"stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
     finally:
         dist.cleanup()
     if dist.is_main() and result.evaluation is not None:
@@ -158,8 +169,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from fasterrcnn.engine.evaluator import evaluate_model
     from fasterrcnn.engine.setup import data_format, load_model_for_inference, open_dataset, resolve_device
 
+    from fasterrcnn.engine.config import ConfigError
+    from fasterrcnn.files import atomic_write_text
+
     _setup_logging()
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
+    if args.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--amp fp16 needs a CUDA device, and this runs on {device.type}; use --amp bf16 or none")
     model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
@@ -176,14 +194,169 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if out:
         result.coco.to_json(out / "eval.json")
         result.voc.to_json(out / "voc.json")
-        (out / "summary.json").write_text(json.dumps(result.summary(), indent=2))
+        atomic_write_text(out / "summary.json", json.dumps(result.summary(), indent=2))
         print(f"\nwritten: {out / 'eval.json'}, {out / 'voc.json'}, {out / 'predictions.json'}")
+    return 0
+
+
+# ---- predict ------------------------------------------------------------------------------------
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its message for non-numbers
+    return parse
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders and glob patterns ('**' allowed)")
+    p.add_argument("--weights", required=True,
+                   help="a training checkpoint (last.pt/best.pt) or torchvision detector weights; a path or a URL")
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--score-threshold", type=_fraction, default=0.5, help="keep detections scoring at least this (default 0.5)")
+    p.add_argument("--annotations", default=None,
+                   help="a COCO json whose images[].file_name match the images: its image ids go into the results")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="images per forward pass (default 1)")
+    p.add_argument("--workers", type=_int_at_least(0), default=1, help="image-decoding processes (default 1; 0: in the main process)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--bf16", action="store_true", help="run the model in bfloat16 autocast (faster on CPUs with bf16)")
+    p.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
+    p.add_argument("--no-images", action="store_true", help="write the json only, no annotated copies")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from fasterrcnn.engine.predict import collect_images, predict_files
+    from fasterrcnn.engine.predictor import Detector
+
+    _setup_logging()
+    paths = collect_images(args.sources, recursive=args.recursive)
+    detector = Detector.load(args.weights, arch=args.arch, device=args.device, score_threshold=args.score_threshold,
+                             bf16=args.bf16)
+    summary = predict_files(detector, paths, args.out, batch_size=args.batch_size, workers=args.workers,
+                            draw=not args.no_images, ann_file=args.annotations)
+    rate = summary.num_images / max(summary.seconds, 1e-9)
+    print(f"{summary.num_detections} detections (score >= {args.score_threshold}) in {summary.num_images} images, "
+          f"{summary.seconds:.1f} s ({rate:.2f} img/s) on {detector.device}")
+    print(f"written: {summary.out_dir / 'predictions.json'}, {summary.out_dir / 'images.json'}"
+          + ("" if args.no_images else f", {summary.out_dir / 'images'}/"))
+    if summary.skipped:
+        print(f"skipped {len(summary.skipped)} image(s) that could not be read:", file=sys.stderr)
+        for err in summary.skipped:
+            print(f"  {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- explain ------------------------------------------------------------------------------------
+
+
+
+def _add_explain(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="the image to explain")
+    p.add_argument("--weights", required=True,
+                   help="a training checkpoint (last.pt/best.pt) or torchvision detector weights")
+    p.add_argument("--annotations", default=None, metavar="ANN",
+                   help="ground truth for the anchor labels: a COCO instances json (the record with the image's "
+                        "file name) or a Pascal VOC xml")
+    p.add_argument("--out", default=None, help="output folder (default: explain/<image stem>)")
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--level", default=None,
+                   help="the level whose anchors anchors.png shows: a name (P4) or an index (default: the middle one)")
+    p.add_argument("--score-threshold", type=_fraction, default=0.5,
+                   help="detections drawn in two_stage.png and detections.png score at least this (default 0.5)")
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fasterrcnn.data.images import read_image
+    from fasterrcnn.engine.explain import explain, load_annotations
+    from fasterrcnn.engine.setup import load_model_for_inference, resolve_device
+
+    device = resolve_device(args.device)
+    image = read_image(args.image)
+    model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
+    target, notes = None, []
+    if args.annotations:
+        target, notes = load_annotations(args.annotations, args.image, image_size=tuple(image.shape[-2:]),
+                                         class_names=class_names, label_to_cat_id=label_to_cat_id)
+    out = Path(args.out) if args.out else Path("explain") / Path(args.image).stem
+    result = explain(model, image, out, target=target, class_names=class_names, level=args.level,
+                     score_threshold=args.score_threshold)
+    print(result.summary, end="")
+    for note in notes + result.trace.notes:
+        print(f"note: {note}")
+    written = [p for p, _ in result.figures.values() if p is not None] + [result.summary_path]
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+# ---- ablate -------------------------------------------------------------------------------------
+
+
+def _add_ablate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="config overrides applied to every cell, e.g. train.batch_size=4 train.threads=2")
+    p.add_argument("--cells", default=None,
+                   help="comma-separated cell names (default: the whole grid; --list shows it)")
+    p.add_argument("--iterations", type=_int_at_least(1), default=None,
+                   help="training iterations per cell (default: the config's; the warmup is scaled with it)")
+    p.add_argument("--out", default="runs/ablation", help="output folder (default: runs/ablation)")
+    p.add_argument("--data", nargs="+", default=(), metavar="PATH",
+                   help="a synthetic-data folder (made if missing), or COCO jsons: TRAIN [VAL] "
+                        "(default: the demo's synthetic data)")
+    p.add_argument("--config", default=None, help="the baseline's YAML config (default: the demo recipe)")
+    p.add_argument("--list", action="store_true", help="list the cells and exit")
+
+
+def _run_ablate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from fasterrcnn.engine.ablate import BUILTIN_CELLS, base_config, command_line, run_ablation, select_cells
+
+    if args.list:
+        for cell in BUILTIN_CELLS:
+            print(f"{cell.name:22s} {cell.description}: {cell.describe_overrides()}")
+        return 0
+    _setup_logging()
+    cells = select_cells([c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None)
+    base = base_config(config=args.config, iterations=args.iterations, data=list(args.data), overrides=args.overrides)
+    argv = [*(["--config", args.config] if args.config else []), *(["--data", *args.data] if args.data else []),
+            *(["--cells", args.cells] if args.cells else []),
+            *(["--iterations", str(args.iterations)] if args.iterations else []), "--out", args.out, *args.overrides]
+    with logging_redirect_tqdm():
+        results = run_ablation(base, out=args.out, cells=cells, command=command_line(argv))
+    reused = sum(r.reused for r in results)
+    print((Path(args.out) / "ablation.md").read_text())
+    print(f"{len(results)} cell(s), {reused} re-used from earlier runs; table and plot: "
+          f"{Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.png'}")
     return 0
 
 
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("train", "train a detector (no arguments: the built-in synthetic demo)", _add_train, _run_train),
     Subcommand("evaluate", "COCO and VOC metrics of a checkpoint on a dataset", _add_evaluate, _run_evaluate),
+    Subcommand("predict", "detect objects in image files, folders or globs: COCO results json and annotated "
+               "images (exit 1 when an image could not be read)", _add_predict, _run_predict),
+    Subcommand("explain", "run a detector on one image stage by stage: one figure per stage and a summary",
+               _add_explain, _run_explain),
+    Subcommand("ablate", "the paper's experiments: a grid of training runs, one change each against a baseline, "
+               "with a table and plots (finished cells are re-used)", _add_ablate, _run_ablate),
     Subcommand("synth", "write the synthetic shapes dataset (COCO json, optionally VOC)", _add_synth, _run_synth),
     Subcommand("check-data", "check a COCO json or VOC root: counts, box sizes, problems "
                "(exit 0: clean, 1: problems listed, 2: unusable)", _add_check_data, _run_check_data),
@@ -223,6 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError, *_usage_errors()) as e:  # bad input: the message names the file, record and field
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130

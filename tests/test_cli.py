@@ -70,3 +70,52 @@ def test_python_dash_m_runs_the_cli(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'none.json'}: not found (expected a COCO json file or a VOC root)"
+
+
+def _fake_run_checkpoint(tmp_path):
+    """A file with what `train --resume` reads first (the run's config), enough to reach its checks."""
+    import torch
+
+    from fasterrcnn.engine.config import Config
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, "config": Config().to_dict(), "class_names": ["__background__", "a"]}, path)
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "{tmp}/last.pt", "--config", "my.yaml"], "continues the run with the config saved in the checkpoint; "
+                                                           "drop --config my.yaml"),
+    (["--resume", "{tmp}/last.pt", "solver.lr=0.1"], "--resume {tmp}/last.pt: cannot change 'solver.lr': only "
+                                                     "data.workers, train.threads, train.device, train.log_every"),
+    (["--resume", "{tmp}/last.pt", "data.workers=-1"], "data.workers must be >= 0"),
+    (["--resume", "{tmp}/gone.pt"], "checkpoint not found: {tmp}/gone.pt"),
+    (["--resume", "{tmp}/garbage.pt"], "refusing to load {tmp}/garbage.pt: it is not a file of tensors and plain data"),
+    (["--resume", "{tmp}/cut.pt"], "cannot read checkpoint {tmp}/cut.pt: RuntimeError"),
+    (["--resume", "{tmp}/weights.pt"], "{tmp}/weights.pt is not a training checkpoint of this project"),
+    (["solver.lr=-1"], "solver.lr must be > 0"),
+    (["--config", "{tmp}/none.yaml"], "config file not found: {tmp}/none.yaml"),
+])
+def test_train_command_line_errors(tmp_path, capsys, argv, message):
+    import torch
+
+    _fake_run_checkpoint(tmp_path)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "weights.pt")
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])  # a checkpoint cut short
+    rc = main(["train", *[a.replace("{tmp}", str(tmp_path)) for a in argv]])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert message.replace("{tmp}", str(tmp_path)) in err
+
+
+def test_ablate_command_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "--iterations", "0"])
+    assert e.value.code == 2 and "--iterations" in capsys.readouterr().err
+    rc = main(["ablate", "--out", str(tmp_path / "o"), "--data", "a.json", "b.json", "c.json"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--data takes" in err and "Traceback" not in err
+    assert main(["ablate", "--out", str(tmp_path / "o"), "--cells", "no_such_cell"]) == 2
+    assert "unknown ablation cell" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+import signal
 
 import numpy as np
 import torch
@@ -109,6 +110,11 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    # Ctrl-C reaches every process of the terminal's group, workers included. Stopping is the main
+    # process's decision (it finishes its step, saves, then shuts the workers down); a worker that
+    # died on the signal would instead make the main process fail on its next batch. (SIGTERM keeps
+    # its default: it is how the main process ends a worker that does not stop by itself.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_data_loader(

@@ -5,10 +5,19 @@ Randomness comes from ``generator`` (a ``torch.Generator``) when given, else fro
 RNG, so ``torch.manual_seed`` reproduces a run. With DataLoader workers, leave ``generator`` unset:
 each worker has its own seeded global RNG, whereas one Generator object is copied into every
 worker with the same state (all workers would draw the same numbers).
+
+``SeededAugmentation`` wraps a pipeline so that each sample draws from its own RNG, seeded from
+``(seed, epoch, image_id)``: the augmentation of an image then depends on nothing else (not on the
+worker process that loads it, nor on how many samples that worker drew before), which is what makes
+a training run resumed in the middle of an epoch exactly equal to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -163,3 +172,61 @@ def train_transforms(min_sizes=None, max_size: int = 1333, flip_p: float = 0.5, 
     if jitter > 0:
         steps.append(ColorJitter(jitter, jitter, jitter))
     return Compose(steps)
+
+
+def augmentation_seed(seed: int, epoch: int, image_id: int) -> int:
+    """The seed of one image's random transforms in one epoch."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + image_id) % (2**62)
+
+
+@contextlib.contextmanager
+def _isolated_rngs(seed: int):
+    """torch's, Python's and NumPy's global RNGs seeded with ``seed`` inside the block, restored after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededAugmentation:
+    """Run ``transforms`` with every global RNG (torch, Python, NumPy) seeded from
+    ``augmentation_seed(seed, epoch, target["image_id"])`` and restored afterwards.
+
+    The same image in the same epoch is augmented the same way whichever process or position draws
+    it; another epoch draws anew. Call ``set_epoch`` before each epoch's loader is iterated (worker
+    processes take a copy of the dataset, with its transforms, when an iterator starts).
+    """
+
+    def __init__(self, transforms, seed: int = 0):
+        self.transforms = transforms
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __call__(self, image, target):
+        if "image_id" not in target:
+            raise KeyError("SeededAugmentation seeds each sample from its target's 'image_id', which is missing "
+                           f"(keys: {sorted(target)})")
+        with _isolated_rngs(augmentation_seed(self.seed, self.epoch, int(target["image_id"]))):
+            return self.transforms(image, target)
+
+    def __repr__(self) -> str:
+        return f"SeededAugmentation({self.transforms!r}, seed={self.seed})"
+
+
+def set_augmentation_epoch(dataset, epoch: int) -> None:
+    """Tell a dataset's ``SeededAugmentation`` (if it has one, also through ``Subset``) the epoch."""
+    while dataset is not None:
+        transforms = getattr(dataset, "transforms", None)
+        if hasattr(transforms, "set_epoch"):
+            transforms.set_epoch(epoch)
+            return
+        dataset = getattr(dataset, "dataset", None)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import DetectionDataset, ImageRecord, empty_arrays
-from .report import FIXED, SKIPPED_ANNOTATION, DataError, where
+from .report import FIXED, SKIPPED_ANNOTATION, DataError, Report, where
 from .validate import MALFORMED_BOX, check_box, resolve_inside
 
 VOC_CLASSES = (
@@ -133,34 +133,8 @@ class VocDetection(DetectionDataset):
             )
         width, height = int(width), int(height)
 
-        objects = []
-        for k, obj in enumerate(ann.findall("object")):
-            orec = f"{rec} object {k}"
-            cls = (obj.findtext("name") or "").strip()
-            if cls not in self._label:
-                self.report.add(SKIPPED_ANNOTATION, UNKNOWN_CLASS, xml_path, orec, "name",
-                                f"class {cls!r} is not one of the dataset's classes")
-                continue
-            difficult = _number(obj, "difficult") == 1
-            if difficult and not self.keep_difficult:
-                continue
-            bnd = obj.find("bndbox")
-            coords = [_number(bnd, t) for t in ("xmin", "ymin", "xmax", "ymax")]
-            if any(c is None for c in coords):
-                self.report.add(SKIPPED_ANNOTATION, MALFORMED_BOX, xml_path, orec, "bndbox",
-                                "expected numeric <xmin>, <ymin>, <xmax>, <ymax>")
-                continue
-            xmin, ymin, xmax, ymax = coords
-            result = check_box(xmin - 1, ymin - 1, xmax, ymax, width, height)
-            text = f"(VOC xmin,ymin,xmax,ymax = {xmin:g},{ymin:g},{xmax:g},{ymax:g})"
-            if result.box is None:
-                self.report.add(SKIPPED_ANNOTATION, result.kind, xml_path, orec, "bndbox",
-                                f"{result.detail} {text}")
-                continue
-            if result.kind is not None:
-                self.report.add(FIXED, result.kind, xml_path, orec, "bndbox", f"{result.detail} {text}")
-            objects.append((result.box, self._label[cls], difficult))
-
+        objects = parse_objects(ann, xml_path, rec, width, height, self._label, self.report,
+                                keep_difficult=self.keep_difficult)
         if objects:
             boxes = np.array([o[0] for o in objects], np.float32).reshape(-1, 4)
             labels = np.array([o[1] for o in objects], np.int64)
@@ -172,6 +146,42 @@ class VocDetection(DetectionDataset):
             difficult = np.zeros((0,), bool)
         return ImageRecord(image_id, path, width, height, boxes, labels, area.astype(np.float32),
                            iscrowd, difficult, str(xml_path), rec)
+
+
+def parse_objects(ann: ET.Element, xml_path, rec: str, width: int, height: int, labels: dict[str, int],
+                  report: Report, keep_difficult: bool = True) -> list[tuple[tuple[float, ...], int, bool]]:
+    """The ``<object>``s of one parsed VOC XML as ``(box xyxy 0-based, label, difficult)``.
+
+    ``labels`` maps class names to labels; objects of other classes and bad boxes are skipped and
+    added to ``report``, boxes partly outside the ``width`` x ``height`` image are clipped (reported).
+    """
+    objects = []
+    for k, obj in enumerate(ann.findall("object")):
+        orec = f"{rec} object {k}"
+        cls = (obj.findtext("name") or "").strip()
+        if cls not in labels:
+            report.add(SKIPPED_ANNOTATION, UNKNOWN_CLASS, xml_path, orec, "name",
+                       f"class {cls!r} is not one of the dataset's classes")
+            continue
+        difficult = _number(obj, "difficult") == 1
+        if difficult and not keep_difficult:
+            continue
+        bnd = obj.find("bndbox")
+        coords = [_number(bnd, t) for t in ("xmin", "ymin", "xmax", "ymax")]
+        if any(c is None for c in coords):
+            report.add(SKIPPED_ANNOTATION, MALFORMED_BOX, xml_path, orec, "bndbox",
+                       "expected numeric <xmin>, <ymin>, <xmax>, <ymax>")
+            continue
+        xmin, ymin, xmax, ymax = coords
+        result = check_box(xmin - 1, ymin - 1, xmax, ymax, width, height)
+        text = f"(VOC xmin,ymin,xmax,ymax = {xmin:g},{ymin:g},{xmax:g},{ymax:g})"
+        if result.box is None:
+            report.add(SKIPPED_ANNOTATION, result.kind, xml_path, orec, "bndbox", f"{result.detail} {text}")
+            continue
+        if result.kind is not None:
+            report.add(FIXED, result.kind, xml_path, orec, "bndbox", f"{result.detail} {text}")
+        objects.append((result.box, labels[cls], difficult))
+    return objects
 
 
 def scan_class_names(root, split: str) -> list[str]:

@@ -3,15 +3,18 @@
 A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts): model, optimizer,
 scheduler and scaler states, the iteration, the RNG states, the class names and the resolved config.
 It is written to a temporary file in the same folder, flushed to disk and renamed over the target,
-so a crash mid-write leaves the previous file whole. Non-finite weights are never written.
+and the folder is synced (``fasterrcnn.files.atomic_open``), so a crash or a full disk mid-write
+leaves the previous file whole. Non-finite weights are never written. It is read back with
+``torch.load(weights_only=True)``: a file that would need arbitrary unpickling is refused.
 """
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import atomic_open
+from ..model.weights import load_data_only, unsafe_pickle_message
 
 
 class CheckpointError(ValueError):
@@ -46,18 +49,18 @@ def all_finite(state_dict: dict) -> bool:
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through ``atomic_open``: ``path`` is either the old file or the new one, never half."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer_slots: int) -> int:
+    """The size of a training checkpoint before one exists: every tensor of the model's state_dict,
+    plus ``optimizer_slots`` tensors per trainable parameter (SGD momentum: 1, AdamW: 2), plus 1%
+    and 1 MB for the config, RNG states and the zip container."""
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    slot_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return int((model_bytes + optimizer_slots * slot_bytes) * 1.01) + 2**20
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -75,9 +78,10 @@ def read_file(path: str | Path):
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_data_only(path)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(unsafe_pickle_message(path, e)
+                              or f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
 def is_training_state(obj) -> bool:

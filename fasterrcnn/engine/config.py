@@ -6,12 +6,16 @@ Unknown keys are errors (a typo must not silently train with a default), values 
 against their declared types, and ``save_config`` writes the resolved config next to the run.
 """
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from ..files import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -83,6 +87,14 @@ class TrainConfig:
     log_every: int = 20
     threads: int = 0  # torch CPU threads; 0: PyTorch's default
     channels_last: bool = True  # NHWC weights and batches: faster convolutions, same results
+    # joint: approximate joint training (the four losses at once). alternating: Ren et al.'s 4-step
+    # training (RPN; detector on its proposals; RPN on the frozen detector backbone; detector heads),
+    # see fasterrcnn/engine/alternating.py.
+    schedule: str = "joint"
+    # the four steps' lengths: fractions of train.iterations (summing to 1) or iterations (summing to it)
+    alternating_iterations: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
+    alternating_detector_init: str = "initial"  # step 2's backbone: initial (the paper) | rpn (step 1's)
+    alternating_step: int = 0  # set by the alternating schedule on the run of each step; 0: the whole schedule
 
 
 @dataclass
@@ -189,7 +201,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
-        _apply(cfg, parse_override(text), "")
+        try:
+            _apply(cfg, parse_override(text), "")
+        except ConfigError as e:
+            raise ConfigError(f"command line: {e}") from None
     try:
         validate(cfg)
     except ConfigError as e:
@@ -198,27 +213,133 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return cfg
 
 
+# model.options checked by name (the builder checks that it takes them): key -> (test, allowed range)
+def _int_at_least(n):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n), f"an integer >= {n}"
+
+
+def _number_in(lo, hi, lo_open=False):
+    def test(v):
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                and (v > lo if lo_open else v >= lo) and v <= hi)
+    return test, f"a number in {'(' if lo_open else '['}{lo}, {hi}]"
+
+
+def _sizes(v):
+    values = v if isinstance(v, list) else [v]
+    return bool(values) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values)
+
+
+MODEL_OPTION_RANGES = {
+    **{k: _number_in(0, 1) for k in ("rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_score_thresh",
+                                     "box_score_thresh", "box_nms_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh")},
+    **{k: _number_in(0, 1, lo_open=True) for k in ("rpn_positive_fraction", "box_positive_fraction")},
+    **{k: _int_at_least(1) for k in ("max_size", "size_divisible", "fpn_channels", "representation_size",
+                                     "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
+                                     "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
+                                     "box_batch_size_per_image", "box_detections_per_img")},
+    "min_size": (_sizes, "an integer >= 1 or a list of them (multi-scale training)"),
+    "anchor_sizes": (lambda v: isinstance(v, list) and _sizes(v), "a list of integers >= 1"),
+    "fpn_norm": (lambda v: v in ("none", "bn", "gn"), "one of none, bn, gn"),
+    "roi_op": (lambda v: v in ("roi_pool", "roi_align"), "one of roi_pool, roi_align"),
+    "roi_output_size": _int_at_least(1),
+}
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+
+
+def _alternating_problem(t: TrainConfig) -> str | None:
+    """What is wrong with the four step lengths of an alternating run (None: nothing)."""
+    split = t.alternating_iterations
+    if len(split) != 4 or not all(math.isfinite(x) and x > 0 for x in split):
+        return "four positive numbers, one per step"
+    if t.epochs and not t.iterations:
+        return "set with train.iterations (the alternating schedule counts iterations, not epochs)"
+    if all(x < 1 for x in split):
+        if abs(sum(split) - 1) > 1e-6:
+            return "fractions of train.iterations summing to 1"
+        if t.iterations < 4 or min(round(x * t.iterations) for x in split[:3]) < 1 \
+                or t.iterations - sum(round(x * t.iterations) for x in split[:3]) < 1:
+            return f"fractions that give each step at least one of train.iterations={t.iterations}"
+        return None
+    if not all(x >= 1 and float(x).is_integer() for x in split):
+        return "all fractions (below 1) or all whole iteration counts (from 1)"
+    expected = int(split[t.alternating_step - 1]) if t.alternating_step else int(sum(split))
+    if t.iterations not in (0, expected):
+        return f"iteration counts whose {'step' if t.alternating_step else 'sum'} matches train.iterations={t.iterations}"
+    return None
+
+
 def validate(cfg: Config) -> None:
-    """Values out of range are refused before any work starts."""
-    def need(cond, msg):
+    """Values out of range are refused before any work starts; each message names the key, the value
+    and what is allowed."""
+    def need(cond, key, value, allowed):
         if not cond:
-            raise ConfigError(msg)
-    t, s, d = cfg.train, cfg.solver, cfg.data
-    need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    need(t.iterations >= 0 and t.epochs >= 0, "train.iterations and train.epochs must be >= 0")
-    need(t.amp in ("none", "bf16", "fp16"), f"train.amp must be none, bf16 or fp16, got {t.amp!r}")
-    need(s.optimizer in ("sgd", "adamw"), f"solver.optimizer must be sgd or adamw, got {s.optimizer!r}")
-    need(s.schedule in ("multistep", "cosine"), f"solver.schedule must be multistep or cosine, got {s.schedule!r}")
-    need(s.lr > 0, f"solver.lr must be > 0, got {s.lr}")
-    need(s.accumulate >= 1, f"solver.accumulate must be >= 1, got {s.accumulate}")
-    need(s.warmup_iters >= 0 and 0 < s.warmup_factor <= 1, "solver.warmup_iters >= 0 and 0 < solver.warmup_factor <= 1")
-    need(all(m > 0 for m in s.milestones), f"solver.milestones must be positive, got {s.milestones}")
-    unknown = set(s.loss_weights) - {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
-    need(not unknown, f"solver.loss_weights has unknown losses: {sorted(unknown)}")
-    need(d.format in ("auto", "coco", "voc"), f"data.format must be auto, coco or voc, got {d.format!r}")
-    need(0.0 <= d.hflip <= 1.0, f"data.hflip must be a probability, got {d.hflip}")
-    need(len(d.synth_size) == 2 and min(d.synth_size) >= 32, f"data.synth_size must be [H, W] >= 32, got {d.synth_size}")
-    need(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
+            raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+    def finite(v):
+        return math.isfinite(v)
+
+    t, s, d, m = cfg.train, cfg.solver, cfg.data, cfg.model
+    # train
+    need(t.name.strip() != "", "train.name", t.name, "a non-empty folder name")
+    need(t.out_dir.strip() != "", "train.out_dir", t.out_dir, "a non-empty folder")
+    need(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
+    need(t.iterations >= 0, "train.iterations", t.iterations, ">= 0 (0: use train.epochs)")
+    need(t.epochs >= 0, "train.epochs", t.epochs, ">= 0")
+    need(t.eval_every >= 0, "train.eval_every", t.eval_every, ">= 0 (0: at the end only)")
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0 (0: at each evaluation)")
+    need(t.amp in ("none", "bf16", "fp16"), "train.amp", t.amp, "none, bf16 or fp16")
+    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", t.device,
+         "auto, cpu, cuda or cuda:N")
+    need(0 <= t.seed < 2**32, "train.seed", t.seed, "in [0, 2**32)")
+    need(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
+    need(t.threads >= 0, "train.threads", t.threads, ">= 0 (0: PyTorch's default)")
+    need(t.schedule in ("joint", "alternating"), "train.schedule", t.schedule, "joint or alternating")
+    need(t.alternating_detector_init in ("initial", "rpn"), "train.alternating_detector_init",
+         t.alternating_detector_init, "initial or rpn")
+    need(0 <= t.alternating_step <= 4, "train.alternating_step", t.alternating_step, "in [0, 4] (set by the schedule)")
+    if t.schedule == "alternating":
+        problem = _alternating_problem(t)
+        need(problem is None, "train.alternating_iterations", t.alternating_iterations, problem)
+    # solver
+    need(s.optimizer in ("sgd", "adamw"), "solver.optimizer", s.optimizer, "sgd or adamw")
+    need(s.schedule in ("multistep", "cosine"), "solver.schedule", s.schedule, "multistep or cosine")
+    need(finite(s.lr) and s.lr > 0, "solver.lr", s.lr, "> 0")
+    need(0 <= s.momentum < 1, "solver.momentum", s.momentum, "in [0, 1)")
+    need(finite(s.weight_decay) and s.weight_decay >= 0, "solver.weight_decay", s.weight_decay, ">= 0")
+    need(s.warmup_iters >= 0, "solver.warmup_iters", s.warmup_iters, ">= 0")
+    need(0 < s.warmup_factor <= 1, "solver.warmup_factor", s.warmup_factor, "in (0, 1]")
+    need(all(finite(x) and x > 0 for x in s.milestones), "solver.milestones", s.milestones,
+         "positive (below 1: fractions of the run; from 1: iterations)")
+    need(finite(s.gamma) and s.gamma > 0, "solver.gamma", s.gamma, "> 0")
+    need(finite(s.clip_grad_norm) and s.clip_grad_norm >= 0, "solver.clip_grad_norm", s.clip_grad_norm, ">= 0 (0: off)")
+    need(s.accumulate >= 1, "solver.accumulate", s.accumulate, ">= 1")
+    unknown = sorted(set(s.loss_weights) - set(LOSS_NAMES))
+    need(not unknown, "solver.loss_weights", unknown, f"among {', '.join(LOSS_NAMES)} (unknown losses)")
+    for k, w in s.loss_weights.items():
+        ok = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+        need(ok, f"solver.loss_weights.{k}", w, "a number >= 0")
+    # data
+    need(d.format in ("auto", "coco", "voc"), "data.format", d.format, "auto, coco or voc")
+    need(d.voc_train_split.strip() != "", "data.voc_train_split", d.voc_train_split, "a split name")
+    need(d.voc_val_split.strip() != "", "data.voc_val_split", d.voc_val_split, "a split name")
+    need(len(set(d.voc_classes)) == len(d.voc_classes) and all(c.strip() for c in d.voc_classes),
+         "data.voc_classes", d.voc_classes, "distinct, non-empty names (empty list: the 20 VOC classes)")
+    need(d.synth_dir.strip() != "", "data.synth_dir", d.synth_dir, "a folder")
+    need(d.synth_num_train >= 1, "data.synth_num_train", d.synth_num_train, ">= 1")
+    need(d.synth_num_val >= 1, "data.synth_num_val", d.synth_num_val, ">= 1")
+    need(len(d.synth_size) == 2 and min(d.synth_size) >= 32, "data.synth_size", d.synth_size, "[H, W], each >= 32")
+    need(d.synth_seed >= 0, "data.synth_seed", d.synth_seed, ">= 0")
+    need(0.0 <= d.hflip <= 1.0, "data.hflip", d.hflip, "a probability in [0, 1]")
+    need(d.workers >= 0, "data.workers", d.workers, ">= 0 (0: load in the training process)")
+    # model (the arch and whether the builder takes an option are checked when the model is built)
+    need(m.arch.strip() != "", "model.arch", m.arch, "a builder name")
+    tbl = m.trainable_backbone_layers
+    need(tbl is None or 0 <= tbl <= 5, "model.trainable_backbone_layers", tbl, "null or in [0, 5]")
+    for key, value in m.options.items():
+        if key in MODEL_OPTION_RANGES:
+            test, allowed = MODEL_OPTION_RANGES[key]
+            need(test(value), f"model.options.{key}", value, allowed)
 
 
 def config_from_dict(values: dict) -> Config:
@@ -229,5 +350,23 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
+# What --resume may change: how the run is executed, not what it computes. Everything else would make
+# the resumed run a different run from the one its checkpoint belongs to.
+RESUME_OVERRIDABLE = ("data.workers", "train.threads", "train.device", "train.log_every")
+
+
+def apply_overrides(cfg: Config, overrides: list[str], *, allowed: tuple[str, ...] | None = None,
+                    context: str = "") -> Config:
+    """A new Config: ``cfg`` with ``section.key=value`` overrides (restricted to ``allowed`` keys), checked."""
+    out = config_from_dict(cfg.to_dict())
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if allowed is not None and key not in allowed:
+            raise ConfigError(f"{context}cannot change {key!r}: only {', '.join(allowed)} may be set")
+        _apply(out, parse_override(text), "")
+    validate(out)
+    return out
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

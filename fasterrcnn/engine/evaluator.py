@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 
 from ..data import make_data_loader
 from ..evaluation import COCO_STAT_NAMES, CocoEvaluator, CocoMetrics, VocMetrics, evaluate_voc
+from ..files import atomic_open
 from .progress import Progress
 
 
@@ -131,6 +132,7 @@ def evaluate_model(model, dataset, *, class_names, label_to_cat_id, ann_file=Non
                                 num_workers=num_workers, show_progress=show_progress)
     coco, voc, results = evaluate_detections(dataset, ids, dets, class_names=class_names,
                                              label_to_cat_id=label_to_cat_id, ann_file=ann_file)
-    if results_path is not None:
-        Path(results_path).write_text(json.dumps(results))
+    if results_path is not None:  # streamed, not built as one string; atomic: a kill leaves the old file whole
+        with atomic_open(results_path, "w", encoding="utf-8") as f:
+            json.dump(results, f)
     return Evaluation(coco, voc, results, time.perf_counter() - start, len(ids))

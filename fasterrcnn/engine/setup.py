@@ -10,9 +10,9 @@ import torch
 
 from ..data import CocoDetection, VocDetection, generate
 from ..data.coco_names import COCO_CATEGORY_NAMES
-from ..data.transforms import Compose, RandomHorizontalFlip
+from ..data.transforms import Compose, RandomHorizontalFlip, SeededAugmentation
 from ..model import BUILDERS, FastRCNNPredictor
-from ..model.weights import read_state_dict
+from ..model.weights import WeightsError, local_weights_file, read_state_dict
 from .checkpoint import is_training_state, read_file
 from .config import ConfigError, DataConfig, ModelConfig, config_from_dict
 from .distributed import barrier, is_main
@@ -32,9 +32,16 @@ class Data:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} asks for CUDA, but no GPU is available here; use device=cpu or auto")
+        raise ConfigError(f"device {name!r} asks for CUDA, but no GPU is available here (PyTorch "
+                          f"{torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'}); use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"numbered 0..{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -53,7 +60,9 @@ def open_dataset(path: str, images: str, fmt: str, split: str, classes: list[str
     return VocDetection(path, split=split, transforms=transforms, drop_empty=drop_empty, **kwargs)
 
 
-def build_data(cfg: DataConfig, *, train: bool = True) -> Data:
+def build_data(cfg: DataConfig, *, train: bool = True, seed: int = 0) -> Data:
+    """The datasets of a run. The training set's random transforms are seeded per image and epoch
+    from ``seed`` (``SeededAugmentation``), so that they do not depend on the loader's workers."""
     if not cfg.train:  # the built-in synthetic dataset, generated once (by rank 0) and reused
         def synth():
             return generate(cfg.synth_dir, num_train=cfg.synth_num_train, num_val=cfg.synth_num_val,
@@ -69,7 +78,7 @@ def build_data(cfg: DataConfig, *, train: bool = True) -> Data:
         val_path, val_images = cfg.val or cfg.train, cfg.val_images or cfg.train_images
         if not cfg.val:
             log.warning("data.val is not set: evaluating on the training data, which says little about generalisation")
-    transforms = Compose([RandomHorizontalFlip(cfg.hflip)]) if cfg.hflip > 0 else None
+    transforms = SeededAugmentation(Compose([RandomHorizontalFlip(cfg.hflip)]), seed) if cfg.hflip > 0 else None
     train_ds = open_dataset(train_path, train_images, fmt, cfg.voc_train_split, cfg.voc_classes, transforms,
                             cfg.drop_empty) if train else None
     val_ds = open_dataset(val_path, val_images, fmt, cfg.voc_val_split, cfg.voc_classes)
@@ -109,6 +118,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         model = builder(weights=cfg.weights, num_classes=theirs, **kwargs)
     except TypeError as e:  # an option the builder does not take
         raise ConfigError(f"model.options: {e}") from None
+    except WeightsError as e:  # e.g. weights of another architecture: say which setting to change
+        if "do not fit" not in str(e) and "has no" not in str(e):
+            raise
+        raise WeightsError(f"{e}\nmodel.arch is {cfg.arch!r}: use weights made for it, or set model.arch to the "
+                           "architecture they were made for") from None
     if theirs != num_classes:
         predictor = model.roi_heads.box_predictor
         model.roi_heads.box_predictor = FastRCNNPredictor(predictor.cls_score.in_features, num_classes)
@@ -121,11 +135,11 @@ def load_model_for_inference(weights: str | Path, *, arch: str = "fasterrcnn_res
                              device: torch.device | str = "cpu") -> tuple[torch.nn.Module, list[str], dict[int, int]]:
     """A model ready for inference from one of our training checkpoints (which carry their config
     and class names) or a torchvision-format detector checkpoint (built with ``arch``; then COCO's
-    names on its 91-index layout).
+    names on its 91-index layout). ``weights``: a path, or a URL read through torch.hub's cache.
 
     -> (model in eval mode, class names with "__background__" first, label -> category id)."""
-    path = str(weights)
-    state = read_file(path) if Path(path).is_file() else None  # a URL goes to the builder's loader
+    path = local_weights_file(weights)  # a URL: through torch.hub's cache
+    state = read_file(path)
     if is_training_state(state):
         cfg = config_from_dict(state["config"])
         class_names = list(state["class_names"])

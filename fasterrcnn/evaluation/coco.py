@@ -35,6 +35,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from ..files import atomic_open
 from ._io import write_json
 
 __all__ = [
@@ -63,6 +64,8 @@ _STAT_DESCRIPTIONS = {
     "ARl": "IoU=0.50:0.95 area=large  maxDets=100",
 }
 
+_NO_POLYGON: list = []
+_ADDED_BY_LOADRES = ("segmentation", "area", "id", "iscrowd")
 NO_DETECTIONS = "no detections: every image evaluated had none; metrics are 0.0 where there is ground truth"
 
 
@@ -271,7 +274,8 @@ class CocoEvaluator:
         """Write the COCO results json (loadable with ``COCO.loadRes``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self._results))
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            json.dump(self._results, f)
         return path
 
     def evaluate(self) -> CocoMetrics:
@@ -279,17 +283,26 @@ class CocoEvaluator:
             raise ValueError("nothing to evaluate: update() was never called with any image id")
         log = io.StringIO()
         log.write(self._log.getvalue())
-        with contextlib.redirect_stdout(log):
-            if self._results:
-                # loadRes writes area/id/iscrowd/segmentation into the dicts it gets: give it copies
-                coco_dt = self.coco_gt.loadRes([dict(r) for r in self._results])
-            else:
-                coco_dt = _empty_results(self.coco_gt)
-            coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
-            coco_eval.params.imgIds = sorted(self._image_ids)
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-            coco_eval.summarize()
+        try:
+            with contextlib.redirect_stdout(log):
+                if self._results:
+                    # loadRes adds area/id/iscrowd to the dicts it gets, and a polygon per box unless one is
+                    # there. Box evaluation needs no polygon: a shared empty one saves it, and lending
+                    # loadRes our own dicts (cleaned below) saves a copy of every result.
+                    for r in self._results:
+                        r["segmentation"] = _NO_POLYGON
+                    coco_dt = self.coco_gt.loadRes(self._results)
+                else:
+                    coco_dt = _empty_results(self.coco_gt)
+                coco_eval = COCOeval(self.coco_gt, coco_dt, iouType="bbox")
+                coco_eval.params.imgIds = sorted(self._image_ids)
+                coco_eval.evaluate()
+                coco_eval.accumulate()
+                coco_eval.summarize()
+        finally:
+            for r in self._results:
+                for key in _ADDED_BY_LOADRES:
+                    r.pop(key, None)
         stats = [float(s) for s in coco_eval.stats]
         per_class, curves = self._per_class(coco_eval)
         return CocoMetrics(**dict(zip(COCO_STAT_NAMES, stats)), per_class=per_class,

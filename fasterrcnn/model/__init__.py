@@ -3,6 +3,7 @@ from .anchors import AnchorGenerator
 from .backbone import BackboneWithFPN, SingleMapBackbone, resnet_fpn_backbone, resnet_single_map_backbone
 from .builders import (
     BUILDERS,
+    fasterrcnn_resnet18_c4,
     fasterrcnn_resnet18_fpn,
     fasterrcnn_resnet34_fpn,
     fasterrcnn_resnet50_c4,

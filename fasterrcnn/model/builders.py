@@ -6,6 +6,8 @@
     fasterrcnn_resnet50_c4               the original single-map detector: RPN on C4 (stride 16) with
                                           9 anchors, RoIPool or RoIAlign 14x14, res5 as the box head
     fasterrcnn_resnet50_c5               single map C5 (stride 32), 9 anchors, 7x7 pooling, 2-fc head
+    fasterrcnn_resnet18_c4               single map C4 of a ResNet-18 (stride 16, 256 channels), 7x7
+                                          pooling, 2-fc head: the demo-sized "no FPN" model of the ablation
 
 ``weights``: a torchvision-format detector checkpoint (path or URL); it is loaded strictly, the
 backbone's norm layers become FrozenBatchNorm2d with eps 0.0 (as torchvision sets for its published
@@ -19,6 +21,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..ops import MultiScaleRoIAlign, MultiScaleRoIPool
 from .anchors import AnchorGenerator
 from .backbone import resnet_fpn_backbone, resnet_single_map_backbone
 from .faster_rcnn import FasterRCNN
@@ -63,12 +66,14 @@ def fasterrcnn_resnet_fpn(depth: int = 50, *, num_classes: int | None = None, we
                           weights_backbone: PathOrURL = None, trainable_backbone_layers: int | None = None,
                           fpn_channels: int = 256, anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
                           aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), fpn_norm: str = "none",
-                          **overrides) -> FasterRCNN:
+                          roi_op: str = "roi_align", roi_output_size: int = 7, **overrides) -> FasterRCNN:
     """Faster R-CNN with a ResNet-``depth`` + FPN backbone (torchvision's v1 layout at depth 50).
 
     ``anchor_sizes``: one anchor size per pyramid level P2..P6 (each with every aspect ratio); scale
     them with the objects of your data (e.g. 16..256 for objects from 12 pixels up). ``fpn_norm``:
     "none" (torchvision's v1 layout), "bn" or "gn" after each FPN conv, for training from scratch.
+    ``roi_op``: "roi_align" (sampling ratio 2) or "roi_pool" on the level of each RoI;
+    ``roi_output_size``: the pooled grid (7: the v1 layout; the box head's first fc follows it).
     """
     norm_layer, trainable, num_classes, state_dict = _resolve(weights, weights_backbone,
                                                               trainable_backbone_layers, num_classes)
@@ -80,6 +85,10 @@ def fasterrcnn_resnet_fpn(depth: int = 50, *, num_classes: int | None = None, we
         raise ValueError(f"anchor_sizes needs one size per level P2..P6 (5), got {anchor_sizes}")
     overrides.setdefault("rpn_anchor_generator",
                          AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),)))
+    if roi_op not in ("roi_align", "roi_pool"):
+        raise ValueError(f"roi_op must be 'roi_align' or 'roi_pool', got {roi_op!r}")
+    pooler = MultiScaleRoIAlign if roi_op == "roi_align" else MultiScaleRoIPool
+    overrides.setdefault("box_roi_pool", pooler(["0", "1", "2", "3"], output_size=roi_output_size, sampling_ratio=2))
     model = FasterRCNN(backbone, num_classes, **overrides)
     if weights is not None:
         load_detector_weights(model, weights, state_dict=state_dict)
@@ -148,6 +157,34 @@ fasterrcnn_resnet50_c5 = functools.partial(fasterrcnn_resnet50_single_map, featu
 fasterrcnn_resnet50_c4.__doc__ = "Faster R-CNN on ResNet-50 C4 with a res5 head (see fasterrcnn_resnet50_single_map)."
 fasterrcnn_resnet50_c5.__doc__ = "Faster R-CNN on ResNet-50 C5 with a 2-fc head (see fasterrcnn_resnet50_single_map)."
 
+def fasterrcnn_resnet18_c4(*, roi_op: str = "roi_align", roi_output_size: int = 7, num_classes: int | None = None,
+                           weights: PathOrURL = None, weights_backbone: PathOrURL = None,
+                           trainable_backbone_layers: int | None = None,
+                           anchor_sizes: tuple[int, ...] = (128, 256, 512),
+                           aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), representation_size: int = 1024,
+                           **overrides) -> FasterRCNN:
+    """Faster R-CNN on the C4 map of a ResNet-18 (stride 16, 256 channels): the RPN with
+    ``len(anchor_sizes) * len(aspect_ratios)`` anchors per location, ``roi_op`` to
+    ``roi_output_size`` squared bins, and the two-fc head (a res5 head per RoI would cost a CPU far
+    more than the rest of the model). The single-map counterpart of ``fasterrcnn_resnet18_fpn``."""
+    norm_layer, trainable, num_classes, state_dict = _resolve(weights, weights_backbone,
+                                                              trainable_backbone_layers, num_classes)
+    backbone = resnet_single_map_backbone(18, feature="c4", norm_layer=norm_layer, trainable_layers=trainable)
+    if weights_backbone is not None and weights is None:
+        load_backbone_weights({"": backbone.body}, weights_backbone)
+    anchor_generator = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
+    rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0])
+    pooler = SingleMapRoIPooler("0", roi_output_size, op=roi_op, sampling_ratio=2)
+    head = TwoMLPHead(backbone.out_channels * roi_output_size ** 2, representation_size)
+    options = {**SINGLE_MAP_DEFAULTS, **overrides}
+    model = FasterRCNN(backbone, None, rpn_anchor_generator=anchor_generator, rpn_head=rpn_head,
+                       box_roi_pool=pooler, box_head=head,
+                       box_predictor=FastRCNNPredictor(head.out_features, num_classes), **options)
+    if weights is not None:
+        load_detector_weights(model, weights, state_dict=state_dict)
+    return model
+
+
 BUILDERS = {
     "fasterrcnn_resnet18_fpn": fasterrcnn_resnet18_fpn,
     "fasterrcnn_resnet34_fpn": fasterrcnn_resnet34_fpn,
@@ -155,4 +192,5 @@ BUILDERS = {
     "fasterrcnn_resnet101_fpn": fasterrcnn_resnet101_fpn,
     "fasterrcnn_resnet50_c4": fasterrcnn_resnet50_c4,
     "fasterrcnn_resnet50_c5": fasterrcnn_resnet50_c5,
+    "fasterrcnn_resnet18_c4": fasterrcnn_resnet18_c4,
 }

@@ -141,7 +141,10 @@ class RoIHeads(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------
     def postprocess_detections(self, class_logits: torch.Tensor, box_deltas: torch.Tensor,
-                               proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[dict]:
+                               proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]],
+                               return_proposal_index: bool = False) -> list[dict]:
+        """-> B x {boxes, scores, labels}; with return_proposal_index also proposal_index int64 [D]:
+        the row of the image's proposals each detection was refined from."""
         num_classes = class_logits.shape[-1]
         boxes_per_image = [p.shape[0] for p in proposals]
         # every class's refined box for every proposal: [R, 4K] -> [R, K, 4]
@@ -153,13 +156,18 @@ class RoIHeads(nn.Module):
             boxes = clip_boxes_to_image(boxes, size)
             labels = torch.arange(num_classes, device=boxes.device).expand_as(scores)
             # drop the background column, then one candidate per (proposal, class)
+            rows = torch.arange(boxes.shape[0], device=boxes.device)[:, None].expand_as(labels)  # proposal index
             boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+            rows = rows[:, 1:].reshape(-1)
             keep = torch.nonzero(scores > self.score_thresh).flatten()
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
             keep = remove_small_boxes(boxes, 1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
+            result = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+            if return_proposal_index:
+                result["proposal_index"] = rows[keep]
+            results.append(result)
         return results
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],

@@ -5,7 +5,8 @@ Shapes: B images, L levels, A anchors per location (same on every level), N = su
     head, per level:  features [B, C, H_l, W_l] -> objectness [B, A, H_l, W_l], deltas [B, 4A, H_l, W_l]
     flattened:        objectness [B, N], deltas [B, N, 4], in anchor order (level, y, x, anchor)
     proposals:        decoded deltas [B, N, 4] -> per image top-k per level, clip, drop small, NMS
-                      (per level), keep post_nms_top_n -> B x ([P_i, 4] boxes, [P_i] scores)
+                      (per level), keep post_nms_top_n -> B x ([P_i, 4] boxes, [P_i] scores);
+                      nms_candidates gives the boxes just before NMS (for explain)
     training:         anchors matched to ground truth (IoU >= 0.7 positive, < 0.3 negative, plus each
                       gt's best anchors), 256 sampled per image (half positive at most);
                       loss_objectness = BCE over the sample, loss_rpn_box_reg = smooth-L1 (beta 1/9)
@@ -92,13 +93,10 @@ class RegionProposalNetwork(nn.Module):
         return self._post_nms_top_n["training" if self.training else "testing"]
 
     # ---- proposals ---------------------------------------------------------------------------
-    def filter_proposals(self, proposals: torch.Tensor, objectness: torch.Tensor,
-                         image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int],
-                         return_stats: bool = False):
-        """proposals [B, N, 4], objectness [B, N] (logits) -> B x (boxes [P_i, 4], scores [P_i] in (0, 1)).
-
-        With return_stats, also one dict per image counting the boxes alive after each filter.
-        """
+    def nms_candidates(self, proposals: torch.Tensor, objectness: torch.Tensor,
+                       image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]) -> list[dict]:
+        """The boxes that enter NMS, after the per-level top-k, clipping, small-box removal and the
+        score threshold: per image {boxes [M, 4], scores [M] in (0, 1), levels int64 [M], counts}."""
         num_images = proposals.shape[0]
         objectness = objectness.detach()
         levels = torch.cat([
@@ -118,7 +116,7 @@ class RegionProposalNetwork(nn.Module):
         boxes = proposals[batch_idx, top_idx]
         levels = levels[top_idx]
 
-        result, stats = [], []
+        out = []
         for b, s, lvl, size in zip(boxes, scores, levels, image_sizes):
             counts = {"anchors": int(objectness.shape[1]), "pre_nms_top_k": int(s.numel())}
             b = clip_boxes_to_image(b, size)
@@ -127,7 +125,21 @@ class RegionProposalNetwork(nn.Module):
             counts["after_small_box_removal"] = int(s.numel())
             keep = torch.nonzero(s >= self.score_thresh).flatten()
             b, s, lvl = b[keep], s[keep], lvl[keep]
-            keep = batched_nms(b, s, lvl, self.nms_thresh)  # NMS within each level
+            counts["after_score_threshold"] = int(s.numel())
+            out.append({"boxes": b, "scores": s, "levels": lvl, "counts": counts})
+        return out
+
+    def filter_proposals(self, proposals: torch.Tensor, objectness: torch.Tensor,
+                         image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int],
+                         return_stats: bool = False):
+        """proposals [B, N, 4], objectness [B, N] (logits) -> B x (boxes [P_i, 4], scores [P_i] in (0, 1)).
+
+        With return_stats, also one dict per image counting the boxes alive after each filter.
+        """
+        result, stats = [], []
+        for c in self.nms_candidates(proposals, objectness, image_sizes, num_anchors_per_level):
+            b, s, counts = c["boxes"], c["scores"], c["counts"]
+            keep = batched_nms(b, s, c["levels"], self.nms_thresh)  # NMS within each level
             counts["after_nms"] = int(keep.numel())
             keep = keep[: self.post_nms_top_n()]
             counts["post_nms_top_n"] = int(keep.numel())

@@ -15,12 +15,14 @@ def sample_generators(targets: list[dict] | None, stream: int) -> list[torch.Gen
     A trainer that sets ``sample_seed`` (from the seed, the iteration and the image id) makes each
     image's sampling independent of which other images share its batch or its process, so that a run
     split over N processes draws exactly what one process with the same global batch draws.
-    ``stream`` keeps the RPN's and the RoI heads' draws apart.
+    ``stream`` keeps the draws of the RPN (0), the RoI heads (1) and the multi-scale resize (2) apart.
     """
+    if not 0 <= stream < 3:
+        raise ValueError(f"stream must be 0, 1 or 2, got {stream}")
     if not targets:
         return []
     return [None if "sample_seed" not in t else
-            torch.Generator().manual_seed(int(t["sample_seed"]) * 2 + stream) for t in targets]
+            torch.Generator().manual_seed(int(t["sample_seed"]) * 3 + stream) for t in targets]
 
 
 class BalancedPositiveNegativeSampler:

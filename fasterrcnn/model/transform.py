@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sampler import sample_generators
+
 
 @dataclass
 class ImageList:
@@ -52,17 +54,22 @@ class DetectionTransform(nn.Module):
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
         return (image - mean[:, None, None]) / std[:, None, None]
 
-    def choose_min_size(self) -> int:
-        """Training picks one of the min sizes at random (multi-scale training); testing uses the last."""
+    def choose_min_size(self, generator: torch.Generator | None = None) -> int:
+        """Training picks one of the min sizes at random (multi-scale training); testing uses the last.
+        The draw comes from ``generator`` when given (the image's own, seeded from its target's
+        ``sample_seed``), else from torch's global RNG."""
         if not self.training or len(self.min_size) == 1:
             return self.min_size[-1]
-        return self.min_size[int(torch.randint(len(self.min_size), ()).item())]
+        return self.min_size[int(torch.randint(len(self.min_size), (), generator=generator).item())]
 
     def resize(self, image: torch.Tensor, target: dict | None) -> tuple[torch.Tensor, dict | None]:
         h, w = image.shape[-2:]
+        generator = None
+        if self.training and len(self.min_size) > 1 and target is not None and "sample_seed" in target:
+            generator = sample_generators([target], stream=2)[0]  # independent of the batch and the process
         # In double precision, then floor(H * scale): the sizes torchvision's eager model uses, so
         # that its checkpoints see the same pixels (a side of 427 becomes 800, not 799).
-        scale = min(self.choose_min_size() / min(h, w), self.max_size / max(h, w))
+        scale = min(self.choose_min_size(generator) / min(h, w), self.max_size / max(h, w))
         image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
                               recompute_scale_factor=True, align_corners=False)[0]
         if target is not None and "boxes" in target:

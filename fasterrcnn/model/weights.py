@@ -4,8 +4,10 @@ Every file is read with ``torch.load(weights_only=True)``: a checkpoint is data 
 able to run code. A path, a ``file://`` URL or an http(s) URL (through torch.hub's cache) is accepted.
 """
 import os
+import pickle
 import re
 from collections import OrderedDict
+from urllib.parse import unquote, urlparse
 
 import torch
 from torch import nn
@@ -15,20 +17,72 @@ class WeightsError(ValueError):
     """A weights file that cannot be read, or does not fit the model; the message names the file."""
 
 
+_URL = re.compile(r"^(https?|file)://")
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torchvision's names: fasterrcnn_resnet50_fpn_coco-258fb6c6.pth
+
+
+def is_url(source: str | os.PathLike) -> bool:
+    return bool(_URL.match(os.fspath(source)))
+
+
+def local_weights_file(source: str | os.PathLike, *, progress: bool = False) -> str:
+    """The local file behind ``source``: a path or ``file://`` URL as it is; an http(s) URL through
+    PyTorch's hub cache (``$TORCH_HOME/hub/checkpoints/<file name>``, downloaded on first use, its
+    content checked against the hash prefix in the name when the name carries one, as torch.hub does)."""
+    source = os.fspath(source)
+    if source.startswith("file://"):  # already local: read in place, no copy in the cache
+        source = unquote(urlparse(source).path)
+    if not is_url(source):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"weights file not found: {source}")
+        return source
+    name = os.path.basename(unquote(urlparse(source).path))
+    if not name:
+        raise WeightsError(f"{source}: the URL names no file")
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        found = _HASH_IN_NAME.search(name)
+        try:  # download_url_to_file writes a temporary file and renames it: no half file in the cache
+            torch.hub.download_url_to_file(source, cached, hash_prefix=found.group(1) if found else None,
+                                           progress=progress)
+        except Exception as e:
+            raise WeightsError(f"cannot download {source}: {type(e).__name__}: {e} (without a network, download "
+                               f"the file elsewhere and pass its path, or place it at {cached})") from e
+    return cached
+
+
+def unsafe_pickle_message(source, error: BaseException) -> str | None:
+    """The message for a file that ``weights_only=True`` refused (None for any other error): one that
+    holds Python objects only full unpickling could rebuild, or one that is not a pickle of data at all."""
+    if not (isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)):
+        return None
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(error))
+    detail = found.group(1).strip() if found else "not readable as data"
+    if "Unsupported global" in detail:
+        what = f"it holds Python objects ({detail}) that only full unpickling could rebuild"
+    else:
+        what = f"it is not a file of tensors and plain data ({detail}): it is damaged, or needs full unpickling"
+    return (f"refusing to load {os.fspath(source)}: {what}, and unpickling a file can run any code on this machine. "
+            "Checkpoints and weights are read as data only (tensors, dicts, lists, numbers, strings); if you made "
+            "this file yourself, save its tensors alone, e.g. torch.save(model.state_dict(), path)")
+
+
+def load_data_only(source: str | os.PathLike):
+    """``torch.load(source, weights_only=True)`` on the CPU: a file of tensors and plain data, never code."""
+    return torch.load(source, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(source: str | os.PathLike, *, key: str = "model") -> "OrderedDict[str, torch.Tensor]":
     """A state_dict from a file or URL: a bare state_dict, or a dict holding one under ``key``."""
     source = os.fspath(source)
+    path = local_weights_file(source)
     try:
-        if re.match(r"^(https?|file)://", source):
-            obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True, progress=False)
-        else:
-            if not os.path.isfile(source):
-                raise FileNotFoundError(f"weights file not found: {source}")
-            obj = torch.load(source, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # an unpickling refusal, a corrupt zip, a network error: say which file
-        raise WeightsError(f"cannot read weights from {source}: {type(e).__name__}: {e}") from e
+        obj = load_data_only(path)
+    except Exception as e:  # an unpickling refusal, a corrupt zip: say which file
+        where = source if path == source else f"{source} (cached as {path})"
+        raise WeightsError(unsafe_pickle_message(where, e)
+                           or f"cannot read weights from {where}: {type(e).__name__}: {e}") from e
     if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
         obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

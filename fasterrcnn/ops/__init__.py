@@ -5,13 +5,14 @@ Boxes are ``Tensor[N, 4]`` in ``(x1, y1, x2, y2)`` absolute pixels. Nothing here
 from .box_coder import BoxCoder
 from .boxes import box_area, box_iou, clip_boxes_to_image, remove_small_boxes
 from .nms import batched_nms, nms
-from .poolers import MultiScaleRoIAlign, assign_fpn_levels
+from .poolers import MultiScaleRoIAlign, MultiScaleRoIPool, assign_fpn_levels
 from .roi_align import roi_align
 from .roi_pool import roi_pool
 
 __all__ = [
     "BoxCoder",
     "MultiScaleRoIAlign",
+    "MultiScaleRoIPool",
     "assign_fpn_levels",
     "batched_nms",
     "box_area",

@@ -1,4 +1,4 @@
-"""Multi-scale RoIAlign over a feature pyramid (Lin et al., FPN, eq. 1).
+"""Multi-scale RoIAlign (and RoIPool) over a feature pyramid (Lin et al., FPN, eq. 1).
 
 Shape legend: B images, L_i RoIs of image i, R = sum L_i RoIs, C channels, oh x ow output size.
 """
@@ -13,8 +13,9 @@ from torch import Tensor, nn
 from ._utils import pair
 from .boxes import box_area
 from .roi_align import roi_align
+from .roi_pool import roi_pool
 
-__all__ = ["MultiScaleRoIAlign", "assign_fpn_levels"]
+__all__ = ["MultiScaleRoIAlign", "MultiScaleRoIPool", "assign_fpn_levels"]
 
 
 def assign_fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: int = 224,
@@ -69,6 +70,10 @@ class MultiScaleRoIAlign(nn.Module):
                              f"expected one map per pyramid level from 2^-{k_min} to 2^-{k_max}")
         return scales, k_min, k_max
 
+    def pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        """One map's RoIs ``[K, 5]`` -> ``[K, C, oh, ow]``."""
+        return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
+
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> Tensor:
         missing = [name for name in self.featmap_names if name not in features]
@@ -86,7 +91,7 @@ class MultiScaleRoIAlign(nn.Module):
                           for i, b in enumerate(boxes)]).to(device=device, dtype=dtype) \
             if len(boxes) else torch.zeros((0, 5), dtype=dtype, device=device)
         if len(maps) == 1:
-            return roi_align(maps[0], rois, (oh, ow), scales[0], self.sampling_ratio, aligned=False)
+            return self.pool(maps[0], rois, scales[0])
 
         levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, self.canonical_scale, self.canonical_level)
         order = torch.sort(levels, stable=True).indices  # RoIs grouped by level
@@ -95,8 +100,7 @@ class MultiScaleRoIAlign(nn.Module):
         for level, (feature, scale) in enumerate(zip(maps, scales)):
             hi = lo + counts[level]
             if hi > lo:
-                pieces.append(roi_align(feature, rois[order[lo:hi]], (oh, ow), scale, self.sampling_ratio,
-                                        aligned=False))
+                pieces.append(self.pool(feature, rois[order[lo:hi]], scale))
             lo = hi
         if not pieces:
             return maps[0].new_zeros((0, maps[0].shape[1], oh, ow))
@@ -104,3 +108,16 @@ class MultiScaleRoIAlign(nn.Module):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return grouped.index_select(0, inverse)
+
+
+class MultiScaleRoIPool(MultiScaleRoIAlign):
+    """The same level assignment with Fast R-CNN's RoIPool (quantised max) on each map instead of
+    RoIAlign; ``sampling_ratio`` is unused. For the RoIPool-against-RoIAlign experiment on a pyramid."""
+
+    def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], sampling_ratio: int = 0, *,
+                 canonical_scale: int = 224, canonical_level: int = 4) -> None:
+        super().__init__(featmap_names, output_size, sampling_ratio, canonical_scale=canonical_scale,
+                         canonical_level=canonical_level)
+
+    def pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return roi_pool(feature, rois, self.output_size, scale)

@@ -144,3 +144,36 @@ def test_train_transforms():
     image, target = _sample()
     img, _ = t(image, target)
     assert min(img.shape[-2:]) == 16
+
+
+def test_seeded_augmentation_depends_only_on_seed_epoch_and_image():
+    import random
+
+    import numpy as np
+    from torch.utils.data import Subset
+
+    from fasterrcnn.data.transforms import SeededAugmentation, set_augmentation_epoch
+
+    aug = SeededAugmentation(Compose([RandomHorizontalFlip(0.5), ColorJitter(0.5, 0.5, 0.5)]), seed=3)
+
+    def run(image_id, draws_before=0):
+        torch.rand(draws_before)  # whatever the process drew before does not matter
+        image, target = _sample()
+        return aug(image, {**target, "image_id": torch.tensor(image_id)})
+
+    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    first = [run(i) for i in range(8)]
+    assert torch.equal(torch.get_rng_state(), torch_state)  # the global RNGs are left as they were
+    assert random.getstate() == py_state and np.array_equal(np.random.get_state()[1], np_state[1])
+    again = [run(i, draws_before=5 + i) for i in reversed(range(8))][::-1]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"]) for a, b in zip(first, again))
+    assert len({tuple(b[1]["boxes"][0].tolist()) for b in first}) == 2  # both flip outcomes occur
+
+    class Wrapped:
+        transforms = aug
+
+    set_augmentation_epoch(Subset(Wrapped(), [0]), 1)  # found through a Subset
+    assert aug.epoch == 1
+    assert any(not torch.equal(a[0], run(i)[0]) for i, a in enumerate(first))  # a new epoch draws anew
+    with pytest.raises(KeyError, match="image_id"):
+        aug(*_sample()[:1], {"boxes": torch.zeros(0, 4)})

@@ -46,3 +46,58 @@ def test_mapping_overrides_merge_instead_of_replacing(tmp_path):
     cfg = load_config(path, overrides=["model.options.fpn_norm=bn", "solver.loss_weights.loss_box_reg=2"])
     assert cfg.model.options == {"min_size": 256, "max_size": 320, "fpn_norm": "bn"}
     assert cfg.solver.loss_weights["loss_box_reg"] == 2 and cfg.solver.loss_weights["loss_classifier"] == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.name=''", "train.name must be a non-empty folder name"),
+    ("train.out_dir=' '", "train.out_dir must be a non-empty folder"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.iterations=-1", "train.iterations must be >= 0"),
+    ("train.epochs=-2", "train.epochs must be >= 0, got -2"),
+    ("train.eval_every=-1", "train.eval_every must be >= 0"),
+    ("train.checkpoint_every=-5", "train.checkpoint_every must be >= 0"),
+    ("train.amp=fp8", "train.amp must be none, bf16 or fp16, got 'fp8'"),
+    ("train.device=gpu", "train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
+    ("train.log_every=0", "train.log_every must be >= 1, got 0"),
+    ("train.threads=-1", "train.threads must be >= 0"),
+    ("solver.optimizer=adam", "solver.optimizer must be sgd or adamw, got 'adam'"),
+    ("solver.schedule=linear", "solver.schedule must be multistep or cosine"),
+    ("solver.lr=0", "solver.lr must be > 0, got 0.0"),
+    ("solver.lr=.inf", "solver.lr must be > 0, got inf"),
+    ("solver.momentum=1.0", r"solver.momentum must be in \[0, 1\), got 1.0"),
+    ("solver.weight_decay=-0.1", "solver.weight_decay must be >= 0"),
+    ("solver.warmup_iters=-1", "solver.warmup_iters must be >= 0"),
+    ("solver.warmup_factor=0", r"solver.warmup_factor must be in \(0, 1\]"),
+    ("solver.milestones=[0.5, -1]", "solver.milestones must be positive"),
+    ("solver.gamma=0", "solver.gamma must be > 0"),
+    ("solver.clip_grad_norm=-1", "solver.clip_grad_norm must be >= 0"),
+    ("solver.accumulate=0", "solver.accumulate must be >= 1"),
+    ("solver.loss_weights.loss_mask=1", "unknown losses"),
+    ("solver.loss_weights.loss_box_reg=-1", "solver.loss_weights.loss_box_reg must be a number >= 0, got -1"),
+    ("data.format=yolo", "data.format must be auto, coco or voc, got 'yolo'"),
+    ("data.voc_train_split=''", "data.voc_train_split must be a split name"),
+    ("data.voc_val_split=''", "data.voc_val_split must be a split name"),
+    ("data.voc_classes=[a, a]", "data.voc_classes must be distinct, non-empty names"),
+    ("data.synth_dir=''", "data.synth_dir must be a folder"),
+    ("data.synth_num_train=0", "data.synth_num_train must be >= 1"),
+    ("data.synth_num_val=0", "data.synth_num_val must be >= 1"),
+    ("data.synth_size=[16, 320]", r"data.synth_size must be \[H, W\], each >= 32, got \[16, 320\]"),
+    ("data.synth_seed=-3", "data.synth_seed must be >= 0"),
+    ("data.hflip=1.5", r"data.hflip must be a probability in \[0, 1\], got 1.5"),
+    ("data.workers=-1", r"data.workers must be >= 0 \(0: load in the training process\), got -1"),
+    ("model.arch=''", "model.arch must be a builder name"),
+    ("model.trainable_backbone_layers=6", r"model.trainable_backbone_layers must be null or in \[0, 5\], got 6"),
+    ("model.options.box_nms_thresh=1.5", r"model.options.box_nms_thresh must be a number in \[0, 1\], got 1.5"),
+    ("model.options.rpn_fg_iou_thresh=-0.1", r"model.options.rpn_fg_iou_thresh must be a number in \[0, 1\]"),
+    ("model.options.box_positive_fraction=0", r"model.options.box_positive_fraction must be a number in \(0, 1\]"),
+    ("model.options.rpn_post_nms_top_n_train=0", "model.options.rpn_post_nms_top_n_train must be an integer >= 1"),
+    ("model.options.min_size=[800, 0]", "model.options.min_size must be an integer >= 1 or a list of them"),
+    ("model.options.anchor_sizes=32", "model.options.anchor_sizes must be a list of integers >= 1"),
+    ("model.options.fpn_norm=ln", "model.options.fpn_norm must be one of none, bn, gn, got 'ln'"),
+    ("train.batch_size=two", "train.batch_size: expected int, got 'two'"),
+])
+def test_every_out_of_range_value_names_the_key_the_value_and_the_range(override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(overrides=["train.iterations=10", override])
+    assert "command line" in str(e.value)

@@ -81,3 +81,22 @@ def test_ground_truth_moves_into_the_models_label_space():
     assert t["boxes"].tolist() == [[0.0, 0, 5, 5], [2.0, 2, 8, 8]] and int(t["image_id"]) == 5
     (same,) = targets_in_model_labels(Data(), {1: 3, 2: 7})
     assert same["labels"].tolist() == [1, 2, 1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--device", "gpu"], "device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+    (["--weights", "{tmp}/nope.pt"], "weights file not found: {tmp}/nope.pt"),
+    (["--data", "{tmp}/nope.json"], "nope.json: annotation file not found"),
+    (["--out", "{tmp}/a_file/out"], "a_file/out"),
+] + ([] if torch.cuda.is_available() else [(["--amp", "fp16"], "--amp fp16 needs a CUDA device")]))
+def test_bad_values_are_clear_errors(short_run, tmp_path, capsys, args, message):
+    result, synth = short_run
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = ["evaluate", "--weights", str(result.run_dir / "last.pt"),
+            "--data", str(synth / "annotations" / "instances_val.json"), "--batch-size", "2"]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in args]  # (a repeated option: the last one counts)
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert message.replace("{tmp}", str(tmp_path)) in err

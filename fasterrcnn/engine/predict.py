@@ -1,0 +1,209 @@
+"""``fasterrcnn predict``: a detector over image files, folders and globs.
+
+Writes, under the output folder:
+    predictions.json     COCO results: {image_id, category_id, bbox [x, y, w, h], score} per detection
+    images.json          the images predicted: {id, file_name, width, height} (COCO "images" records),
+                         and the categories, so the results can be scored once boxes are drawn
+    images/<name>        a copy of each image with its detections drawn (unless draw=False)
+Image ids are those of a COCO ground truth when one is given (matched by file name), else 1..N
+in the order the files were found. Images are decoded by background workers and handed to the
+model in batches; results and records are streamed to temporary files, renamed into place at the
+end, so memory stays flat over any number of images and no half-written json is ever left.
+An image that cannot be read is skipped, counted and reported by name.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.images import load_image
+from ..data.report import DataError
+from ..viz.detections import draw_detections
+from .predictor import Detector, to_image_tensor
+from .progress import Progress
+
+log = logging.getLogger("fasterrcnn")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def collect_images(sources: list[str], *, recursive: bool = False) -> list[Path]:
+    """Files named, image files inside folders (sorted; with ``recursive``, sub-folders too) and
+    matches of glob patterns (``**`` allowed), in the order given, each once."""
+    found: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataError(f"{source}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})"
+                                + ("" if recursive else "; add --recursive to look in sub-folders"))
+        elif path.is_file():
+            files = [path]
+        elif glob.has_magic(source):
+            files = sorted(Path(p) for p in glob.glob(source, recursive=True)
+                           if os.path.isfile(p) and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise DataError(f"{source}: the pattern matches no image file")
+        else:
+            raise DataError(f"{source}: no such file or folder")
+        found.extend(files)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """Each image's name relative to the images' common folder: unique, and short."""
+    if len(paths) == 1:
+        return [paths[0].name]
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    return [p.relative_to(root).as_posix() for p in paths]
+
+
+def ids_from_annotations(ann_file: str | os.PathLike, names: list[str], paths: list[Path]) -> list[int]:
+    """The COCO image id of each image, matched by its ``file_name`` (full relative name, else base name)."""
+    try:
+        records = json.loads(Path(ann_file).read_text())["images"]
+        by_name = {str(r["file_name"]): int(r["id"]) for r in records}
+    except FileNotFoundError:
+        raise DataError(f"{ann_file}: annotation file not found") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{ann_file}: not a COCO json with images[].id and images[].file_name ({e})") from None
+    by_base: dict[str, list[int]] = {}
+    for name, i in by_name.items():
+        by_base.setdefault(Path(name).name, []).append(i)
+    ids, missing = [], []
+    for name, path in zip(names, paths):
+        if name in by_name:
+            ids.append(by_name[name])
+        elif len(by_base.get(path.name, [])) == 1:
+            ids.append(by_base[path.name][0])
+        else:
+            missing.append(name)
+    if missing:
+        raise DataError(f"{ann_file}: no unique images[].file_name for {len(missing)} of the images: "
+                        + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    return ids
+
+
+class JsonArrayWriter:
+    """A json array written one item at a time into a temporary file, renamed over ``path`` by
+    ``close()``; ``abort()`` (or an exception inside ``with``) removes it and leaves ``path`` as it was."""
+
+    def __init__(self, path: Path, *, prefix: str = "[", suffix: str = "]"):
+        self.path, self.suffix, self.count = path, suffix, 0
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        self.file = os.fdopen(fd, "w")
+        self.file.write(prefix + "\n")
+
+    def write(self, item) -> None:
+        self.file.write((",\n" if self.count else "") + json.dumps(item))
+        self.count += 1
+
+    def close(self) -> None:
+        self.file.write("\n" + self.suffix + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    def __enter__(self) -> "JsonArrayWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class _ImageFiles(Dataset):
+    """Decodes image files in the loader's workers: (index, Tensor[3, H, W] or None, error text)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, to_image_tensor(load_image(self.paths[i]), name=str(self.paths[i])), None
+        except DataError as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    return items
+
+
+@dataclass
+class PredictSummary:
+    out_dir: Path
+    num_images: int
+    num_detections: int
+    skipped: list[str] = field(default_factory=list)  # "path: reason" per image that could not be read
+    seconds: float = 0.0
+
+
+def predict_files(detector: Detector, paths: list[Path], out_dir: str | os.PathLike, *, batch_size: int = 1,
+                  workers: int = 1, draw: bool = True, ann_file: str | None = None,
+                  show_progress: bool = True) -> PredictSummary:
+    import time
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = output_names(paths)
+    ids = ids_from_annotations(ann_file, names, paths) if ann_file else list(range(1, len(paths) + 1))
+    loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    skipped = []
+    progress = Progress(total=len(paths), desc="predict", unit="img", enabled=show_progress,
+                        every=max(1, len(paths) // 20))
+    categories = [{"id": detector.label_to_cat_id.get(label, label), "name": name}
+                  for label, name in enumerate(detector.class_names) if label > 0]
+    # images.json is {"categories": [...], "images": [...]}, its images streamed like the results
+    images_head = '{"categories": ' + json.dumps(categories) + ', "images": ['
+    with JsonArrayWriter(out_dir / "predictions.json") as results, \
+            JsonArrayWriter(out_dir / "images.json", prefix=images_head, suffix="]}") as records:
+        for batch in loader:
+            good = [(i, t) for i, t, _ in batch if t is not None]
+            skipped += [err for _, t, err in batch if t is None]
+            found = detector.detect([t for _, t in good])
+            for (i, tensor), dets in zip(good, found):
+                for record in dets.to_coco(ids[i], detector.label_to_cat_id):
+                    results.write(record)
+                records.write({"id": ids[i], "file_name": names[i], "width": int(tensor.shape[2]),
+                               "height": int(tensor.shape[1])})
+                if draw:
+                    _write_drawing(tensor, dets, out_dir / "images" / names[i])
+            progress.update(len(batch), detections=results.count)
+    progress.close()
+    for err in skipped:
+        log.warning("skipped %s", err)
+    return PredictSummary(out_dir, records.count, results.count, skipped, time.perf_counter() - start)
+
+
+def _write_drawing(tensor: torch.Tensor, dets, path: Path) -> None:
+    image = Image.fromarray(tensor.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+    drawn = draw_detections(image, dets.boxes, dets.labels, dets.names, dets.scores)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
+        path = path.with_suffix(".png")  # a lossless copy for other formats (tiff, bmp, ...)
+    options = {"quality": 92} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    drawn.save(path, **options)

@@ -1,0 +1,135 @@
+"""The Python face of inference: load a detector once, call it on images of any usual kind.
+
+    from fasterrcnn import Detector
+    detector = Detector.load("runs/demo/best.pt")            # or torchvision weights, a path or URL
+    found = detector("photo.jpg")                             # also a PIL image, a NumPy array, a tensor
+    for box, name, score in zip(found.boxes, found.names, found.scores): ...
+    many = detector(["a.jpg", "b.png"], batch_size=4)         # a list in, a list out
+
+An image is a path (any file Pillow reads, EXIF orientation applied), a PIL image, a NumPy array
+``[H, W]`` / ``[H, W, 3|4]`` (uint8 0..255 or float 0..1) or a tensor ``[3, H, W]`` (uint8 or float
+0..1). Boxes come back as xyxy pixels of the image as given, float32 on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.images import load_image
+from .evaluator import autocast
+from .setup import load_model_for_inference, resolve_device
+
+
+@dataclass
+class Detections:
+    """The detections in one image, best first: boxes [D, 4] xyxy, scores [D], labels [D] (the
+    model's label indices, 1..C) and their class names."""
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.scores.numel())
+
+    def to_coco(self, image_id: int, label_to_cat_id: dict[int, int]) -> list[dict]:
+        """COCO results records: ``{image_id, category_id, bbox: [x, y, w, h], score}``."""
+        out = []
+        for (x1, y1, x2, y2), score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist()):
+            out.append({"image_id": int(image_id), "category_id": int(label_to_cat_id.get(label, label)),
+                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                        "score": round(score, 5)})
+        return out
+
+
+def to_image_tensor(image, *, name: str = "image") -> torch.Tensor:
+    """Any supported image -> float32 Tensor[3, H, W] in [0, 1]; a clear error naming ``name`` otherwise."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)  # DataError naming the file when it is missing or not an image
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            image = image[:, :, None].repeat(3, axis=2)
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise ValueError(f"{name}: a NumPy image must be [H, W], [H, W, 3] or [H, W, 4], got {list(image.shape)}")
+        tensor = torch.from_numpy(np.array(image[:, :, :3])).permute(2, 0, 1)  # a copy: the caller's array stays theirs
+    elif isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.ndim != 3 or tensor.shape[0] != 3:
+            raise ValueError(f"{name}: a tensor image must be [3, H, W], got {list(tensor.shape)}")
+    else:
+        raise TypeError(f"{name}: expected a path, a PIL image, a NumPy array or a tensor, got {type(image).__name__}")
+    if tensor.dtype == torch.uint8:
+        return tensor.float().div_(255)
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name}: expected uint8 (0..255) or float (0..1) pixels, got {tensor.dtype}")
+    tensor = tensor.float()
+    if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+        raise ValueError(f"{name}: float pixels must lie in [0, 1] (got {float(tensor.min()):.3g}.."
+                         f"{float(tensor.max()):.3g}); pass uint8 for 0..255")
+    return tensor
+
+
+class Detector:
+    """A detector in eval mode with its class names; ``__call__`` runs it on one image or a list."""
+
+    def __init__(self, model: torch.nn.Module, class_names: list[str], *, label_to_cat_id: dict[int, int] | None = None,
+                 device: torch.device | str = "cpu", score_threshold: float = 0.5, bf16: bool = False):
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.class_names = list(class_names)
+        self.label_to_cat_id = dict(label_to_cat_id or {i: i for i in range(1, len(class_names))})
+        self.score_threshold = score_threshold
+        self.bf16 = bf16
+
+    @classmethod
+    def load(cls, weights: str | os.PathLike, *, arch: str = "fasterrcnn_resnet50_fpn", device: str = "auto",
+             score_threshold: float = 0.5, bf16: bool = False) -> "Detector":
+        """From one of our training checkpoints (last.pt/best.pt: architecture and class names come
+        with it) or a torchvision-format detector checkpoint built with ``arch`` (COCO's names).
+        ``weights`` may be a URL: it is read through torch.hub's cache."""
+        dev = resolve_device(device)
+        model, names, label_to_cat_id = load_model_for_inference(weights, arch=arch, device=dev)
+        return cls(model, names, label_to_cat_id=label_to_cat_id, device=dev, score_threshold=score_threshold,
+                   bf16=bf16)
+
+    def __call__(self, images, *, batch_size: int = 1) -> Detections | list[Detections]:
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        out: list[Detections] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            tensors = [to_image_tensor(im, name=_describe(im, start + i)) for i, im in enumerate(chunk)]
+            out.extend(self.detect(tensors))
+        return out[0] if single else out
+
+    @torch.inference_mode()
+    def detect(self, images: list[torch.Tensor]) -> list[Detections]:
+        """Tensors [3, H, W] in [0, 1] -> one Detections each (scores >= the threshold)."""
+        if not images:
+            return []
+        with autocast(self.device, "bf16" if self.bf16 else "none"):
+            raw = self.model([im.to(self.device, non_blocking=True) for im in images])
+        results = []
+        for d in raw:
+            keep = d["scores"] >= self.score_threshold
+            boxes, scores, labels = (d[k][keep].float().cpu() if d[k].is_floating_point() else d[k][keep].cpu()
+                                     for k in ("boxes", "scores", "labels"))
+            names = [self.name_of(int(lb)) for lb in labels]
+            results.append(Detections(boxes, scores, labels, names))
+        return results
+
+    def name_of(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else f"class_{label}"
+
+
+def _describe(image, index: int) -> str:
+    return os.fspath(image) if isinstance(image, (str, Path)) else f"image {index}"
