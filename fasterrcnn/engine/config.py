@@ -91,8 +91,9 @@ class TrainConfig:
     # training (RPN; detector on its proposals; RPN on the frozen detector backbone; detector heads),
     # see fasterrcnn/engine/alternating.py.
     schedule: str = "joint"
-    # the four steps' lengths: fractions of train.iterations (summing to 1) or iterations (summing to it)
-    alternating_iterations: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])
+    # the four steps' lengths: fractions of train.iterations (summing to 1) or iterations (summing to it);
+    # the default has the 2:1:2:1 proportions of the reference implementation (80k/40k/80k/40k on VOC)
+    alternating_iterations: list[float] = field(default_factory=lambda: [0.333333, 0.166667, 0.333333, 0.166667])
     alternating_detector_init: str = "initial"  # step 2's backbone: initial (the paper) | rpn (step 1's)
     alternating_step: int = 0  # set by the alternating schedule on the run of each step; 0: the whole schedule
 
