@@ -143,6 +143,13 @@ def fasterrcnn_resnet50_single_map(*, feature: str = "c4", roi_op: str = "roi_po
         backbone_parts = {"": backbone.body}
     if weights_backbone is not None and weights is None:
         load_backbone_weights(backbone_parts, weights_backbone)
+    return _single_map_model(backbone, anchor_generator, rpn_head, pooler, head, num_classes=num_classes,
+                             overrides=overrides, weights=weights, state_dict=state_dict)
+
+
+def _single_map_model(backbone, anchor_generator, rpn_head, pooler, head, *, num_classes: int, overrides: dict,
+                      weights: PathOrURL, state_dict) -> FasterRCNN:
+    """The detector around one feature map's parts, with the single-map defaults, loaded from ``weights``."""
     options = {**SINGLE_MAP_DEFAULTS, **overrides}
     model = FasterRCNN(backbone, None, rpn_anchor_generator=anchor_generator, rpn_head=rpn_head,
                        box_roi_pool=pooler, box_head=head,
@@ -156,6 +163,7 @@ fasterrcnn_resnet50_c4 = functools.partial(fasterrcnn_resnet50_single_map, featu
 fasterrcnn_resnet50_c5 = functools.partial(fasterrcnn_resnet50_single_map, feature="c5")
 fasterrcnn_resnet50_c4.__doc__ = "Faster R-CNN on ResNet-50 C4 with a res5 head (see fasterrcnn_resnet50_single_map)."
 fasterrcnn_resnet50_c5.__doc__ = "Faster R-CNN on ResNet-50 C5 with a 2-fc head (see fasterrcnn_resnet50_single_map)."
+
 
 def fasterrcnn_resnet18_c4(*, roi_op: str = "roi_align", roi_output_size: int = 7, num_classes: int | None = None,
                            weights: PathOrURL = None, weights_backbone: PathOrURL = None,
@@ -176,13 +184,8 @@ def fasterrcnn_resnet18_c4(*, roi_op: str = "roi_align", roi_output_size: int = 
     rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0])
     pooler = SingleMapRoIPooler("0", roi_output_size, op=roi_op, sampling_ratio=2)
     head = TwoMLPHead(backbone.out_channels * roi_output_size ** 2, representation_size)
-    options = {**SINGLE_MAP_DEFAULTS, **overrides}
-    model = FasterRCNN(backbone, None, rpn_anchor_generator=anchor_generator, rpn_head=rpn_head,
-                       box_roi_pool=pooler, box_head=head,
-                       box_predictor=FastRCNNPredictor(head.out_features, num_classes), **options)
-    if weights is not None:
-        load_detector_weights(model, weights, state_dict=state_dict)
-    return model
+    return _single_map_model(backbone, anchor_generator, rpn_head, pooler, head, num_classes=num_classes,
+                             overrides=overrides, weights=weights, state_dict=state_dict)
 
 
 BUILDERS = {
