@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..files import atomic_open  # noqa: E402
+from ._save import save_png  # noqa: E402
 
 BARS = (("AP", "AP"), ("AP50", "AP50"), ("APs", "AP_small"))
 
@@ -35,7 +35,6 @@ def plot_ablation(rows: list[dict], path: str | Path) -> Path:
     ax_t.set_xticks(x)
     ax_t.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, dpi=100, format="png")
+    save_png(fig, path)
     plt.close(fig)
     return Path(path)

@@ -18,13 +18,11 @@ not written: its path is None and ``numbers["note"]`` says why. Matplotlib's Agg
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import torch
-from PIL import Image
 from matplotlib import colors as mcolors
 from matplotlib import patheffects
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -32,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from ..ops import box_iou
+from ._save import save_png
 
 __all__ = ["plot_anchor_labels", "plot_anchors", "plot_detections", "plot_proposals", "plot_roi_grid",
            "plot_roi_levels", "plot_rpn_objectness", "plot_two_stage", "write_explain_figures", "write_summary"]
@@ -60,13 +59,7 @@ def _panel_size(trace, width: float = 5.0) -> tuple[float, float]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """PNG with a 256-colour palette: a quarter of the bytes of full colour, the same to the eye."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    image = Image.open(buffer).convert("RGB")
-    image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
-    return path
+    return save_png(fig, path, palette=True)  # the figures show photographs: a palette PNG is a quarter the size
 
 
 def _as_image(image: torch.Tensor) -> np.ndarray:

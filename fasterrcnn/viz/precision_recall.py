@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..files import atomic_open
+from ._save import save_png
 
 __all__ = ["plot_precision_recall"]
 
@@ -46,6 +46,4 @@ def plot_precision_recall(per_class_curves: Mapping[str, tuple], path, title: st
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=5 if small else 8,
                   ncol=2 if len(per_class_curves) > 30 else 1, frameon=False)
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:  # a kill mid-write leaves the previous picture whole
-        fig.savefig(f, format="png")
-    return path
+    return save_png(fig, path)

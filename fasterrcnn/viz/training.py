@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..files import atomic_open  # noqa: E402
+from ._save import save_png  # noqa: E402
 
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
@@ -32,8 +32,7 @@ def plot_losses(rows: list[dict], path: str | Path) -> Path:
     ax_lr.set_xlabel("iteration")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:  # a kill mid-write leaves the previous picture whole
-        fig.savefig(f, dpi=100, format="png")
+    save_png(fig, path)
     plt.close(fig)
     return Path(path)
 
@@ -51,7 +50,6 @@ def plot_ap_history(rows: list[dict], path: str | Path) -> Path:
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_open(path, "wb") as f:  # a kill mid-write leaves the previous picture whole
-        fig.savefig(f, dpi=100, format="png")
+    save_png(fig, path)
     plt.close(fig)
     return Path(path)
