@@ -197,17 +197,18 @@ def train_alternating(cfg: Config, *, resume: str | None = None, resume_override
         log.info("alternating training in %s: steps of %s iterations (RPN, detector, RPN, detector)",
                  run_dir, "/".join(map(str, lengths)))
     start, results = time.perf_counter(), []
+    info = log.info if dist.is_main() else (lambda *args: None)  # one log, not one per process
     for step in (1, 2, 3, 4):
         sdir = step_dir(run_dir, step)
         stage = AlternatingStep(step, run_dir, cfg.model, cfg.train.seed, cfg.train.alternating_detector_init,
                                 cfg.train.channels_last)
         if (sdir / DONE_MARKER).is_file():
-            log.info("alternating step %d/4 finished earlier (%s)", step, sdir)
+            info("alternating step %d/4 finished earlier (%s)", step, sdir)
             results.append(None)
             continue
         first = sum(lengths[:step - 1])
-        log.info("alternating step %d/4, iterations %d-%d of %d: %s", step, first + 1, first + lengths[step - 1],
-                 sum(lengths), stage.describe())
+        info("alternating step %d/4, iterations %d-%d of %d: %s", step, first + 1, first + lengths[step - 1],
+             sum(lengths), stage.describe())
         checkpoint = sdir / "last.pt"
         result = train(step_config(cfg, step), resume=str(checkpoint) if checkpoint.is_file() else None,
                        resume_overrides=resume_overrides, show_progress=show_progress, stage=stage)

@@ -266,7 +266,8 @@ def _alternating_problem(t: TrainConfig) -> str | None:
         return "all fractions (below 1) or all whole iteration counts (from 1)"
     expected = int(split[t.alternating_step - 1]) if t.alternating_step else int(sum(split))
     if t.iterations not in (0, expected):
-        return f"iteration counts whose {'step' if t.alternating_step else 'sum'} matches train.iterations={t.iterations}"
+        which = "step" if t.alternating_step else "sum"
+        return f"iteration counts whose {which} matches train.iterations={t.iterations}"
     return None
 
 

@@ -24,7 +24,8 @@ def plot_ablation(rows: list[dict], path: str | Path) -> Path:
     if rows:
         ax.axhline(rows[0]["AP"], color="black", linewidth=0.8, linestyle="--", label=f"{names[0]} AP")
     ax.set_ylabel("COCO metric")
-    ax.set_ylim(0, 1)
+    top = max([r[key] for r in rows for key, _ in BARS] + [0.0])
+    ax.set_ylim(0, min(1.0, max(0.1, 1.3 * top)))  # room above the bars for the legend
     ax.legend(fontsize=8, ncol=4, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     ax_t.bar(x, [r["train_s"] for r in rows], 0.6, label="training")
