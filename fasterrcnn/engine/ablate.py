@@ -39,13 +39,21 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 class Cell:
     """One experiment: ``overrides`` on the baseline (after removing ``drop_options`` from
     model.options, for builders that do not take them). With ``reevaluates``, no training: that
-    cell's model is evaluated again with ``overrides`` (model.options read at test time only)."""
+    cell's model is evaluated again with ``overrides`` (model.options read at test time only).
+    With ``backbone_from``, the backbone's trunk starts from that cell's trained model
+    (``model.weights_backbone``: FrozenBatchNorm, the stem and layer1 frozen, as with ImageNet
+    weights), the FPN and heads from scratch: the paper's setting of a pretrained backbone."""
 
     name: str
     overrides: tuple[str, ...] = ()
     drop_options: tuple[str, ...] = ()
     reevaluates: str = ""
     description: str = ""
+    backbone_from: str = ""
+
+    @property
+    def depends_on(self) -> str:
+        return self.reevaluates or self.backbone_from
 
     def describe_overrides(self) -> str:
         parts = [f"`{o}`" for o in self.overrides]
@@ -53,6 +61,8 @@ class Cell:
             parts.append("without " + ", ".join(f"`model.options.{k}`" for k in self.drop_options))
         if self.reevaluates:
             parts.append(f"({self.reevaluates}'s model, re-evaluated)")
+        if self.backbone_from:
+            parts.append(f"(backbone from {self.backbone_from}'s model)")
         return " ".join(parts) or "(none)"
 
 
@@ -87,6 +97,10 @@ BUILTIN_CELLS: tuple[Cell, ...] = (
     Cell("alternating_rpn_init", ("train.schedule=alternating", "train.alternating_detector_init=rpn",
                                   "train.alternating_iterations=[0.4, 0.3, 0.2, 0.1]"),
          description="4-step alternating training, step 2 from step 1's backbone, steps 4:3:2:1"),
+    Cell("joint_pretrained", backbone_from="baseline",
+         description="joint training from a pretrained backbone (the baseline's trunk; FPN and heads new)"),
+    Cell("alternating_pretrained", ("train.schedule=alternating",), backbone_from="baseline",
+         description="the paper's 4-step alternating training from the same pretrained backbone"),
 )
 
 
@@ -114,7 +128,7 @@ def select_cells(names: list[str] | None, cells: tuple[Cell, ...] = BUILTIN_CELL
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ConfigError(f"unknown ablation cell(s) {unknown}; the cells are: {', '.join(by_name)}")
-    wanted = set(names) | {by_name[n].reevaluates for n in names if by_name[n].reevaluates}
+    wanted = set(names) | {by_name[n].depends_on for n in names if by_name[n].depends_on}
     return [c for c in cells if c.name in wanted]
 
 
@@ -151,6 +165,8 @@ def cell_config(base: Config, cell: Cell, out: Path) -> Config:
     for key in cell.drop_options:
         values["model"]["options"].pop(key, None)
     values["train"].update(out_dir=str(out), name=cell.name)
+    if cell.backbone_from:
+        values["model"]["weights_backbone"] = str(Path(out) / cell.backbone_from / "last.pt")
     return apply_overrides(config_from_dict(values), list(cell.overrides))
 
 
@@ -180,14 +196,15 @@ def _set_aside(run_dir: Path, old_hash: str) -> None:
     log.warning("%s was run with another config: moved to %s, running it anew", run_dir, target)
 
 
-def _existing_hash(run_dir: Path) -> str | None:
-    """The config hash of what ``run_dir`` holds (its result.json, else its config.yaml), if anything."""
+def _existing_hash(run_dir: Path, *extra: str) -> str | None:
+    """The config hash of what ``run_dir`` holds (its result.json, else its config.yaml and
+    ``extra``, as ``config_hash`` takes them), if anything."""
     result = _read_result(run_dir / "result.json")
     if result is not None:
         return str(result.get("config_hash"))
     if (run_dir / "config.yaml").is_file():
         try:
-            return config_hash(config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())))
+            return config_hash(config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())), *extra)
         except (ConfigError, yaml.YAMLError, TypeError):
             return "unreadable"
     return None
@@ -203,11 +220,10 @@ def _eval_metrics(evaluation, run_dir: Path) -> dict[str, float]:
     return {k: float(saved[k]) for k in METRICS}
 
 
-def run_training_cell(cell: Cell, cfg: Config, *, show_progress: bool) -> CellResult:
+def run_training_cell(cell: Cell, cfg: Config, digest: str, *, show_progress: bool) -> CellResult:
     from .trainer import train  # the trainer imports this package's modules; import it when needed
 
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
-    digest = config_hash(cfg)
     checkpoint = latest_checkpoint(run_dir)
     notes = [f"continued from {checkpoint}"] if checkpoint else []
     execution = [f"{k}={json.dumps(v)}" for k, v in
@@ -261,12 +277,14 @@ def run_ablation(base: Config, *, out: str | Path, cells: list[Cell], command: s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, CellResult] = {}
-    # trained cells first: the re-evaluations need their models
-    for i, cell in enumerate(sorted(cells, key=lambda c: bool(c.reevaluates)), 1):
+    # cells that start from nothing first: the others need their models
+    for i, cell in enumerate(sorted(cells, key=lambda c: (bool(c.backbone_from), bool(c.reevaluates))), 1):
         cfg = cell_config(base, cell, out)
         run_dir = out / cell.name
         if cell.reevaluates:
             digest = config_hash(cfg, results[cell.reevaluates].config_hash, *cell.overrides)
+        elif cell.backbone_from:  # what it computes depends on what the donor learned
+            digest = config_hash(cfg, results[cell.backbone_from].config_hash)
         else:
             digest = config_hash(cfg)
         saved = _read_result(run_dir / "result.json")
@@ -277,7 +295,7 @@ def run_ablation(base: Config, *, out: str | Path, cells: list[Cell], command: s
                                             float(saved["eval_s"]), digest, reused=True,
                                             notes=list(saved.get("notes", [])))
             continue
-        existing = _existing_hash(run_dir)
+        existing = _existing_hash(run_dir, *([results[cell.backbone_from].config_hash] if cell.backbone_from else []))
         if existing is not None and existing != digest and not cell.reevaluates:
             _set_aside(run_dir, existing)
         log.info("ablation cell %d/%d %s: %s", i, len(cells), cell.name,
@@ -286,7 +304,7 @@ def run_ablation(base: Config, *, out: str | Path, cells: list[Cell], command: s
         if cell.reevaluates:
             result = run_reevaluation_cell(cell, cfg, results[cell.reevaluates], show_progress=show_progress)
         else:
-            result = run_training_cell(cell, cfg, show_progress=show_progress)
+            result = run_training_cell(cell, cfg, digest, show_progress=show_progress)
         atomic_write_text(run_dir / "result.json", json.dumps(result.to_json(), indent=2))
         log.info("ablation cell %s: AP %.3f AP50 %.3f AP_small %.3f, training %.0f s, evaluation %.0f s", cell.name,
                  result.metrics["AP"], result.metrics["AP50"], result.metrics["APs"], result.train_s, result.eval_s)

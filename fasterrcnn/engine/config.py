@@ -49,7 +49,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "fasterrcnn_resnet50_fpn"
     weights: str = ""  # a torchvision-format detector checkpoint (path or URL); fine-tunes when classes differ
-    weights_backbone: str = ""  # an ImageNet ResNet checkpoint (path or URL)
+    weights_backbone: str = ""  # an ImageNet ResNet checkpoint, or a detector checkpoint whose backbone.body is taken
     trainable_backbone_layers: int | None = None
     # Keyword arguments for the builder / FasterRCNN (min_size, max_size, fpn_channels, rpn_*, box_*, ...)
     options: dict = field(default_factory=dict)

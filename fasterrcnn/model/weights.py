@@ -142,9 +142,17 @@ def load_backbone_weights(modules: dict[str, nn.Module], source: str | os.PathLi
     that hold those layers. ``modules`` maps a key prefix of the checkpoint to the module receiving
     the keys that start with it (the module names them the same way, e.g. a head holding "layer4.");
     the module under "" receives the rest. The classifier (fc) is not part of a detector and is
-    skipped; everything else must fit exactly."""
+    skipped; everything else must fit exactly.
+
+    A detector checkpoint (ours or torchvision's) works too: its ``backbone.body.`` entries are the
+    ResNet trunk, with its BatchNorm statistics, so a detector trained on one dataset can start the
+    backbone of another (what alternating training needs in place of ImageNet weights here)."""
     src = os.fspath(source)
-    rest = OrderedDict((k, v) for k, v in read_state_dict(source).items()
+    state = read_state_dict(source)
+    body = "backbone.body."
+    if any(k.startswith(body) for k in state):
+        state = OrderedDict((k[len(body):], v) for k, v in state.items() if k.startswith(body))
+    rest = OrderedDict((k, v) for k, v in state.items()
                        if not k.startswith("fc.") and not k.endswith("num_batches_tracked"))
     parts = {}
     for prefix in [p for p in modules if p]:

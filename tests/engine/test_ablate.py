@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import fasterrcnn.engine.trainer as trainer_mod
 from fasterrcnn.cli import main
@@ -17,17 +18,22 @@ TINY = [f"model.options.{k}={v}" for k, v in TINY_MODEL.items()] + [
 def test_ablate_runs_two_cells_writes_the_table_and_plot_then_reuses_them(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ablation"
     argv = ["ablate", "--out", str(out), "--data", str(tmp_path / "synth"), "--iterations", "2",
-            "--cells", "roi_5,test_proposals_100", *TINY]
+            "--cells", "joint_pretrained,test_proposals_100", *TINY]
     assert main(argv) == 0
-    # test_proposals_100 re-evaluates the baseline, which is added and trained
-    for cell in ("baseline", "roi_5"):
+    # test_proposals_100 re-evaluates the baseline, joint_pretrained starts from its backbone: it is added and trained
+    for cell in ("baseline", "joint_pretrained"):
         assert (out / cell / "last.pt").is_file()
         saved = json.loads((out / cell / "result.json").read_text())
         assert 0.0 <= saved["AP"] <= 1.0 and saved["train_s"] > 0
     assert not (out / "test_proposals_100" / "last.pt").exists()
     table = (out / "ablation.md").read_text()
     assert "| cell | overrides | AP | AP50 | AP_small | training time |" in table
-    assert "| roi_5 | `model.options.roi_output_size=5` |" in table and "--iterations 2" in table
+    assert "| joint_pretrained | (backbone from baseline's model) |" in table and "--iterations 2" in table
+    donor, pretrained = (torch.load(out / c / "last.pt", weights_only=True)["model"] for c in ("baseline", "joint_pretrained"))
+    key = "backbone.body.conv1.weight"  # the stem is frozen, so it is still the donor's
+    assert torch.equal(donor[key], pretrained[key])
+    assert json.loads((out / "joint_pretrained" / "result.json").read_text())["config_hash"] != \
+        json.loads((out / "baseline" / "result.json").read_text())["config_hash"]
     assert (out / "ablation.png").stat().st_size > 1000
     assert "0 re-used" in capsys.readouterr().out
 
@@ -42,6 +48,7 @@ def test_ablate_runs_two_cells_writes_the_table_and_plot_then_reuses_them(tmp_pa
 
 def test_cells_select_their_reference_and_unknown_names_are_refused():
     assert [c.name for c in select_cells(["test_proposals_1000"])] == ["baseline", "test_proposals_1000"]
+    assert [c.name for c in select_cells(["alternating_pretrained"])] == ["baseline", "alternating_pretrained"]
     assert len(select_cells(None)) == len(BUILTIN_CELLS)
     with pytest.raises(ConfigError, match="unknown ablation cell"):
         select_cells(["baseline", "bogus"])

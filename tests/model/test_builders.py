@@ -69,6 +69,22 @@ def test_norm_layers_and_trainable_layers(tmp_path):
     assert all(p.requires_grad for n, p in m.named_parameters() if not n.startswith("backbone.body"))
 
 
+def test_a_detector_checkpoint_starts_the_backbone_of_another(tmp_path):
+    """weights_backbone may be one of our checkpoints (the model under "model"): its backbone.body
+    (trunk and BatchNorm statistics) is taken, and nothing else (FPN, heads, class count) is."""
+    donor = fasterrcnn_resnet18_fpn(num_classes=5)
+    with torch.no_grad():
+        donor.backbone.body.bn1.running_mean.uniform_(-1, 1)
+    path = tmp_path / "donor.pt"
+    torch.save({"model": donor.state_dict(), "iteration": 3}, path)
+    m = fasterrcnn_resnet18_fpn(num_classes=3, weights_backbone=str(path))
+    assert isinstance(m.backbone.body.bn1, FrozenBatchNorm2d)
+    assert torch.equal(m.backbone.body.bn1.running_mean, donor.backbone.body.bn1.running_mean)
+    assert torch.equal(m.backbone.body.layer4[1].conv2.weight, donor.backbone.body.layer4[1].conv2.weight)
+    assert not torch.equal(m.backbone.fpn.inner_blocks[0][0].weight, donor.backbone.fpn.inner_blocks[0][0].weight)
+    assert m.roi_heads.box_predictor.cls_score.out_features == 3
+
+
 def test_backbone_checkpoint_that_does_not_fit_is_refused(tmp_path):
     body = ResNetBody(34, num_stages=4)
     path = tmp_path / "resnet34.pth"
