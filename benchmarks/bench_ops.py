@@ -1,63 +1,72 @@
-"""Benchmark of fasterrcnn.ops against naive baselines measured in the same run.
+"""Benchmark of fasterrcnn.ops against torchvision.ops (when importable) measured in the same run.
 
-    .venv/bin/python benchmarks/bench_ops.py [--repeats 5] [--quick] [--threads N]
+    PYTHONPATH=. ~/.cache/fasterrcnn-reference-env/bin/python benchmarks/bench_ops.py [--repeats 5] [--threads N]
+    .venv/bin/python benchmarks/bench_ops.py        # no torchvision: plain-PyTorch baselines only
 
-Prints the median wall time over ``--repeats`` runs after one warm-up run (ours and its baseline interleaved),
-and the ratio baseline / ours. Not a test: numbers depend on the machine and on anything else running on it.
+Prints the median wall time over ``--repeats`` runs after one warm-up run (ours and the baseline interleaved,
+a, b, a, b, ...), the ratio ours / baseline (below 1: we are faster), and the torch thread count. Every
+torchvision case first checks that both give the same result (NMS: the same indices; RoIPool: the same values
+and gradient, bit for bit; RoIAlign: equal up to float32 summation order). Not a test: numbers depend on the
+machine and on anything else running on it.
 
-Cases
-- roi_align, 1000 RoIs on a [1, 256, 200, 336] map (an 800 x 1344 image at stride 4), 7x7, sampling_ratio 2,
-  forward and forward + backward. Baseline: ``F.grid_sample`` on a per-RoI sampling grid followed by
-  average pooling of each bin's samples (the textbook way to write RoIAlign in PyTorch). Alternative:
-  the same taps through ``F.embedding_bag``'s generic backward instead of our transposed-gather backward.
-- MultiScaleRoIAlign on an FPN (P2..P5 of an 800 x 1344 image), 1000 RoIs, 7x7, sampling_ratio 2.
-- roi_pool, same map and RoIs, 7x7. Baseline: a Python loop over RoIs with adaptive_max_pool-like slicing.
-- nms on 1k / 5k / 20k random boxes. Baseline: the classic loop that keeps the best remaining box and
-  filters the rest by IoU (one Python iteration per kept box). batched_nms on 5k boxes, 80 classes.
+Cases (an 800 x 1344 image; the stride-4 map is [1, 256, 200, 336]; 1000 RoIs; 7x7; sampling_ratio 2)
+- nms on 1k / 5k / 20k random boxes (thr 0.7); batched_nms on 5k boxes over 80 classes (thr 0.5).
+- roi_align forward and forward + backward on the stride-4 map; forward with an adaptive grid (sr 0).
+- MultiScaleRoIAlign over P2..P5 (four 256-channel maps), forward and forward + backward.
+- roi_pool forward and forward + backward on the stride-4 map.
+Without torchvision (or with ``--plain``) the baselines are plain PyTorch: the classic loop NMS, RoIAlign by
+``F.grid_sample`` plus average pooling, RoIPool by a Python loop of ``adaptive_max_pool2d``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from fasterrcnn.ops import MultiScaleRoIAlign, batched_nms, box_iou, nms, roi_align, roi_pool
 
-roi_align_module = importlib.import_module("fasterrcnn.ops.roi_align")
+try:
+    import torchvision.ops as tv_ops
+except Exception:  # not a dependency: the reference environment has it, ours need not
+    tv_ops = None
 
 
-def bench(fn, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
-    return bench_many([fn], repeats)[0]
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def bench_many(fns, repeats: int) -> list[float]:
+def bench_many(fns: list[Callable[[], object]], repeats: int, device: torch.device) -> list[float]:
     """Median wall times of several functions, run interleaved (a, b, a, b, ...) after one warm-up each, so
     that a change in machine load hits them alike. A function whose warm-up took over 3 s runs once more only."""
     warm = []
     for fn in fns:
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         warm.append(time.perf_counter() - t0)
     times: list[list[float]] = [[] for _ in fns]
     for i in range(repeats):
         for j, fn in enumerate(fns):
             if i > 0 and warm[j] > 3.0:
                 continue
+            _sync(device)
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             times[j].append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
 
 
-def report(name: str, ours: float, baseline: float | None = None, baseline_name: str = "baseline") -> None:
-    line = f"{name:48s} ours {ours * 1e3:9.1f} ms"
+def report(name: str, ours: float, baseline: float | None = None, baseline_name: str = "") -> None:
+    line = f"{name:46s} ours {ours * 1e3:9.1f} ms"
     if baseline is not None:
-        line += f"   {baseline_name} {baseline * 1e3:9.1f} ms   x{baseline / ours:6.2f}"
+        line += f"   {baseline_name:>11s} {baseline * 1e3:9.1f} ms   ours/{baseline_name} {ours / baseline:5.2f}"
     print(line, flush=True)
 
 
@@ -68,17 +77,19 @@ def random_rois(k: int, img_h: float, img_w: float, min_side: float, max_side: f
     return torch.cat((xy, xy + wh), 1)
 
 
-def grid_sample_roi_align(x: torch.Tensor, boxes: torch.Tensor, out: int, scale: float, sr: int) -> torch.Tensor:
+# --- plain-PyTorch baselines ---------------------------------------------------------------------------------
+
+def grid_sample_roi_align(x: torch.Tensor, rois: torch.Tensor, out: int, scale: float, sr: int) -> torch.Tensor:
     """Naive baseline: one sampling grid per RoI, bilinear grid_sample, mean over each bin's sr x sr samples."""
     _, _, h, w = x.shape
-    b = boxes * scale
-    t = (torch.arange(out * sr, dtype=x.dtype) + 0.5) / (out * sr)  # sample positions in [0, 1]
+    b = rois[:, 1:] * scale
+    t = (torch.arange(out * sr, dtype=x.dtype, device=x.device) + 0.5) / (out * sr)  # sample positions in [0, 1]
     xs = b[:, 0:1] + t[None] * (b[:, 2:3] - b[:, 0:1])  # [K, out*sr]
     ys = b[:, 1:2] + t[None] * (b[:, 3:4] - b[:, 1:2])
     gx = xs / (w - 1) * 2 - 1  # align_corners=True: pixel centres at integers
     gy = ys / (h - 1) * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # [K, out*sr, out*sr, 2]
-    k = boxes.shape[0]
+    k = b.shape[0]
     # a batch of one image: put all RoIs side by side in one tall grid
     samples = F.grid_sample(x, grid.reshape(1, k * out * sr, out * sr, 2), mode="bilinear",
                             padding_mode="border", align_corners=True)  # [1, C, K*out*sr, out*sr]
@@ -86,22 +97,11 @@ def grid_sample_roi_align(x: torch.Tensor, boxes: torch.Tensor, out: int, scale:
     return F.avg_pool2d(samples, sr)
 
 
-def embedding_bag_generic_backward(x: torch.Tensor, rois: torch.Tensor, out: int, scale: float, sr: int):
-    """Alternative: our taps, but F.embedding_bag's own autograd (index-sorting dense backward)."""
-    n, c, h, w = x.shape
-    feats = x.permute(0, 2, 3, 1).contiguous().view(n * h * w, c)
-    with torch.no_grad():
-        g = torch.full((rois.shape[0],), sr, dtype=torch.int64)
-        index, weight = roi_align_module._bag_taps(rois, out, out, scale, g, g, sr, sr, False, h, w)
-    y = F.embedding_bag(index, feats, mode="sum", per_sample_weights=weight)
-    return y.view(rois.shape[0], out, out, c).permute(0, 3, 1, 2).contiguous()
-
-
-def loop_roi_pool(x: torch.Tensor, boxes: torch.Tensor, out: int, scale: float) -> torch.Tensor:
+def loop_roi_pool(x: torch.Tensor, rois: torch.Tensor, out: int, scale: float) -> torch.Tensor:
     """Naive baseline: a Python loop over RoIs, crop + adaptive_max_pool2d (bins close to RoIPool's)."""
     res = []
     _, _, h, w = x.shape
-    for b in (boxes * scale).round().long().tolist():
+    for b in (rois[:, 1:] * scale).round().long().tolist():
         x1, y1 = min(max(b[0], 0), w - 1), min(max(b[1], 0), h - 1)
         x2, y2 = min(max(b[2], x1), w - 1), min(max(b[3], y1), h - 1)
         res.append(F.adaptive_max_pool2d(x[:, :, y1:y2 + 1, x1:x2 + 1], out))
@@ -122,81 +122,155 @@ def loop_nms(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> torch.Ten
     return torch.stack(keep) if keep else order
 
 
+def loop_batched_nms(boxes: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, thr: float) -> torch.Tensor:
+    kept = [torch.nonzero(ids == c).flatten()[loop_nms(boxes[ids == c], scores[ids == c], thr)]
+            for c in ids.unique().tolist()]
+    k = torch.sort(torch.cat(kept)).values  # ties in score: input order, as batched_nms
+    return k[torch.sort(scores[k], descending=True, stable=True).indices]
+
+
+# --- checks ----------------------------------------------------------------------------------------------------
+
+def check_equal(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    if not torch.equal(ours, theirs):
+        raise AssertionError(f"{name}: ours differs from torchvision's")
+
+
+def check_close(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    err = (ours - theirs).abs().max().item()
+    scale = theirs.abs().max().item()
+    if err > 1e-5 * max(scale, 1.0):
+        raise AssertionError(f"{name}: ours differs from torchvision's by {err:.3g} (max |value| {scale:.3g})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="skip the slow baselines (20k-box loop NMS)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--plain", action="store_true",
+                        help="plain-PyTorch baselines even when torchvision is importable")
+    parser.add_argument("--quick", action="store_true", help="skip the slowest plain baseline (20k-box loop NMS)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated case prefixes (nms,batched,roi_align,msra,roi_pool)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
     r = args.repeats
+    use_tv = tv_ops is not None and not args.plain
+    only = [s for s in args.only.split(",") if s]
+
+    def want(case: str) -> bool:
+        return not only or any(case.startswith(s) for s in only)
+
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {r} after warm-up")
+    print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, median of {r} after warm-up")
+    if use_tv:
+        import torchvision
+        print(f"baseline: torchvision {torchvision.__version__} (ratio ours/tv, below 1 is faster)")
+    else:
+        print("torchvision " + ("not importable" if tv_ops is None else "not used (--plain)")
+              + ": torchvision baselines skipped, plain-PyTorch baselines instead")
 
-    # --- roi_align on one stride-4 map ---------------------------------------------------------------
-    x = torch.randn(1, 256, 200, 336)
-    boxes = random_rois(1000, 800, 1344, 16, 300, seed=0)
-    rois = torch.cat((torch.zeros(1000, 1), boxes), 1)
+    # --- nms ---------------------------------------------------------------------------------------------------
+    if want("nms"):
+        for n in (1000, 5000, 20000):
+            b = random_rois(n, 800, 1344, 8, 200, seed=n).to(dev)
+            s = torch.rand(n, generator=torch.Generator().manual_seed(n + 1)).to(dev)
+            kept = nms(b, s, 0.7)
+            name = f"nms {n} boxes (thr 0.7, {kept.numel()} kept)"
+            if use_tv:
+                check_equal(name, kept, tv_ops.nms(b, s, 0.7))
+                report(name, *bench_many([lambda: nms(b, s, 0.7), lambda: tv_ops.nms(b, s, 0.7)], r, dev), "tv")
+            elif args.quick and n > 5000:
+                report(name, *bench_many([lambda: nms(b, s, 0.7)], r, dev))
+            else:
+                check_equal(name, kept, loop_nms(b, s, 0.7))
+                report(name, *bench_many([lambda: nms(b, s, 0.7), lambda: loop_nms(b, s, 0.7)], r, dev), "loop")
+    if want("batched"):
+        b = random_rois(5000, 800, 1344, 8, 200, seed=7).to(dev)
+        s = torch.rand(5000, generator=torch.Generator().manual_seed(8)).to(dev)
+        ids = torch.randint(0, 80, (5000,), generator=torch.Generator().manual_seed(9)).to(dev)
+        name = "batched_nms 5000 boxes, 80 classes (thr 0.5)"
+        if use_tv:
+            check_equal(name, batched_nms(b, s, ids, 0.5), tv_ops.batched_nms(b, s, ids, 0.5))
+            report(name, *bench_many([lambda: batched_nms(b, s, ids, 0.5),
+                                      lambda: tv_ops.batched_nms(b, s, ids, 0.5)], r, dev), "tv")
+        else:
+            check_equal(name, batched_nms(b, s, ids, 0.5), loop_batched_nms(b, s, ids, 0.5))
+            report(name, *bench_many([lambda: batched_nms(b, s, ids, 0.5),
+                                      lambda: loop_batched_nms(b, s, ids, 0.5)], r, dev), "loop")
+
+    # --- roi_align / roi_pool on one stride-4 map --------------------------------------------------------------
     scale, out, sr = 0.25, 7, 2
-
-    ours_f, base_f = bench_many([lambda: roi_align(x, rois, out, scale, sr),
-                                 lambda: grid_sample_roi_align(x, boxes, out, scale, sr)], r)
-    report("roi_align fwd (1000 RoIs, 256x200x336, 7x7, sr 2)", ours_f, base_f, "grid_sample")
-
+    x = torch.randn(1, 256, 200, 336).to(dev)
     xg = x.clone().requires_grad_()
+    rois = torch.cat((torch.zeros(1000, 1), random_rois(1000, 800, 1344, 16, 300, seed=0)), 1).to(dev)
+    grad_out = torch.randn(1000, 256, out, out).to(dev)
 
-    def fwd_bwd(fn):
-        def run():
-            xg.grad = None
-            fn().sum().backward()
+    def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], inp: torch.Tensor = xg) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            inp.grad = None
+            fn(inp).backward(grad_out)
+            return inp.grad
         return run
 
-    ours_b, base_b, alt_b = bench_many([fwd_bwd(lambda: roi_align(xg, rois, out, scale, sr)),
-                                        fwd_bwd(lambda: grid_sample_roi_align(xg, boxes, out, scale, sr)),
-                                        fwd_bwd(lambda: embedding_bag_generic_backward(xg, rois, out, scale, sr))], r)
-    report("roi_align fwd+bwd", ours_b, base_b, "grid_sample")
-    report("roi_align fwd+bwd (vs generic embedding_bag bwd)", ours_b, alt_b, "generic")
+    def pair_case(name: str, ours: Callable, tv: Callable | None, plain: Callable | None, plain_name: str,
+                  backward: bool, exact: bool) -> None:
+        """One case: check ours against torchvision, then time both interleaved (or ours against a plain one)."""
+        check = check_equal if exact else check_close
+        wrap = fwd_bwd if backward else (lambda fn: (lambda: fn(x)))
+        if use_tv and tv is not None:
+            check(name, wrap(ours)().clone(), wrap(tv)().clone())
+            report(name, *bench_many([wrap(ours), wrap(tv)], r, dev), "tv")
+        elif plain is not None:
+            report(name, *bench_many([wrap(ours), wrap(plain)], r, dev), plain_name)
+        else:
+            report(name, *bench_many([wrap(ours)], r, dev))
 
-    ours_a = bench(lambda: roi_align(x, rois, out, scale, 0), r)
-    report("roi_align fwd, adaptive grid (sr 0, grids to 11x11)", ours_a)
+    tv_align = (lambda t: tv_ops.roi_align(t, rois, out, scale, sr)) if tv_ops else None
+    tv_pool = (lambda t: tv_ops.roi_pool(t, rois, out, scale)) if tv_ops else None
+    if want("roi_align"):
+        for backward in (False, True):
+            pair_case("roi_align fwd" + ("+bwd" if backward else "") + " (1000 RoIs, 256x200x336)",
+                      lambda t: roi_align(t, rois, out, scale, sr), tv_align,
+                      lambda t: grid_sample_roi_align(t, rois, out, scale, sr), "grid_sample", backward, False)
+        pair_case("roi_align fwd, adaptive grid (sr 0)", lambda t: roi_align(t, rois, out, scale, 0),
+                  (lambda t: tv_ops.roi_align(t, rois, out, scale, 0)) if tv_ops else None, None, "", False, False)
+    if want("roi_pool"):
+        for backward in (False, True):
+            pair_case("roi_pool fwd" + ("+bwd" if backward else "") + " (1000 RoIs, 256x200x336)",
+                      lambda t: roi_pool(t, rois, out, scale), tv_pool,
+                      lambda t: loop_roi_pool(t, rois, out, scale), "loop", backward, True)
 
-    # --- MultiScaleRoIAlign on an FPN ----------------------------------------------------------------
-    feats = {str(i): torch.randn(1, 256, 800 // s, 1344 // s) for i, s in enumerate((4, 8, 16, 32))}
-    fpn_boxes = [random_rois(1000, 800, 1344, 16, 700, seed=1)]
-    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    report("MultiScaleRoIAlign fwd (1000 RoIs, P2..P5)", bench(lambda: pooler(feats, fpn_boxes, [(800, 1344)]), r))
+    # --- MultiScaleRoIAlign over P2..P5 -------------------------------------------------------------------------
+    if want("msra"):
+        names = ["0", "1", "2", "3"]
+        levels = [torch.randn(1, 256, 800 // s, 1344 // s).to(dev).requires_grad_() for s in (4, 8, 16, 32)]
+        fpn_boxes = [random_rois(1000, 800, 1344, 16, 700, seed=1).to(dev)]
+        ours_pooler = MultiScaleRoIAlign(names, 7, 2)
+        tv_pooler = tv_ops.MultiScaleRoIAlign(names, 7, 2) if use_tv else None
 
-    # --- roi_pool -------------------------------------------------------------------------------------
-    ours_p, base_p = bench_many([lambda: roi_pool(x, rois, out, scale), lambda: loop_roi_pool(x, boxes, out, scale)], r)
-    report("roi_pool fwd (1000 RoIs, 7x7)", ours_p, base_p, "loop")
-    ours_pb, base_pb = bench_many([fwd_bwd(lambda: roi_pool(xg, rois, out, scale)),
-                                   fwd_bwd(lambda: loop_roi_pool(xg, boxes, out, scale))], r)
-    report("roi_pool fwd+bwd", ours_pb, base_pb, "loop")
+        def msra(pooler, backward: bool) -> Callable[[], object]:
+            def run():
+                feats = dict(zip(names, levels if backward else [t.detach() for t in levels]))
+                y = pooler(feats, fpn_boxes, [(800, 1344)])
+                if not backward:
+                    return y
+                for t in levels:
+                    t.grad = None
+                y.backward(grad_out)
+                return torch.cat([t.grad.flatten() for t in levels])
+            return run
 
-    # --- nms -----------------------------------------------------------------------------------------
-    for n in (1000, 5000, 20000):
-        b = random_rois(n, 800, 1344, 8, 200, seed=n)
-        s = torch.rand(n)
-        kept = nms(b, s, 0.7).numel()
-        if args.quick and n > 5000:
-            report(f"nms {n} boxes (thr 0.7, {kept} kept)", bench(lambda: nms(b, s, 0.7), r))
-            continue
-        assert torch.equal(nms(b, s, 0.7), loop_nms(b, s, 0.7))
-        ours_n, base_n = bench_many([lambda: nms(b, s, 0.7), lambda: loop_nms(b, s, 0.7)], r)
-        report(f"nms {n} boxes (thr 0.7, {kept} kept)", ours_n, base_n, "loop")
-    b = random_rois(5000, 800, 1344, 8, 200, seed=7)
-    s = torch.rand(5000)
-    ids = torch.randint(0, 80, (5000,))
-
-    def loop_batched():
-        kept = [torch.nonzero(ids == c).flatten()[loop_nms(b[ids == c], s[ids == c], 0.5)] for c in range(80)]
-        k = torch.sort(torch.cat(kept)).values  # ties in score: input order, as batched_nms
-        return k[torch.sort(s[k], descending=True, stable=True).indices]
-
-    assert torch.equal(batched_nms(b, s, ids, 0.5), loop_batched())
-    report("batched_nms 5000 boxes, 80 classes (thr 0.5)",
-           *bench_many([lambda: batched_nms(b, s, ids, 0.5), loop_batched], r), "loop")
+        for backward in (False, True):
+            name = "MultiScaleRoIAlign fwd" + ("+bwd" if backward else "") + " (1000 RoIs, P2..P5)"
+            if tv_pooler is not None:
+                check_close(name, msra(ours_pooler, backward)().clone(), msra(tv_pooler, backward)().clone())
+                report(name, *bench_many([msra(ours_pooler, backward), msra(tv_pooler, backward)], r, dev), "tv")
+            else:
+                report(name, *bench_many([msra(ours_pooler, backward)], r, dev))
 
 
 if __name__ == "__main__":

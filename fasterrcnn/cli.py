@@ -231,7 +231,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="images per forward pass (default 1)")
     p.add_argument("--workers", type=_int_at_least(0), default=1, help="image-decoding processes (default 1; 0: in the main process)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--bf16", action="store_true", help="run the model in bfloat16 autocast (faster on CPUs with bf16)")
+    p.add_argument("--bf16", action="store_true", help="run the network in bfloat16 (boxes and scores in float32): about 2x faster on CPUs with AVX-512 BF16 or AMX, and on GPUs")
     p.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
     p.add_argument("--no-images", action="store_true", help="write the json only, no annotated copies")
 

@@ -12,6 +12,7 @@ An image is a path (any file Pillow reads, EXIF orientation applied), a PIL imag
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +78,25 @@ def to_image_tensor(image, *, name: str = "image") -> torch.Tensor:
 
 
 class Detector:
-    """A detector in eval mode with its class names; ``__call__`` runs it on one image or a list."""
+    """A detector in eval mode with its class names; ``__call__`` runs it on one image or a list.
+
+    With ``optimize`` (the default), the detector runs its own copy of the model prepared by
+    ``FasterRCNN.optimize_for_inference``: BatchNorm folded into the convolutions, channels-last, and
+    with ``bf16`` the network in bfloat16 (boxes, scores and NMS in float32); the model passed in is
+    left as it was. Without it (or for a model that has no such method), ``bf16`` means autocast.
+    """
 
     def __init__(self, model: torch.nn.Module, class_names: list[str], *, label_to_cat_id: dict[int, int] | None = None,
-                 device: torch.device | str = "cpu", score_threshold: float = 0.5, bf16: bool = False):
+                 device: torch.device | str = "cpu", score_threshold: float = 0.5, bf16: bool = False,
+                 optimize: bool = True):
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
         self.device = torch.device(device)
+        self.optimized = optimize and hasattr(model, "optimize_for_inference")
+        if self.optimized:
+            if not getattr(model, "inference_only", False):
+                model = copy.deepcopy(model)  # the caller's model stays trainable
+            model = model.to(self.device).optimize_for_inference(dtype=torch.bfloat16 if bf16 else torch.float32)
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
         self.label_to_cat_id = dict(label_to_cat_id or {i: i for i in range(1, len(class_names))})
@@ -92,14 +105,16 @@ class Detector:
 
     @classmethod
     def load(cls, weights: str | os.PathLike, *, arch: str = "fasterrcnn_resnet50_fpn", device: str = "auto",
-             score_threshold: float = 0.5, bf16: bool = False) -> "Detector":
+             score_threshold: float = 0.5, bf16: bool = False, optimize: bool = True) -> "Detector":
         """From one of our training checkpoints (last.pt/best.pt: architecture and class names come
         with it) or a torchvision-format detector checkpoint built with ``arch`` (COCO's names).
         ``weights`` may be a URL: it is read through torch.hub's cache."""
         dev = resolve_device(device)
         model, names, label_to_cat_id = load_model_for_inference(weights, arch=arch, device=dev)
+        if optimize and hasattr(model, "optimize_for_inference"):  # ours alone: no copy needed
+            model.optimize_for_inference(dtype=torch.bfloat16 if bf16 else torch.float32)
         return cls(model, names, label_to_cat_id=label_to_cat_id, device=dev, score_threshold=score_threshold,
-                   bf16=bf16)
+                   bf16=bf16, optimize=optimize)
 
     def __call__(self, images, *, batch_size: int = 1) -> Detections | list[Detections]:
         single = not isinstance(images, (list, tuple))
@@ -116,7 +131,7 @@ class Detector:
         """Tensors [3, H, W] in [0, 1] -> one Detections each (scores >= the threshold)."""
         if not images:
             return []
-        with autocast(self.device, "bf16" if self.bf16 else "none"):
+        with autocast(self.device, "bf16" if self.bf16 and not self.optimized else "none"):
             raw = self.model([im.to(self.device, non_blocking=True) for im in images])
         results = []
         for d in raw:

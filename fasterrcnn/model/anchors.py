@@ -4,7 +4,8 @@ Shapes: L levels; level l has a feature map [B, C, H_l, W_l] and A_l = len(sizes
 anchors per location.
     cell_anchors[l]: [A_l, 4]            boxes centred on (0, 0): ratio-major, then size
     grid_anchors:    [H_l * W_l * A_l, 4] row by row (y), then column (x), then the A_l cell anchors
-    forward:         one [sum_l H_l*W_l*A_l, 4] tensor per image, levels concatenated in order
+    forward:         one [sum_l H_l*W_l*A_l, 4] tensor per image, levels concatenated in order (the
+                     same tensor for every image, kept for the next batch of the same size)
 An anchor of size s and aspect ratio r = h / w has w = s / sqrt(r) and h = s * sqrt(r) (area s^2),
 rounded to whole pixels. The anchor at grid cell (i, j) is centred at (j * stride_x, i * stride_y),
 where stride = padded image size // feature-map size.
@@ -40,6 +41,9 @@ class AnchorGenerator(nn.Module):
         self.sizes = sizes
         self.aspect_ratios = aspect_ratios
         self.cell_anchors = [cell_anchors(s, r) for s, r in zip(sizes, aspect_ratios)]
+        # the anchors of the last few (grid sizes, strides, dtype, device): inference on images of one
+        # size, or batches padded to a few sizes, builds them once
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
@@ -74,5 +78,12 @@ class AnchorGenerator(nn.Module):
         dtype = feature_maps[0].dtype if feature_maps[0].is_floating_point() else torch.float32
         if dtype in (torch.float16, torch.bfloat16):
             dtype = torch.float32  # anchor coordinates need more precision than the features
-        anchors = torch.cat(self.grid_anchors(grid_sizes, strides, dtype, feature_maps[0].device))
-        return [anchors] * image_tensors.shape[0]
+        device = feature_maps[0].device
+        key = (tuple(grid_sizes), tuple(strides), dtype, device)
+        anchors = self._cache.get(key)
+        if anchors is None:
+            anchors = torch.cat(self.grid_anchors(grid_sizes, strides, dtype, device))
+            if len(self._cache) >= 8:
+                self._cache.pop(next(iter(self._cache)))  # the oldest
+            self._cache[key] = anchors
+        return [anchors] * image_tensors.shape[0]  # one tensor for every image: do not modify it in place

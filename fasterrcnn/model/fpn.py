@@ -48,11 +48,25 @@ class FeaturePyramidNetwork(nn.Module):
         merged = self.inner_blocks[-1](feats[-1])
         results = [self.layer_blocks[-1](merged)]
         for i in range(len(feats) - 2, -1, -1):
-            lateral = self.inner_blocks[i](feats[i])
-            top_down = F.interpolate(merged, size=lateral.shape[-2:], mode="nearest")
-            merged = lateral + top_down
+            # in place: a conv's output, not needed for its backward
+            merged = add_upsampled_(self.inner_blocks[i](feats[i]), merged)
             results.insert(0, self.layer_blocks[i](merged))
         if self.extra_max_pool:
             names.append("pool")
-            results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
+            # max-pool with kernel 1 and stride 2 is every other row and column: a strided view
+            results.append(results[-1][:, :, ::2, ::2])
         return OrderedDict(zip(names, results))
+
+
+def add_upsampled_(lateral: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``lateral += nearest-upsample(coarse)`` to lateral's size, in place.
+
+    For an exact 2x (the usual case: padded sizes divisible by 32) the upsampling is a broadcast over a
+    [B, C, H/2, 2, W/2, 2] view of ``lateral``, so no upsampled map is allocated (on a CPU a fresh
+    feature map costs page faults as well as the writes); otherwise F.interpolate's nearest."""
+    h, w = lateral.shape[-2:]
+    hc, wc = coarse.shape[-2:]
+    if h == 2 * hc and w == 2 * wc:
+        lateral.unflatten(2, (hc, 2)).unflatten(4, (wc, 2)).add_(coarse[:, :, :, None, :, None])
+        return lateral
+    return lateral.add_(F.interpolate(coarse, size=(h, w), mode="nearest"))

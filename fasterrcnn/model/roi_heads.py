@@ -6,7 +6,8 @@ pooled features [R, D, P, P] (P = 7 with FPN).
     box_roi_pool:  (features, proposals, image_sizes) -> [R, D, P, P]
     box_head:      [R, D, P, P] -> [R, F]               (TwoMLPHead: fc6, fc7 with ReLU)
     box_predictor: [R, F] -> class_logits [R, K], box_deltas [R, 4K]  (deltas per class)
-    training:      proposals += gt boxes; match (IoU >= 0.5 foreground, else background);
+    training:      proposals += gt boxes; match (IoU >= 0.5 foreground, else background), the batch
+                   padded to [B, N] candidates and matched at once;
                    sample 512 per image (25% foreground at most);
                    loss_classifier = cross-entropy over the sample; loss_box_reg = smooth-L1 (beta 1/9)
                    on the deltas of each foreground RoI's own class, summed / number sampled.
@@ -17,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BoxCoder, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
-from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
+from ..ops import BoxCoder, batched_nms
+from .fuse import module_dtype
+from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, pad_ragged, padded_box_iou
 from .sampler import BalancedPositiveNegativeSampler, sample_generators
 
 
@@ -87,12 +89,16 @@ class FastRCNNPredictor(nn.Module):
 
 def fastrcnn_loss(class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor,
                   regression_targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """class_logits [R, K], box_deltas [R, 4K], labels [R] (0 = background), regression_targets [R, 4]."""
+    """class_logits [R, K], box_deltas [R, 4K], labels [R] (0 = background), regression_targets [R, 4]
+    (read for foreground RoIs only). Masks rather than selects the foreground: no host sync."""
     classification_loss = F.cross_entropy(class_logits, labels)
-    fg = torch.nonzero(labels > 0).flatten()
-    # the deltas predicted for each foreground RoI's own class: [R, K, 4] -> [n_fg, 4]
-    fg_deltas = box_deltas.reshape(box_deltas.shape[0], -1, 4)[fg, labels[fg]]
-    box_loss = F.smooth_l1_loss(fg_deltas, regression_targets[fg], beta=1 / 9, reduction="sum")
+    num_rois = box_deltas.shape[0]
+    fg = labels > 0
+    # the deltas predicted for each RoI's own class: [R, K, 4] -> [R, 4] (background: class 0's, masked)
+    own_deltas = box_deltas.reshape(num_rois, -1, 4)[torch.arange(num_rois, device=labels.device), labels]
+    targets = torch.where(fg[:, None], regression_targets, 0.0)  # whatever a background row holds
+    box_loss = F.smooth_l1_loss(own_deltas, targets.to(own_deltas.dtype), beta=1 / 9, reduction="none").sum(dim=1)
+    box_loss = torch.where(fg, box_loss, 0.0).sum()
     return {"loss_classifier": classification_loss, "loss_box_reg": box_loss / max(labels.numel(), 1)}
 
 
@@ -115,58 +121,77 @@ class RoIHeads(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------
     def select_training_samples(self, proposals: list[torch.Tensor], targets: list[dict]):
-        """Add the gt boxes to the proposals, label them and sample.
+        """Add the gt boxes to the proposals, label them and sample, for the whole batch at once.
 
-        -> (proposals B x [S_i, 4], labels B x [S_i], regression_targets B x [S_i, 4])
+        -> (proposals B x [S_i, 4], labels B x [S_i], regression_targets B x [S_i, 4]); each image's
+        sampled positives come first, then its negatives (labels 0, regression targets 0).
         """
-        out_props, out_labels, out_targets = [], [], []
-        for props, tgt, gen in zip(proposals, targets, sample_generators(targets, stream=1)):
-            gt_boxes, gt_labels = tgt["boxes"].to(props.dtype), tgt["labels"]
-            props = torch.cat([props, gt_boxes])
-            if gt_boxes.numel() == 0:
-                labels = torch.zeros(props.shape[0], dtype=torch.int64, device=props.device)
-                matched = props  # unused (no foreground), but keeps the regression targets finite
-            else:
-                matches = self.matcher(box_iou(gt_boxes, props))
-                labels = gt_labels[matches.clamp(min=0)].clone()
-                labels[matches == BELOW_LOW_THRESHOLD] = 0
-                labels[matches == BETWEEN_THRESHOLDS] = -1
-                matched = gt_boxes[matches.clamp(min=0)]
-            (pos,), (neg,) = self.sampler([labels], [gen])
-            keep = torch.nonzero(pos | neg).flatten()
-            out_props.append(props[keep])
-            out_labels.append(labels[keep])
-            out_targets.append(self.box_coder.encode(matched[keep], props[keep]))
-        return out_props, out_labels, out_targets
+        gt_boxes = [t["boxes"].to(p.dtype) for t, p in zip(targets, proposals)]
+        # each image's candidates, its proposals then its gt boxes, are a prefix of its row: [B, N, 4]
+        candidates, valid = pad_ragged([torch.cat([p, g]) for p, g in zip(proposals, gt_boxes)])
+        gt, gt_valid = pad_ragged(gt_boxes)  # [B, G, 4]
+        gt_labels, _ = pad_ragged([t["labels"] for t in targets])  # [B, G]
+        matches = self.matcher(padded_box_iou(gt, gt_valid, candidates))  # [B, N]
+        matched = matches.clamp(min=0)
+        labels = torch.where(matches == BELOW_LOW_THRESHOLD, 0, gt_labels.gather(1, matched))
+        labels = torch.where((matches == BETWEEN_THRESHOLDS) | ~valid, -1, labels)  # padding: ignored
+
+        lengths = [p.shape[0] + g.shape[0] for p, g in zip(proposals, gt_boxes)]
+        sample = self.sampler.sample(labels, sample_generators(targets, stream=1), lengths)
+        index = torch.cat([sample.pos_index, sample.neg_index], dim=1)  # [B, P + Q]
+        keep = torch.cat([sample.pos_valid, sample.neg_valid], dim=1)
+        # the pooler takes one box list per image: this is the step's one host sync
+        counts = keep.sum(dim=1).tolist()
+        rows = torch.arange(len(proposals), device=index.device)[:, None].expand_as(index)[keep]
+        cols = index[keep]
+        boxes, labels = candidates[rows, cols], labels[rows, cols]
+        matched_boxes = torch.where((labels > 0)[:, None], gt[rows, matched[rows, cols]], boxes)
+        regression_targets = self.box_coder.encode(matched_boxes, boxes)
+        return list(boxes.split(counts)), list(labels.split(counts)), list(regression_targets.split(counts))
 
     # ---- inference ---------------------------------------------------------------------------
     def postprocess_detections(self, class_logits: torch.Tensor, box_deltas: torch.Tensor,
                                proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]],
                                return_proposal_index: bool = False) -> list[dict]:
         """-> B x {boxes, scores, labels}; with return_proposal_index also proposal_index int64 [D]:
-        the row of the image's proposals each detection was refined from."""
-        num_classes = class_logits.shape[-1]
+        the row of the image's proposals each detection was refined from.
+
+        The whole batch at once: a candidate is a (proposal, class) pair scoring above score_thresh
+        (background excluded), in that row-major order; only candidates are decoded (in float32, even
+        from a bfloat16 head) and clipped to their image; one NMS runs in which a box competes only
+        with boxes of its own image and class; each image keeps its detections_per_img best. The same
+        detections as processing each image on its own."""
+        class_logits, box_deltas = class_logits.float(), box_deltas.float()
+        num_rois, num_classes = class_logits.shape
         boxes_per_image = [p.shape[0] for p in proposals]
-        # every class's refined box for every proposal: [R, 4K] -> [R, K, 4]
-        pred_boxes = self.box_coder.decode(box_deltas, torch.cat(proposals)).reshape(-1, num_classes, 4)
-        pred_scores = F.softmax(class_logits, dim=-1)
+        device = class_logits.device
+        scores = F.softmax(class_logits, dim=-1)
+        rows, labels = torch.nonzero(scores[:, 1:] > self.score_thresh).unbind(1)  # [M] each, row-major
+        labels = labels + 1
+        scores = scores[rows, labels]
+        boxes = self.box_coder.decode(box_deltas.view(num_rois, num_classes, 4)[rows, labels],
+                                      torch.cat(proposals).to(torch.float32)[rows])
+        counts = torch.tensor(boxes_per_image, device=device)
+        image = torch.repeat_interleave(torch.arange(len(proposals), device=device), counts,
+                                        output_size=num_rois)[rows]  # [M]
+        bound = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=device)
+        boxes = torch.minimum(boxes.clamp(min=0), bound[image])
+        ok = torch.nonzero(((boxes[:, 2] - boxes[:, 0]) >= 1e-2) & ((boxes[:, 3] - boxes[:, 1]) >= 1e-2)).flatten()
+        boxes, scores, labels, rows, image = boxes[ok], scores[ok], labels[ok], rows[ok], image[ok]
+        keep = batched_nms(boxes, scores, image * num_classes + labels, self.nms_thresh)  # by score
+        # a stable sort by image keeps the score order inside each image; each keeps its best
+        keep = keep[torch.sort(image[keep], stable=True).indices]
+        found = torch.bincount(image[keep], minlength=len(proposals))
+        rank = torch.arange(keep.numel(), device=device) - (torch.cumsum(found, 0) - found)[image[keep]]
+        keep = keep[rank < self.detections_per_img]
+        per_image = torch.bincount(image[keep], minlength=len(proposals)).tolist()
+        first_row = torch.cumsum(counts, 0) - counts
         results = []
-        for boxes, scores, size in zip(pred_boxes.split(boxes_per_image), pred_scores.split(boxes_per_image),
-                                       image_sizes):
-            boxes = clip_boxes_to_image(boxes, size)
-            labels = torch.arange(num_classes, device=boxes.device).expand_as(scores)
-            # drop the background column, then one candidate per (proposal, class)
-            rows = torch.arange(boxes.shape[0], device=boxes.device)[:, None].expand_as(labels)  # proposal index
-            boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
-            rows = rows[:, 1:].reshape(-1)
-            keep = torch.nonzero(scores > self.score_thresh).flatten()
-            boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
-            keep = remove_small_boxes(boxes, 1e-2)
-            boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            result = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        for b, s, lb, r, i in zip(boxes[keep].split(per_image), scores[keep].split(per_image),
+                                  labels[keep].split(per_image), rows[keep].split(per_image), range(len(per_image))):
+            result = {"boxes": b, "scores": s, "labels": lb}
             if return_proposal_index:
-                result["proposal_index"] = rows[keep]
+                result["proposal_index"] = r - first_row[i]
             results.append(result)
         return results
 
@@ -177,7 +202,14 @@ class RoIHeads(nn.Module):
             if targets is None:
                 raise ValueError("the RoI heads need targets in training mode")
             proposals, labels, regression_targets = self.select_training_samples(proposals, targets)
+        if not self.training and any(f.dtype in (torch.bfloat16, torch.float16) for f in features.values()):
+            # a backbone in bfloat16 (optimize_for_inference): the RoI ops compute in float32 anyway,
+            # and float32 maps keep the RoIs' coordinates in float32 too
+            features = {k: f.float() for k, f in features.items()}
         pooled = self.box_roi_pool(features, proposals, image_sizes)
+        head_dtype = module_dtype(self.box_head)
+        if pooled.dtype != head_dtype and head_dtype in (torch.bfloat16, torch.float16):
+            pooled = pooled.to(head_dtype)  # a box head cast by optimize_for_inference
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         if self.training:
             losses = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(regression_targets))

@@ -8,7 +8,9 @@ Shapes: B images, L levels, A anchors per location (same on every level), N = su
                       (per level), keep post_nms_top_n -> B x ([P_i, 4] boxes, [P_i] scores);
                       nms_candidates gives the boxes just before NMS (for explain)
     training:         anchors matched to ground truth (IoU >= 0.7 positive, < 0.3 negative, plus each
-                      gt's best anchors), 256 sampled per image (half positive at most);
+                      gt's best anchors): one IoU [B, G, N] for the batch (gt padded to G);
+                      256 sampled per image (half positive at most) as index tensors [B, P], [B, Q];
+                      only the sampled anchors are gathered and encoded;
                       loss_objectness = BCE over the sample, loss_rpn_box_reg = smooth-L1 (beta 1/9)
                       over the positives, summed and divided by the sample size.
 """
@@ -16,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BoxCoder, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from ..ops import BoxCoder, batched_nms
 from .anchors import AnchorGenerator
-from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
+from .matcher import Matcher, pad_ragged, padded_box_iou
 from .sampler import BalancedPositiveNegativeSampler, sample_generators
 
 
@@ -48,12 +50,37 @@ class RPNHead(nn.Module):
                 state_dict[new] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def fuse_outputs(self) -> None:
+        """For inference (``FasterRCNN.optimize_for_inference``): compute the logits and the deltas
+        with one matrix product over the rows of the channels-last map, [B*H*W, C] @ [C, 5A], instead
+        of two 1x1 convolutions of 3 and 12 outputs (each a full read of the map, and kernels tuned
+        for wide outputs). The outputs are views in the layout ``flatten_head_outputs`` wants.
+        ``fused_outputs`` holds a copy of the weights (fuse again after changing them); zero rows pad
+        5A to a multiple of 16, the width matrix kernels handle best (15 is ~1.5x slower than 16 on a
+        CPU in float32)."""
+        a, c = self.cls_logits.out_channels, self.cls_logits.in_channels
+        width = 5 * a + (-5 * a) % 16
+        fused = nn.Linear(c, width).to(self.cls_logits.weight.device)
+        with torch.no_grad():
+            fused.weight.zero_()
+            fused.bias.zero_()
+            fused.weight[:5 * a] = torch.cat([self.cls_logits.weight, self.bbox_pred.weight]).flatten(start_dim=1)
+            fused.bias[:5 * a] = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
+        self.fused_outputs = fused.to(self.cls_logits.weight.dtype)
+
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         logits, deltas = [], []
+        fused = getattr(self, "fused_outputs", None)
         for f in features:
             t = self.conv(f)
-            logits.append(self.cls_logits(t))
-            deltas.append(self.bbox_pred(t))
+            if fused is not None:
+                a = self.cls_logits.out_channels
+                out = fused(t.permute(0, 2, 3, 1))  # [B, H, W, 5A + padding]
+                logits.append(out[..., :a].permute(0, 3, 1, 2))  # [B, A, H, W] views
+                deltas.append(out[..., a:5 * a].permute(0, 3, 1, 2))  # [B, 4A, H, W]
+            else:
+                logits.append(self.cls_logits(t))
+                deltas.append(self.bbox_pred(t))
         return logits, deltas
 
 
@@ -93,40 +120,70 @@ class RegionProposalNetwork(nn.Module):
         return self._post_nms_top_n["training" if self.training else "testing"]
 
     # ---- proposals ---------------------------------------------------------------------------
+    # The whole batch is filtered at once: the per-level top-k, clipping, small-box and score filters
+    # as masks over [B, K], then one NMS in which a box competes only with boxes of its own image and
+    # level; the results are the same, box for box, as filtering each image on its own.
+    def top_k_indices(self, objectness: torch.Tensor, num_anchors_per_level: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """objectness [B, N] (logits) -> (indices [B, K] of the best pre_nms_top_n anchors of each
+        level, in level order, and their levels int64 [K]). The logits rank as the sigmoid does."""
+        top_idx, levels, offset = [], [], 0
+        for i, n in enumerate(num_anchors_per_level):
+            k = min(self.pre_nms_top_n(), n)
+            top_idx.append(objectness[:, offset:offset + n].topk(k, dim=1).indices + offset)
+            levels.append(torch.full((k,), i, dtype=torch.int64, device=objectness.device))
+            offset += n
+        return torch.cat(top_idx, dim=1), torch.cat(levels)
+
+    def _candidates(self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: list[tuple[int, int]]):
+        """boxes [B, K, 4] and logits [B, K] of the top-k -> (clipped boxes [B, K, 4], scores [B, K],
+        not-small mask [B, K], alive mask [B, K]: not small and scoring at least score_thresh)."""
+        scores = torch.sigmoid(logits)
+        # clip x to [0, w_i] and y to [0, h_i], each image to its own size
+        bound = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
+        boxes = torch.minimum(boxes.clamp(min=0), bound[:, None, :])
+        not_small = ((boxes[..., 2] - boxes[..., 0]) >= self.min_size) & ((boxes[..., 3] - boxes[..., 1]) >= self.min_size)
+        return boxes, scores, not_small, not_small & (scores >= self.score_thresh)
+
+    def _filter_top_k(self, boxes: torch.Tensor, logits: torch.Tensor, levels: torch.Tensor,
+                      image_sizes: list[tuple[int, int]], return_stats: bool = False):
+        """The top-k of every image (boxes [B, K, 4], logits [B, K], levels [K]) -> B x (boxes [P_i, 4],
+        scores [P_i]), and with return_stats the count alive after each filter, per image."""
+        num_images, k = logits.shape
+        boxes, scores, not_small, alive = self._candidates(boxes, logits, image_sizes)
+        flat = torch.nonzero(alive.reshape(-1)).flatten()  # (image, rank) flattened: image-major
+        groups = torch.div(flat, k, rounding_mode="floor") * k + levels[flat % k]  # (image, level), distinct
+        keep = flat[batched_nms(boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat], groups, self.nms_thresh)]
+        # keep is sorted by score (ties: input order); a stable sort by image keeps that order inside
+        # each image, and each image keeps its post_nms_top_n best
+        image = torch.div(keep, k, rounding_mode="floor")
+        order = torch.sort(image, stable=True).indices
+        keep, image = keep[order], image[order]
+        after_nms = torch.bincount(image, minlength=num_images)
+        first = torch.cumsum(after_nms, 0) - after_nms
+        rank = torch.arange(keep.numel(), device=keep.device) - first[image]
+        keep = keep[rank < self.post_nms_top_n()]
+        per_image = torch.bincount(torch.div(keep, k, rounding_mode="floor"), minlength=num_images).tolist()
+        result = list(zip(boxes.reshape(-1, 4)[keep].split(per_image), scores.reshape(-1)[keep].split(per_image)))
+        if not return_stats:
+            return result
+        stats = [{"anchors": -1, "pre_nms_top_k": k, "after_small_box_removal": int(s), "after_score_threshold": int(a),
+                  "after_nms": int(n), "post_nms_top_n": p}
+                 for s, a, n, p in zip(not_small.sum(1).tolist(), alive.sum(1).tolist(), after_nms.tolist(), per_image)]
+        return result, stats
+
     def nms_candidates(self, proposals: torch.Tensor, objectness: torch.Tensor,
                        image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]) -> list[dict]:
         """The boxes that enter NMS, after the per-level top-k, clipping, small-box removal and the
         score threshold: per image {boxes [M, 4], scores [M] in (0, 1), levels int64 [M], counts}."""
-        num_images = proposals.shape[0]
         objectness = objectness.detach()
-        levels = torch.cat([
-            torch.full((n,), i, dtype=torch.int64, device=proposals.device)
-            for i, n in enumerate(num_anchors_per_level)
-        ])
-        # top-k per level (of the raw logits: the sigmoid is monotonic)
-        top_idx = []
-        offset = 0
-        for n in num_anchors_per_level:
-            k = min(self.pre_nms_top_n(), n)
-            top_idx.append(objectness[:, offset:offset + n].topk(k, dim=1).indices + offset)
-            offset += n
-        top_idx = torch.cat(top_idx, dim=1)  # [B, K]
-        batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
-        scores = torch.sigmoid(objectness[batch_idx, top_idx])
-        boxes = proposals[batch_idx, top_idx]
-        levels = levels[top_idx]
-
+        top_idx, levels = self.top_k_indices(objectness, num_anchors_per_level)
+        boxes, scores, not_small, alive = self._candidates(proposals.gather(1, top_idx[..., None].expand(-1, -1, 4)),
+                                                           objectness.gather(1, top_idx), image_sizes)
         out = []
-        for b, s, lvl, size in zip(boxes, scores, levels, image_sizes):
-            counts = {"anchors": int(objectness.shape[1]), "pre_nms_top_k": int(s.numel())}
-            b = clip_boxes_to_image(b, size)
-            keep = remove_small_boxes(b, self.min_size)
-            b, s, lvl = b[keep], s[keep], lvl[keep]
-            counts["after_small_box_removal"] = int(s.numel())
-            keep = torch.nonzero(s >= self.score_thresh).flatten()
-            b, s, lvl = b[keep], s[keep], lvl[keep]
-            counts["after_score_threshold"] = int(s.numel())
-            out.append({"boxes": b, "scores": s, "levels": lvl, "counts": counts})
+        for b, s, small_ok, ok in zip(boxes, scores, not_small, alive):
+            counts = {"anchors": int(objectness.shape[1]), "pre_nms_top_k": int(s.numel()),
+                      "after_small_box_removal": int(small_ok.sum()), "after_score_threshold": int(ok.sum())}
+            out.append({"boxes": b[ok], "scores": s[ok], "levels": levels[ok], "counts": counts})
         return out
 
     def filter_proposals(self, proposals: torch.Tensor, objectness: torch.Tensor,
@@ -136,48 +193,78 @@ class RegionProposalNetwork(nn.Module):
 
         With return_stats, also one dict per image counting the boxes alive after each filter.
         """
-        result, stats = [], []
-        for c in self.nms_candidates(proposals, objectness, image_sizes, num_anchors_per_level):
-            b, s, counts = c["boxes"], c["scores"], c["counts"]
-            keep = batched_nms(b, s, c["levels"], self.nms_thresh)  # NMS within each level
-            counts["after_nms"] = int(keep.numel())
-            keep = keep[: self.post_nms_top_n()]
-            counts["post_nms_top_n"] = int(keep.numel())
-            result.append((b[keep], s[keep]))
-            stats.append(counts)
-        return (result, stats) if return_stats else result
+        objectness = objectness.detach()
+        top_idx, levels = self.top_k_indices(objectness, num_anchors_per_level)
+        out = self._filter_top_k(proposals.gather(1, top_idx[..., None].expand(-1, -1, 4)),
+                                 objectness.gather(1, top_idx), levels, image_sizes, return_stats)
+        if return_stats:
+            for counts in out[1]:
+                counts["anchors"] = int(objectness.shape[1])
+        return out
+
+    def propose(self, objectness: torch.Tensor, deltas: torch.Tensor, anchors: list[torch.Tensor],
+                image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]) -> list[torch.Tensor]:
+        """objectness [B, N] (logits), deltas [B, N, 4], anchors B x [N, 4] -> B x proposals [P_i, 4]:
+        filter_proposals on the decoded anchors, decoding only the top-k of each level (the others
+        are never looked at). Decoded and ranked in float32 even when the head runs in bfloat16 (box
+        coordinates need the bits); no gradient flows into the RPN (approximate joint training)."""
+        objectness, deltas = objectness.detach().float(), deltas.detach().float()
+        top_idx, levels = self.top_k_indices(objectness, num_anchors_per_level)  # [B, K]
+        num_images, k = top_idx.shape
+        gather4 = top_idx[..., None].expand(-1, -1, 4)
+        if all(a is anchors[0] for a in anchors):  # the anchor generator shares one tensor
+            top_anchors = anchors[0][top_idx]
+        else:
+            top_anchors = torch.stack(anchors).gather(1, gather4)
+        boxes = self.box_coder.decode(deltas.gather(1, gather4).reshape(-1, 4), top_anchors.reshape(-1, 4))
+        result = self._filter_top_k(boxes.view(num_images, k, 4), objectness.gather(1, top_idx), levels, image_sizes)
+        return [b for b, _ in result]
 
     # ---- training targets and losses --------------------------------------------------------
-    def assign_targets(self, anchors: list[torch.Tensor], targets: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per image: labels [N] (1 positive, 0 negative, -1 ignored) and matched gt boxes [N, 4]."""
-        labels, matched_boxes = [], []
-        for anc, tgt in zip(anchors, targets):
-            gt = tgt["boxes"]
-            if gt.numel() == 0:  # no objects: every anchor is a negative
-                labels.append(torch.zeros(anc.shape[0], dtype=torch.float32, device=anc.device))
-                matched_boxes.append(anc)  # unused (no positives), but keeps the targets finite
-                continue
-            matches = self.matcher(box_iou(gt, anc))
-            lab = (matches >= 0).to(torch.float32)
-            lab[matches == BELOW_LOW_THRESHOLD] = 0.0
-            lab[matches == BETWEEN_THRESHOLDS] = -1.0
-            labels.append(lab)
-            matched_boxes.append(gt[matches.clamp(min=0)])
-        return labels, matched_boxes
+    def match_anchors(self, anchors: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (matches [B, N] int64: gt index, or -1 negative, or -2 ignored; gt boxes [B, G, 4] padded).
+        One batched IoU and match for the whole batch; an image without objects gets only negatives."""
+        gt, gt_valid = pad_ragged([t["boxes"] for t in targets])  # [B, G, 4], [B, G]
+        batch_anchors = _batch_anchors(anchors)
+        gt = gt.to(batch_anchors.dtype)
+        return self.matcher(padded_box_iou(gt, gt_valid, batch_anchors[None] if batch_anchors.dim() == 2
+                                           else batch_anchors)), gt
 
-    def compute_loss(self, objectness: torch.Tensor, deltas: torch.Tensor, labels: list[torch.Tensor],
-                     regression_targets: list[torch.Tensor], generators=None) -> dict[str, torch.Tensor]:
-        """objectness [B, N], deltas [B, N, 4]; labels / targets per image [N], [N, 4]."""
-        pos_masks, neg_masks = self.sampler(labels, generators)
-        pos = torch.cat(pos_masks)
-        sampled = pos | torch.cat(neg_masks)
-        num_sampled = max(int(sampled.sum()), 1)
-        objectness = objectness.reshape(-1)
-        deltas = deltas.reshape(-1, 4)
-        labels = torch.cat(labels)
-        regression_targets = torch.cat(regression_targets)
-        box_loss = F.smooth_l1_loss(deltas[pos], regression_targets[pos], beta=1 / 9, reduction="sum") / num_sampled
-        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled])
+    def assign_targets(self, anchors: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> labels [B, N] float (1 positive, 0 negative, -1 ignored) and matched gt boxes [B, N, 4]
+        (meaningful where the label is 1). Training needs neither in full (``compute_loss`` reads the
+        sampled anchors' only); this is the readable form, for ``explain`` and the tests."""
+        matches, gt = self.match_anchors(anchors, targets)
+        labels = (matches + 1).clamp_(max=1).to(torch.float32)  # gt index >= 0 -> 1, -1 -> 0, -2 -> -1
+        matched = gt.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
+        return labels, matched
+
+    def compute_loss(self, objectness: torch.Tensor, deltas: torch.Tensor, matches: torch.Tensor,
+                     gt_boxes: torch.Tensor, anchors: torch.Tensor, generators=None) -> dict[str, torch.Tensor]:
+        """objectness [B, N], deltas [B, N, 4], matches [B, N] and gt_boxes [B, G, 4] from
+        ``match_anchors``, anchors [N, 4] or [B, N, 4]. Only the sampled anchors (at most
+        batch_size_per_image per image) are gathered and encoded; both losses are sums over the
+        batch's sample divided by its size."""
+        # sampler labels: >= 1 positive (matched gt + 1), 0 negative, -1 ignored
+        sample = self.sampler.sample(matches + 1, generators)
+        num_sampled = sample.num_sampled().clamp(min=1)
+        index = torch.cat([sample.pos_index, sample.neg_index], dim=1)  # [B, P + Q]
+        valid = torch.cat([sample.pos_valid, sample.neg_valid], dim=1)
+        is_pos = (matches.gather(1, index) >= 0).to(torch.float32)
+        objectness_loss = F.binary_cross_entropy_with_logits(
+            objectness.gather(1, index).float(), is_pos, weight=valid.float(), reduction="sum") / num_sampled
+
+        num_images, num_pos = sample.pos_index.shape
+        pos = sample.pos_index[..., None].expand(-1, -1, 4)  # [B, P, 4]
+        pos_anchors = anchors.expand(num_images, -1, -1).gather(1, pos)
+        pos_gt = matches.gather(1, sample.pos_index).clamp_(min=0)[..., None].expand(-1, -1, 4)
+        # a row with fewer positives than P pads with other anchors: their target is the anchor itself
+        # (zero deltas, finite) and their loss is masked out
+        pos_matched = torch.where(sample.pos_valid[..., None], gt_boxes.gather(1, pos_gt), pos_anchors)
+        targets = self.box_coder.encode(pos_matched.reshape(-1, 4), pos_anchors.reshape(-1, 4))
+        box_loss = F.smooth_l1_loss(deltas.gather(1, pos).reshape(-1, 4).float(), targets, beta=1 / 9,
+                                    reduction="none").sum(dim=1)
+        box_loss = (box_loss * sample.pos_valid.reshape(-1)).sum() / num_sampled
         return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
 
     def forward(self, image_tensors: torch.Tensor, image_sizes: list[tuple[int, int]],
@@ -188,18 +275,19 @@ class RegionProposalNetwork(nn.Module):
         anchors = self.anchor_generator(image_tensors, feats)
         num_anchors_per_level = [lg[0].numel() for lg in logits]  # A * H_l * W_l
         objectness, deltas = flatten_head_outputs(logits, deltas)
-        num_images = objectness.shape[0]
-        # proposals do not backpropagate into the RPN (approximate joint training)
-        proposals = self.box_coder.decode(deltas.detach().reshape(-1, 4), torch.cat(anchors))
-        proposals = proposals.view(num_images, -1, 4)
-        boxes = [b for b, _ in self.filter_proposals(proposals, objectness, image_sizes, num_anchors_per_level)]
+        boxes = self.propose(objectness, deltas, anchors, image_sizes, num_anchors_per_level)
 
         losses = {}
         if self.training:
             if targets is None:
                 raise ValueError("the RPN needs targets in training mode")
-            labels, matched = self.assign_targets(anchors, targets)
-            regression_targets = [self.box_coder.encode(m, a) for m, a in zip(matched, anchors)]
-            losses = self.compute_loss(objectness, deltas, labels, regression_targets,
+            matches, gt_boxes = self.match_anchors(anchors, targets)
+            losses = self.compute_loss(objectness, deltas, matches, gt_boxes, _batch_anchors(anchors),
                                        sample_generators(targets, stream=0))
         return boxes, losses
+
+
+def _batch_anchors(anchors: list[torch.Tensor]) -> torch.Tensor:
+    """B x [N, 4] -> [N, 4] when every image has the same tensor (the anchor generator's case: the
+    batch shares one padded size), else [B, N, 4]."""
+    return anchors[0] if all(a is anchors[0] for a in anchors) else torch.stack(anchors)

@@ -15,7 +15,9 @@ map ``F[N*H*W, C]``, and ``F.embedding_bag(mode="sum", per_sample_weights=...)``
 native, multi-threaded call. The backward is the transposed gather: the taps are sorted by pixel, and
 a second ``embedding_bag`` over the output gradient with one bag per pixel sums, for every pixel, the
 gradient of the cells that read it (no atomics, deterministic; measured ~2x faster than the generic
-``embedding_bag`` backward, see ``benchmarks/bench_ops.py``).
+``embedding_bag`` backward). The NCHW -> channels-last copy and its gradient go through a 2-D transpose per
+image (``_utils.channels_last_rows``), several times faster than a generic permuted copy on a CPU.
+``benchmarks/bench_ops.py`` compares all this with torchvision's RoIAlign.
 The bilinear terms are separable, so they are computed per (RoI, row) and (RoI, column) and combined by
 broadcasting. With an adaptive grid (``sampling_ratio <= 0``) the RoIs are grouped by grid size (rounded up
 to two significant bits, padded taps get weight 0) and processed in chunks of bounded memory.
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import BoxesArg, empty_roi_output, roi_op_arguments
+from ._utils import BoxesArg, channels_last_rows, empty_roi_output, roi_op_arguments, serial_ops
 
 __all__ = ["roi_align"]
 
@@ -54,14 +56,15 @@ class _WeightedGather(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         index, weight = ctx.saved_tensors
-        flat = index.reshape(-1)
-        # transpose the (cell -> pixel) taps into (pixel -> cell) bags: sort the taps by pixel
-        order = torch.sort(flat).indices
-        counts = torch.bincount(flat, minlength=ctx.num_rows)
-        offsets = torch.cumsum(counts, 0) - counts
-        cell = torch.div(order, index.shape[1], rounding_mode="floor")
-        grad_feats = F.embedding_bag(cell, grad_out.contiguous(), offsets, mode="sum",
-                                     per_sample_weights=weight.reshape(-1)[order])
+        with serial_ops():  # on the calling thread, as the forward (see roi_align)
+            flat = index.reshape(-1)
+            # transpose the (cell -> pixel) taps into (pixel -> cell) bags: sort the taps by pixel
+            order = torch.sort(flat).indices
+            counts = torch.bincount(flat, minlength=ctx.num_rows)
+            offsets = torch.cumsum(counts, 0) - counts
+            cell = torch.div(order, index.shape[1], rounding_mode="floor")
+            grad_feats = F.embedding_bag(cell, grad_out.contiguous(), offsets, mode="sum",
+                                         per_sample_weights=weight.reshape(-1)[order])
         return grad_feats, None, None
 
 
@@ -137,7 +140,16 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
     ``list[Tensor[L_i, 4]]`` (one per image, in input pixels) -> ``Tensor[K, C, oh, ow]``.
 
     Differentiable w.r.t. ``input`` (not the boxes). ``output_size`` is an int or ``(oh, ow)``.
+    Runs on the calling CPU thread (:func:`~fasterrcnn.ops._utils.serial_ops`): a few dozen ops, which on a
+    shared machine lose more waiting for OpenMP workers than a second thread gains (RoIAlign over P2..P5,
+    forward + backward, at load 4-5 on two cores: 0.39 s serial, 0.6-1.6 s on two threads).
     """
+    with serial_ops():
+        return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+def _roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], spatial_scale: float,
+               sampling_ratio: int, aligned: bool) -> Tensor:
     oh, ow, rois, cdtype = roi_op_arguments(input, boxes, output_size, "roi_align")
     n, c, height, width = input.shape
     k = rois.shape[0]
@@ -146,7 +158,7 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
 
     x = input if input.dtype == cdtype else input.to(cdtype)
     # channels-last rows, one per pixel; contiguous, since the gather reads whole rows
-    feats = x.permute(0, 2, 3, 1).contiguous().view(n * height * width, c)
+    feats = channels_last_rows(x)
 
     with torch.no_grad():
         if sampling_ratio > 0:

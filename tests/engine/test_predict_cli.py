@@ -1,11 +1,8 @@
 """`fasterrcnn predict`: files, folders and globs in; a COCO results json that pycocotools loads,
 the images' records, and annotated copies out; unreadable images skipped and reported."""
 import json
-import shutil
-from pathlib import Path
 
 import matplotlib.cbook
-import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO

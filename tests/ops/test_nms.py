@@ -148,3 +148,28 @@ def test_nms_negative_threshold_suppresses_everything_below_the_best():
     boxes, scores = random_boxes(20, seed=5)
     assert nms(boxes, scores, -0.1).tolist() == ref_nms(boxes, scores, -0.1)
     assert nms(boxes, scores, -0.1).numel() == 1
+
+
+def test_batched_nms_negative_threshold_and_sparse_group_ids():
+    # groups are compared through dense ranks: huge or negative ids behave like small ones
+    boxes, scores = random_boxes(60, seed=6)
+    idxs = torch.randint(0, 4, (60,), generator=torch.Generator().manual_seed(6))
+    expected = batched_nms(boxes, scores, idxs, 0.5)
+    assert torch.equal(batched_nms(boxes, scores, idxs * 1_000_003 - 7, 0.5), expected)
+    # threshold below 0: only the best box of each group survives, groups never suppress each other
+    keep = batched_nms(boxes, scores, idxs, -0.1)
+    assert keep.tolist() == merged_per_class(boxes, scores, idxs, -0.1)
+    assert sorted(idxs[keep].tolist()) == sorted(idxs.unique().tolist())
+
+
+def test_batched_nms_small_groups_path_equals_block_path(monkeypatch):
+    # many small groups go through one batched [G, G_max, G_max] pass; it must agree with the block walk
+    boxes, scores = random_boxes(700, seed=8, spread=80.0)
+    idxs = torch.randint(0, 30, (700,), generator=torch.Generator().manual_seed(8))
+    fast = batched_nms(boxes, scores, idxs, 0.4)
+    assert fast.tolist() == merged_per_class(boxes, scores, idxs, 0.4)
+    monkeypatch.setattr(nms_module, "_SMALL_GROUPS_BUDGET", 0)
+    assert torch.equal(batched_nms(boxes, scores, idxs, 0.4), fast)
+    # a group larger than a block always takes the block walk
+    idxs[:300] = 0
+    assert batched_nms(boxes, scores, idxs, 0.4).tolist() == merged_per_class(boxes, scores, idxs, 0.4)

@@ -227,3 +227,22 @@ def test_roi_align_any_memory_layout():
     wide = torch.randn(2, 5, 6, 14, generator=g)
     wide[..., ::2] = inp
     torch.testing.assert_close(roi_align(wide[..., ::2], rois, 3, 1.0, 2, False), expected, rtol=0, atol=0)
+
+
+def test_roi_align_gradient_is_contiguous_nchw():
+    # the channels-last transpose is its own autograd function: the input gets a plain NCHW gradient,
+    # equal to the one of the generic permuted path
+    from fasterrcnn.ops._utils import to_channels_first, to_channels_last
+
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+    assert torch.equal(to_channels_last(x), x.permute(0, 2, 3, 1))
+    assert torch.equal(to_channels_first(to_channels_last(x)), x)
+    rois = random_rois(9, 2, 6, 7, 1.0, seed=20)
+    grad_out = torch.randn(9, 5, 3, 3, generator=g, dtype=torch.float64)
+    a = x.clone().requires_grad_()
+    roi_align(a, rois, 3, 1.0, 2, True).backward(grad_out)
+    b = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    roi_align(b, rois, 3, 1.0, 2, True).backward(grad_out)
+    assert a.grad.is_contiguous()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)

@@ -135,3 +135,37 @@ def test_roi_pool_list_format_and_empty():
         assert out.shape == (0, 3, 2, 3)
     out.sum().backward()
     assert torch.equal(inp.grad, torch.zeros_like(inp))
+
+
+def test_roi_pool_wide_bins_chunks_and_layouts(monkeypatch):
+    # bins wider than 256 columns need 16-bit window offsets; a tiny gather budget forces one chunk per bin
+    import importlib
+
+    roi_pool_module = importlib.import_module("fasterrcnn.ops.roi_pool")
+    g = torch.Generator().manual_seed(26)
+    inp = torch.randint(0, 5, (1, 2, 3, 600), generator=g).double().requires_grad_()
+    rois = torch.tensor([[0, 0.0, 0.0, 599.0, 2.0], [0, 40.0, 1.0, 350.0, 2.0]], dtype=torch.float64)
+    grad_out = torch.randn(2, 2, 2, 2, generator=g, dtype=torch.float64)
+    out = roi_pool(inp, rois, 2)
+    expected, _ = ref_roi_pool(inp, rois, 2, 1.0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.backward(grad_out)
+    torch.testing.assert_close(inp.grad, ref_roi_pool_grad(inp, rois, 2, 1.0, grad_out), rtol=0, atol=1e-12)
+
+    small = torch.randint(0, 3, (2, 3, 9, 11), generator=g).double()
+    rois = random_rois(12, 2, 9, 11, 1.0, seed=27)
+    expected = roi_pool(small, rois, (3, 2))
+    monkeypatch.setattr(roi_pool_module, "_GATHER_BUDGET", 1)
+    assert torch.equal(roi_pool(small, rois, (3, 2)), expected)
+    # a channels-last input (no transpose) and a strided one give the same values and gradients
+    grad_out = torch.randn(12, 3, 3, 2, generator=g, dtype=torch.float64)
+    wide = torch.zeros(2, 3, 9, 22, dtype=torch.float64)
+    wide[..., ::2] = small
+    grads = []
+    for x in (small.clone(), small.contiguous(memory_format=torch.channels_last), wide[..., ::2]):
+        x.requires_grad_()
+        out = roi_pool(x, rois, (3, 2))
+        assert torch.equal(out, expected)
+        out.backward(grad_out)
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
