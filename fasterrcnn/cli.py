@@ -158,7 +158,11 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="bf16/fp16: the network in that dtype (boxes, scores and NMS stay float32)")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="run the model as trained (autocast for --amp) instead of the optimised inference copy "
+                        "(BatchNorm folded, channels-last)")
     p.add_argument("--out", default=None, help="folder for eval.json, voc.json and predictions.json")
 
 
@@ -187,7 +191,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     result = evaluate_model(model, dataset, class_names=class_names, label_to_cat_id=label_to_cat_id,
                             ann_file=args.data if is_coco else None, batch_size=args.batch_size, device=device,
-                            amp=args.amp, results_path=out / "predictions.json" if out else None)
+                            amp=args.amp, results_path=out / "predictions.json" if out else None,
+                            optimize=args.optimize)
     if result.coco.message:
         print(f"note: {result.coco.message}")
     print(result.format_table())

@@ -120,6 +120,8 @@ class FasterRCNN(nn.Module):
             self.to_channels_last()
         if hasattr(self.rpn.head, "fuse_outputs"):
             self.rpn.head.fuse_outputs()
+        if hasattr(self.roi_heads.box_head, "read_channels_last"):  # our poolers output channels-last
+            self.roi_heads.box_head.read_channels_last(self.backbone.out_channels)
         for part in (self.backbone, self.rpn.head, self.roi_heads.box_head, self.roi_heads.box_predictor):
             part.to(dtype)
         for p in self.parameters():

@@ -143,7 +143,9 @@ class ResNetBody(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))
+        # ReLU after the max-pool: the two commute (max of ReLUs = ReLU of the max), and the ReLU then
+        # runs on a quarter of the pixels
+        x = self.relu(self.maxpool(conv_norm(self.conv1, self.bn1, x)))
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name in self.stage_channels:
             x = getattr(self, name)(x)

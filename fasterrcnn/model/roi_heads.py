@@ -25,16 +25,40 @@ from .sampler import BalancedPositiveNegativeSampler, sample_generators
 
 
 class TwoMLPHead(nn.Module):
-    """Flatten, fc6 + ReLU, fc7 + ReLU: [R, D, P, P] -> [R, representation_size]."""
+    """Flatten, fc6 + ReLU, fc7 + ReLU: [R, D, P, P] -> [R, representation_size].
+
+    fc6's input columns are in (channel, y, x) order, as in torchvision's checkpoints.
+    ``read_channels_last()`` (called by ``optimize_for_inference``) permutes them once to (y, x, channel),
+    the order the pooler's channels-last output is laid out in, so flattening it costs no copy.
+    """
 
     def __init__(self, in_channels: int, representation_size: int = 1024):
         super().__init__()
         self.fc6 = nn.Linear(in_channels, representation_size)
         self.fc7 = nn.Linear(representation_size, representation_size)
         self.out_features = representation_size
+        self.channels_last_columns = False
+
+    @torch.no_grad()
+    def read_channels_last(self, channels: int) -> None:
+        """Permute fc6's columns from (channel, y, x) to (y, x, channel) order, in place (inference only:
+        the weight no longer matches a checkpoint's)."""
+        if self.channels_last_columns:
+            return
+        weight = self.fc6.weight
+        if weight.shape[1] % channels:
+            raise ValueError(f"TwoMLPHead.read_channels_last: fc6 has {weight.shape[1]} inputs, "
+                             f"not a multiple of {channels} channels")
+        permuted = weight.view(weight.shape[0], channels, -1).transpose(1, 2).reshape(weight.shape[0], -1)
+        self.fc6.weight = nn.Parameter(permuted.contiguous(), requires_grad=weight.requires_grad)
+        self.channels_last_columns = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.fc6(x.flatten(start_dim=1)))
+        if self.channels_last_columns:  # [R, D, P, P] -> [R, P*P*D] in (y, x, channel) order
+            x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # a view of a channels-last x
+        else:
+            x = x.flatten(start_dim=1)
+        x = F.relu(self.fc6(x))
         return F.relu(self.fc7(x))
 
 
@@ -202,10 +226,7 @@ class RoIHeads(nn.Module):
             if targets is None:
                 raise ValueError("the RoI heads need targets in training mode")
             proposals, labels, regression_targets = self.select_training_samples(proposals, targets)
-        if not self.training and any(f.dtype in (torch.bfloat16, torch.float16) for f in features.values()):
-            # a backbone in bfloat16 (optimize_for_inference): the RoI ops compute in float32 anyway,
-            # and float32 maps keep the RoIs' coordinates in float32 too
-            features = {k: f.float() for k, f in features.items()}
+        # bfloat16 maps (optimize_for_inference) are pooled as they are, with the boxes in float32
         pooled = self.box_roi_pool(features, proposals, image_sizes)
         head_dtype = module_dtype(self.box_head)
         if pooled.dtype != head_dtype and head_dtype in (torch.bfloat16, torch.float16):

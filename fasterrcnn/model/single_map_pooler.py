@@ -1,7 +1,8 @@
 """RoI pooling on one feature map, as in the original Faster R-CNN: RoIPool (Fast R-CNN's quantised
 max) or RoIAlign (bilinear, Mask R-CNN), chosen by name.
 
-Shapes: features {"0": [B, D, H, W]}, proposals B x [R_i, 4] -> [sum R_i, D, P, P].
+Shapes: features {"0": [B, D, H, W]}, proposals B x [R_i, 4] -> [sum R_i, D, P, P] (channels-last strides,
+as MultiScaleRoIAlign's output).
 The map's stride is inferred from its size against the largest image in the batch (a power of two).
 """
 import math
@@ -9,7 +10,9 @@ import math
 import torch
 from torch import nn
 
-from ..ops import roi_align, roi_pool
+from ..ops._utils import compute_dtype, pair
+from ..ops.roi_align import roi_align_rows
+from ..ops.roi_pool import roi_pool_rows
 
 ROI_OPS = ("roi_align", "roi_pool")
 
@@ -36,8 +39,11 @@ class SingleMapRoIPooler(nn.Module):
                 image_sizes: list[tuple[int, int]]) -> torch.Tensor:
         feature = features[self.featmap_name]
         scale = self.infer_scale(feature, image_sizes)
-        boxes = [p.to(feature.dtype) for p in proposals]
+        boxes = [p.to(compute_dtype(feature.dtype)) for p in proposals]  # float32 at least
+        oh, ow = pair(self.output_size, "SingleMapRoIPooler")
         if self.op == "roi_pool":
-            return roi_pool(feature, boxes, self.output_size, spatial_scale=scale)
-        return roi_align(feature, boxes, self.output_size, spatial_scale=scale,
-                         sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+            rows = roi_pool_rows(feature, boxes, (oh, ow), spatial_scale=scale)
+        else:
+            rows = roi_align_rows(feature, boxes, (oh, ow), spatial_scale=scale,
+                                  sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+        return rows.view(rows.shape[0], oh, ow, feature.shape[1]).permute(0, 3, 1, 2)  # [R, D, P, P]

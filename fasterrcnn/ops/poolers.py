@@ -1,6 +1,12 @@
 """Multi-scale RoIAlign (and RoIPool) over a feature pyramid (Lin et al., FPN, eq. 1).
 
 Shape legend: B images, L_i RoIs of image i, R = sum L_i RoIs, C channels, oh x ow output size.
+
+The output is ``[R, C, oh, ow]`` in the channels-last layout (a view of rows ``[R, oh*ow, C]``): each level's
+RoIs are pooled as rows and copied once to their place in the output. Building the usual contiguous
+``[R, C, oh, ow]`` would cost a transpose, a concatenation and a re-ordering, three passes over ~50 MB for
+1000 RoIs of 256 x 7 x 7 floats (measured: 90 of 170 ms on one thread). A consumer that flattens it pays
+the transpose once; ``TwoMLPHead`` prepared by ``optimize_for_inference`` reads it as it is.
 """
 from __future__ import annotations
 
@@ -10,10 +16,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._utils import pair, serial_ops
+from ._utils import compute_dtype, pair, serial_ops
 from .boxes import box_area
-from .roi_align import roi_align
-from .roi_pool import roi_pool
+from .roi_align import roi_align_rows
+from .roi_pool import roi_pool_rows
 
 __all__ = ["MultiScaleRoIAlign", "MultiScaleRoIPool", "assign_fpn_levels"]
 
@@ -38,13 +44,38 @@ def _infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
     return 2.0 ** float(torch.tensor(approx).log2().round())
 
 
+class _PlaceRows(torch.autograd.Function):
+    """``out[index_l] = rows_l`` for each level l: ``(R, index_0 int64[K_0], rows_0 [K_0, S, C], ...) -> [R, S, C]``,
+    the indices a partition of ``range(R)``. One write per row, and in backward one read per row (autograd's
+    ``index_copy_`` would clone the whole gradient once per level)."""
+
+    @staticmethod
+    def forward(ctx, num_rows: int, *pairs: Tensor) -> Tensor:
+        indices, rows = pairs[0::2], pairs[1::2]
+        out = rows[0].new_empty((num_rows, *rows[0].shape[1:]))
+        for index, part in zip(indices, rows):
+            out.index_copy_(0, index, part)
+        ctx.save_for_backward(*indices)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grad = grad.contiguous()
+        grads: list[Tensor | None] = [None]
+        for i, index in enumerate(ctx.saved_tensors):
+            grads += [None, grad.index_select(0, index) if ctx.needs_input_grad[2 + 2 * i] else None]
+        return tuple(grads)
+
+
 class MultiScaleRoIAlign(nn.Module):
     """RoIAlign over several feature maps, each RoI read from the level its size maps to.
 
     ``featmap_names`` selects (and orders, finest first) the maps of the features dict; the scale of each map
     is inferred from its size relative to the largest image, so no stride has to be configured.
     forward: ``features: dict[str, Tensor[B, C, H_l, W_l]]``, ``boxes: list[Tensor[L_i, 4]]`` (image pixels),
-    ``image_sizes: list[(h, w)]`` -> ``Tensor[R, C, oh, ow]`` (in the order of the concatenated boxes).
+    ``image_sizes: list[(h, w)]`` -> ``Tensor[R, C, oh, ow]`` (in the order of the concatenated boxes;
+    channels-last strides, see the module's docstring).
     """
 
     def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], sampling_ratio: int, *,
@@ -70,9 +101,9 @@ class MultiScaleRoIAlign(nn.Module):
                              f"expected one map per pyramid level from 2^-{k_min} to 2^-{k_max}")
         return scales, k_min, k_max
 
-    def pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        """One map's RoIs ``[K, 5]`` -> ``[K, C, oh, ow]``."""
-        return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
+    def pool_rows(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        """One map's RoIs ``[K, 5]`` -> rows ``[K, oh*ow, C]``."""
+        return roi_align_rows(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> Tensor:
@@ -88,31 +119,36 @@ class MultiScaleRoIAlign(nn.Module):
         if not image_sizes:
             raise ValueError("MultiScaleRoIAlign image_sizes: expected one (h, w) per image, got none")
         scales, k_min, k_max = self.scales_and_levels(maps, image_sizes)
-        dtype, device = maps[0].dtype, maps[0].device
+        # box coordinates in float32 at least, even on bfloat16 maps
+        dtype, device = compute_dtype(maps[0].dtype), maps[0].device
         oh, ow = self.output_size
+        channels = maps[0].shape[1]
 
         # [R, 5] rois: (image index, x1, y1, x2, y2)
         rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1)
                           for i, b in enumerate(boxes)]).to(device=device, dtype=dtype) \
             if len(boxes) else torch.zeros((0, 5), dtype=dtype, device=device)
+        num_rois = rois.shape[0]
         if len(maps) == 1:
-            return self.pool(maps[0], rois, scales[0])
-
-        levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, self.canonical_scale, self.canonical_level)
-        order = torch.sort(levels, stable=True).indices  # RoIs grouped by level
-        counts = torch.bincount(levels, minlength=len(maps)).tolist()
-        pieces, lo = [], 0
-        for level, (feature, scale) in enumerate(zip(maps, scales)):
-            hi = lo + counts[level]
-            if hi > lo:
-                pieces.append(self.pool(feature, rois[order[lo:hi]], scale))
-            lo = hi
-        if not pieces:
-            return maps[0].new_zeros((0, maps[0].shape[1], oh, ow))
-        grouped = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # [R, C, oh, ow] in level order
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return grouped.index_select(0, inverse)
+            rows = self.pool_rows(maps[0], rois, scales[0])
+        else:
+            levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, self.canonical_scale, self.canonical_level)
+            order = torch.sort(levels, stable=True).indices  # RoIs grouped by level
+            counts = torch.bincount(levels, minlength=len(maps)).tolist()
+            pairs, lo = [], 0
+            for level, (feature, scale) in enumerate(zip(maps, scales)):
+                hi = lo + counts[level]
+                if hi > lo:
+                    index = order[lo:hi]
+                    pairs += [index, self.pool_rows(feature, rois[index], scale)]
+                lo = hi
+            if not pairs:
+                rows = maps[0].new_zeros((0, oh * ow, channels))
+            elif len(pairs) == 2:  # every RoI on one level: the rows are in box order already
+                rows = pairs[1]
+            else:
+                rows = _PlaceRows.apply(num_rois, *pairs)
+        return rows.view(num_rois, oh, ow, channels).permute(0, 3, 1, 2)
 
 
 class MultiScaleRoIPool(MultiScaleRoIAlign):
@@ -124,5 +160,5 @@ class MultiScaleRoIPool(MultiScaleRoIAlign):
         super().__init__(featmap_names, output_size, sampling_ratio, canonical_scale=canonical_scale,
                          canonical_level=canonical_level)
 
-    def pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
-        return roi_pool(feature, rois, self.output_size, scale)
+    def pool_rows(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return roi_pool_rows(feature, rois, self.output_size, scale)

@@ -31,9 +31,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._utils import BoxesArg, empty_roi_output, roi_op_arguments, serial_ops, to_channels_first, to_channels_last
+from ._utils import (BoxesArg, empty_roi_output, pair, roi_op_arguments, serial_ops, to_channels_first,
+                     to_channels_last)
 
-__all__ = ["roi_pool"]
+__all__ = ["roi_pool", "roi_pool_rows"]
 
 # at most this many gathered values per chunk of bins (bounded temporaries, reused by the allocator)
 _GATHER_BUDGET = 1 << 22
@@ -189,11 +190,20 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
 
     Differentiable w.r.t. ``input`` (gradient to each bin's argmax).
     """
+    oh, ow = pair(output_size, "roi_pool")
+    rows = roi_pool_rows(input, boxes, (oh, ow), spatial_scale)
+    k, c = rows.shape[0], input.shape[1]
+    return rows.view(k, oh, ow, c).permute(0, 3, 1, 2).contiguous()
+
+
+def roi_pool_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
+                  spatial_scale: float = 1.0) -> Tensor:
+    """:func:`roi_pool` with its output as rows, ``Tensor[K, oh*ow, C]`` (as :func:`~fasterrcnn.ops.roi_align.roi_align_rows`)."""
     oh, ow, rois, cdtype = roi_op_arguments(input, boxes, output_size, "roi_pool")
     n, c, height, width = input.shape
     k = rois.shape[0]
     if k == 0 or n * height * width == 0:
-        return empty_roi_output(input, k, oh, ow)
+        return empty_roi_output(input, k, oh, ow).flatten(2).transpose(1, 2).contiguous()
 
     with torch.no_grad():
         start_w = _c_round(rois[:, 1] * spatial_scale).to(torch.int64)
@@ -212,4 +222,4 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
         img = rois[:, 0].to(torch.int64)[:, None].expand(k, oh * ow).reshape(-1)
 
     out = _RoIPoolFunction.apply(input, img, y0, x0, bh, bw)  # [K*oh*ow, C], empty bins -> 0
-    return out.view(k, oh, ow, c).permute(0, 3, 1, 2).contiguous()
+    return out.view(k, oh * ow, c)

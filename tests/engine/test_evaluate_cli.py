@@ -100,3 +100,27 @@ def test_bad_values_are_clear_errors(short_run, tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and "Traceback" not in err
     assert message.replace("{tmp}", str(tmp_path)) in err
+
+
+def test_the_optimised_evaluation_scores_as_the_model_as_trained(short_run, tmp_path, capsys):
+    result, synth = short_run
+    summaries, predictions = {}, {}
+    for flag in ("", "--no-optimize"):
+        out = tmp_path / (flag or "optimised")
+        argv = ["evaluate", "--weights", str(result.run_dir / "last.pt"),
+                "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out)]
+        assert main(argv + ([flag] if flag else [])) == 0
+        summaries[flag] = json.loads((out / "summary.json").read_text())
+        predictions[flag] = json.loads((out / "predictions.json").read_text())
+    capsys.readouterr()
+    optimised, plain = predictions[""], predictions["--no-optimize"]
+    assert len(plain) > 10  # the test has detections to compare
+    assert len(optimised) == len(plain)
+    # the same detections up to float rounding (BatchNorm folded, channels-last, fc6's columns permuted)
+    key = lambda r: (r["image_id"], r["category_id"], -r["score"])  # noqa: E731
+    for a, b in zip(sorted(optimised, key=key), sorted(plain, key=key)):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert abs(a["score"] - b["score"]) < 1e-4
+        assert max(abs(u - v) for u, v in zip(a["bbox"], b["bbox"])) < 0.05
+    for name in ("AP", "AP50", "VOC_mAP50"):
+        assert abs(summaries[""][name] - summaries["--no-optimize"][name]) < 2e-3, name

@@ -180,3 +180,21 @@ def test_fused_rpn_outputs_equal_the_two_1x1_convolutions():
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
             for w, g in zip(flatten_head_outputs(*want), flatten_head_outputs(*got)):
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_two_mlp_head_reading_channels_last_gives_the_same_features():
+    from fasterrcnn.model.roi_heads import TwoMLPHead
+    torch.manual_seed(0)
+    head = TwoMLPHead(6 * 3 * 4, 16).double()
+    x = torch.randn(5, 6, 3, 4, dtype=torch.float64)
+    expected = head(x)
+    original = head.fc6.weight.detach().clone()
+    head.read_channels_last(6)
+    assert head.channels_last_columns and not torch.equal(head.fc6.weight, original)
+    # the pooler's channels-last layout is read without a copy; a contiguous input still works
+    torch.testing.assert_close(head(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head(x), expected, rtol=1e-12, atol=1e-12)
+    head.read_channels_last(6)  # a second call changes nothing
+    torch.testing.assert_close(head(x), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="multiple of 5"):
+        TwoMLPHead(6 * 3 * 4, 16).read_channels_last(5)

@@ -109,3 +109,52 @@ def test_multiscale_errors():
         MultiScaleRoIAlign(["0", "1"], 7, 2)(feats, [torch.tensor([square(10.0)])], [(64, 64)])
     with pytest.raises(KeyError, match="missing"):
         MultiScaleRoIAlign(["0", "x"], 7, 2)(feats, [torch.tensor([square(10.0)])], [(64, 64)])
+
+
+def test_multiscale_output_is_a_channels_last_view_and_its_gradient_matches_per_level_roi_align():
+    strides = [4, 8, 16, 32]
+    feats = make_features(2, 3, 128, 192, strides, seed=40, dtype=torch.float64)
+    image_sizes = [(128, 192), (128, 160)]
+    boxes = [random_boxes(20, 128, 192, seed=41, max_side=900).double(),
+             random_boxes(12, 128, 160, seed=42, max_side=150).double()]
+    all_boxes, batch = torch.cat(boxes), torch.tensor([0.0] * 20 + [1.0] * 12, dtype=torch.float64)
+    levels = assign_fpn_levels(all_boxes, 2, 5)
+    assert len(set(levels.tolist())) == 4
+    g = torch.Generator().manual_seed(43)
+    probe = torch.randn(32, 3, 7, 7, generator=g, dtype=torch.float64)
+
+    leaves = {k: v.clone().requires_grad_() for k, v in feats.items()}
+    out = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)(leaves, boxes, image_sizes)
+    # [R, C, oh, ow] with channels-last strides: its (R, oh, ow, C) permutation is the contiguous rows
+    assert out.shape == (32, 3, 7, 7) and out.permute(0, 2, 3, 1).is_contiguous()
+    (out * probe).sum().backward()
+
+    ref_leaves = {k: v.clone().requires_grad_() for k, v in feats.items()}
+    total = 0.0
+    for r in range(32):
+        lvl = int(levels[r])
+        roi = torch.cat((batch[r:r + 1], all_boxes[r])).view(1, 5)
+        piece = roi_align(ref_leaves[str(lvl)], roi, 7, 1.0 / strides[lvl], 2, aligned=False)
+        torch.testing.assert_close(out[r:r + 1].detach(), piece.detach(), rtol=0, atol=0)
+        total = total + (piece * probe[r:r + 1]).sum()
+    total.backward()
+    for k in leaves:
+        torch.testing.assert_close(leaves[k].grad, ref_leaves[k].grad, rtol=1e-12, atol=1e-12)
+
+
+def test_multiscale_on_bfloat16_maps_keeps_the_boxes_in_float32():
+    # boxes far from the origin with fractional corners: rounded to bfloat16 (8 bits) they would move by
+    # up to 2 pixels and read other features; the bf16 result must instead be the float32 one, rounded
+    feats = make_features(1, 8, 512, 768, [4, 8], seed=44)
+    feats_bf16 = {k: v.to(torch.bfloat16) for k, v in feats.items()}
+    g = torch.Generator().manual_seed(45)
+    xy = 500 + torch.rand(30, 2, generator=g) * 200
+    boxes = [torch.cat((xy, xy + 20 + torch.rand(30, 2, generator=g) * 40), 1)]
+    pooler = MultiScaleRoIAlign(["0", "1"], 7, 2)
+    out = pooler(feats_bf16, boxes, [(512, 768)])
+    assert out.dtype == torch.bfloat16
+    expected = pooler({k: v.float() for k, v in feats_bf16.items()}, boxes, [(512, 768)])
+    # one bfloat16 rounding of the weights and of the output: a few parts in a thousand
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=2e-2)
+    rounded = pooler({k: v.float() for k, v in feats_bf16.items()}, [boxes[0].to(torch.bfloat16).float()], [(512, 768)])
+    assert (rounded - expected).abs().max() > 0.1  # the test can tell rounded boxes apart

@@ -246,3 +246,16 @@ def test_roi_align_gradient_is_contiguous_nchw():
     roi_align(b, rois, 3, 1.0, 2, True).backward(grad_out)
     assert a.grad.is_contiguous()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_roi_align_rows_is_roi_align_before_its_transpose():
+    from fasterrcnn.ops.roi_align import roi_align_rows
+    g = torch.Generator().manual_seed(17)
+    inp = torch.randn(2, 5, 12, 16, generator=g, dtype=torch.float64)
+    rois = torch.cat((random_rois(6, 2, 12, 16, 1.0, seed=18), random_rois(4, 2, 12, 16, 1.0, seed=19, tiny=True)))
+    for sampling in (0, 2):
+        rows = roi_align_rows(inp, rois, (3, 4), 1.0, sampling, False)
+        assert rows.shape == (10, 12, 5) and rows.is_contiguous()
+        torch.testing.assert_close(rows.view(10, 3, 4, 5).permute(0, 3, 1, 2),
+                                   roi_align(inp, rois, (3, 4), 1.0, sampling, False), rtol=0, atol=0)
+    assert roi_align_rows(inp, rois[:0], 3).shape == (0, 9, 5)
