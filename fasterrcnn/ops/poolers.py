@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._utils import compute_dtype, pair, serial_ops
+from ._utils import compute_dtype, pair
 from .boxes import box_area
 from .roi_align import roi_align_rows
 from .roi_pool import roi_pool_rows
@@ -107,11 +107,6 @@ class MultiScaleRoIAlign(nn.Module):
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> Tensor:
-        with serial_ops():  # as roi_align: on the calling CPU thread (see serial_ops)
-            return self._forward(features, boxes, image_sizes)
-
-    def _forward(self, features: dict[str, Tensor], boxes: list[Tensor],
-                 image_sizes: list[tuple[int, int]]) -> Tensor:
         missing = [name for name in self.featmap_names if name not in features]
         if missing:
             raise KeyError(f"MultiScaleRoIAlign features: missing maps {missing}; got {list(features)}")

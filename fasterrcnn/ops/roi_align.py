@@ -149,9 +149,12 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
     ``list[Tensor[L_i, 4]]`` (one per image, in input pixels) -> ``Tensor[K, C, oh, ow]``.
 
     Differentiable w.r.t. ``input`` (not the boxes). ``output_size`` is an int or ``(oh, ow)``.
-    Runs on the calling CPU thread (:func:`~fasterrcnn.ops._utils.serial_ops`): a few dozen ops, which on a
-    shared machine lose more waiting for OpenMP workers than a second thread gains (RoIAlign over P2..P5,
-    forward + backward, at load 4-5 on two cores: 0.39 s serial, 0.6-1.6 s on two threads).
+    Threads: the taps (a few dozen medium-sized ops) and the whole backward run on the calling CPU thread
+    (:func:`~fasterrcnn.ops._utils.serial_ops`), which on a shared machine lose more waiting for OpenMP
+    workers than a second thread gains (RoIAlign over P2..P5, forward + backward, at load 4-5 on two
+    cores: 0.39 s serial, 0.6-1.6 s on two threads). The forward's gather, one large op, uses the
+    caller's threads (``benchmarks/bench_pool_threads.py``: MultiScaleRoIAlign's forward 0.68x the
+    one-thread time on a quiet machine, 1.16x beside two spinning processes).
     """
     oh, ow = pair(output_size, "roi_align")
     rows = roi_align_rows(input, boxes, (oh, ow), spatial_scale, sampling_ratio, aligned)
@@ -164,12 +167,6 @@ def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[i
     """:func:`roi_align` with its output as rows: ``Tensor[K, oh*ow, C]``, bin ``(ph, pw)`` at row
     ``ph * ow + pw``, in the input's dtype. ``rows.view(K, oh, ow, C).permute(0, 3, 1, 2)`` is roi_align's
     result as a channels-last view, with no copy."""
-    with serial_ops():
-        return _roi_align_rows(input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
-
-
-def _roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], spatial_scale: float,
-                    sampling_ratio: int, aligned: bool) -> Tensor:
     oh, ow, rois, cdtype = roi_op_arguments(input, boxes, output_size, "roi_align")
     n, c, height, width = input.shape
     k = rois.shape[0]
@@ -182,7 +179,7 @@ def _roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[
     # channels-last rows, one per pixel; contiguous, since the gather reads whole rows
     feats = channels_last_rows(x)
 
-    with torch.no_grad():
+    with torch.no_grad(), serial_ops():
         if sampling_ratio > 0:
             gh = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
             gw = gh
@@ -212,7 +209,7 @@ def _roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[
         for lo in range(0, size, chunk):
             hi = min(lo + chunk, size)
             sel = slice(lo, hi) if members is None else members[lo:hi]
-            with torch.no_grad():
+            with torch.no_grad(), serial_ops():
                 index, weight = _bag_taps(rois[sel], oh, ow, spatial_scale, gh[sel], gw[sel],
                                           max_gh, max_gw, aligned, height, width)
             outs.append(_WeightedGather.apply(feats, index, weight.to(feats.dtype)))
