@@ -124,3 +124,23 @@ def test_the_optimised_evaluation_scores_as_the_model_as_trained(short_run, tmp_
         assert max(abs(u - v) for u, v in zip(a["bbox"], b["bbox"])) < 0.05
     for name in ("AP", "AP50", "VOC_mAP50"):
         assert abs(summaries[""][name] - summaries["--no-optimize"][name]) < 2e-3, name
+
+
+def test_evaluate_in_bf16_runs_the_network_in_bf16(short_run, tmp_path, capsys, monkeypatch):
+    result, synth = short_run
+    import fasterrcnn.engine.evaluator as evaluator
+    seen = []
+    original = evaluator.predict_dataset
+
+    def spy(model, *args, **kwargs):
+        seen.append((model.backbone.body.conv1.weight.dtype, kwargs.get("amp")))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator, "predict_dataset", spy)
+    out = tmp_path / "bf16"
+    assert main(["evaluate", "--weights", str(result.run_dir / "last.pt"), "--amp", "bf16",
+                 "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    # the optimised copy is cast to bfloat16 (no autocast on top), and the detections come back as usual
+    assert seen == [(torch.bfloat16, "none")]
+    assert len(json.loads((out / "predictions.json").read_text())) > 10
