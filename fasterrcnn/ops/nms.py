@@ -103,6 +103,23 @@ def _suppresses(a: Tensor, b: Tensor, threshold: float, grouped: bool) -> Tensor
     return inter.div_(union).gt_(threshold)
 
 
+def _greedy_fixed_point(sup: Tensor, alive: Tensor) -> Tensor:
+    """The greedy order inside blocks: ``keep[i] = alive[i] and no kept j < i has sup[j, i]``, solved by the
+    fixed-point iteration of the module docstring. One block: ``sup[B, B]`` (float 0./1., only pairs j < i
+    set), ``alive[B]`` (float 0./1.) -> ``keep[B]``; G groups at once: ``sup[G, B, B]``, ``alive[G, 1, B]``
+    -> ``keep[G, 1, B]``. ``k @ sup`` counts, for every i, the kept boxes suppressing it (exact in float:
+    counts <= B); one block uses ``mv`` on the transpose, measured ~1.5x faster there than a [1, B] matmul."""
+    sup_t = sup.t() if sup.dim() == 2 else None
+    k = alive
+    for _ in range(sup.shape[-1] + 1):
+        counts = torch.mv(sup_t, k) if sup_t is not None else torch.bmm(k, sup)
+        new = alive * (counts == 0)
+        if torch.equal(new, k):
+            break
+        k = new
+    return k
+
+
 def _greedy_sorted(cols: Tensor, grouped: bool, iou_threshold: float) -> Tensor:
     """Exact greedy NMS on boxes already in priority order: columns ``[5 or 6, N] -> bool[N]`` (kept mask).
 
@@ -153,16 +170,7 @@ def _greedy_sorted(cols: Tensor, grouped: bool, iou_threshold: float) -> Tensor:
         else:
             alive = 1 - dead
             sup.mul_(alive[:, None])  # dead boxes never suppress
-        sup_t = sup.t()
-        k = alive
-        for _ in range(m + 1):
-            # matmul form of any_j(sup[j, i] & k[j]); counts <= block size are exact in float
-            new = alive * (torch.mv(sup_t, k) == 0)
-            if torch.equal(new, k):
-                break
-            k = new
-
-        k = k > 0
+        k = _greedy_fixed_point(sup, alive) > 0
         keep[start:end] = k
         if end < n:
             new_cols = cols[:, start:end][:, k]
@@ -197,13 +205,7 @@ def _greedy_small_groups(cols: Tensor, groups: Tensor, iou_threshold: float) -> 
     ar = torch.arange(g_max, device=device)
     sup.mul_((ar[:, None] < ar[None, :]).to(dtype))  # only j < i
     alive = cols.new_zeros(g * g_max).index_fill_(0, slot, 1).view(g, 1, g_max)
-    k = alive
-    for _ in range(g_max + 1):
-        new = alive * (torch.bmm(k, sup) == 0)
-        if torch.equal(new, k):
-            break
-        k = new
-    return k.view(-1).index_select(0, slot) > 0
+    return _greedy_fixed_point(sup, alive).view(-1).index_select(0, slot) > 0
 
 
 def _prepare(boxes: Tensor) -> Tensor:
