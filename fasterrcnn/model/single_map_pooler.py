@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops._utils import compute_dtype, pair
+from ..ops._utils import compute_dtype, pair, rows_as_nchw
 from ..ops.roi_align import roi_align_rows
 from ..ops.roi_pool import roi_pool_rows
 
@@ -46,4 +46,4 @@ class SingleMapRoIPooler(nn.Module):
         else:
             rows = roi_align_rows(feature, boxes, (oh, ow), spatial_scale=scale,
                                   sampling_ratio=self.sampling_ratio, aligned=self.aligned)
-        return rows.view(rows.shape[0], oh, ow, feature.shape[1]).permute(0, 3, 1, 2)  # [R, D, P, P]
+        return rows_as_nchw(rows, oh, ow)  # [R, D, P, P], channels-last strides

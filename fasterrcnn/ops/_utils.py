@@ -60,10 +60,15 @@ def roi_op_arguments(input: Tensor, boxes: BoxesArg, output_size: int | Sequence
     return oh, ow, rois, cdtype
 
 
-def empty_roi_output(input: Tensor, k: int, oh: int, ow: int) -> Tensor:
-    """``Tensor[K, C, oh, ow]`` of zeros for no RoI (or an empty map), connected to the graph (a sum over
+def empty_roi_rows(input: Tensor, k: int, oh: int, ow: int) -> Tensor:
+    """Rows ``Tensor[K, oh*ow, C]`` of zeros for no RoI (or an empty map), connected to the graph (a sum over
     no element), so a loss over no RoI still backpropagates."""
-    return input.new_zeros((k, input.shape[1], oh, ow)) + input.reshape(-1)[:0].sum()
+    return input.new_zeros((k, oh * ow, input.shape[1])) + input.reshape(-1)[:0].sum()
+
+
+def rows_as_nchw(rows: Tensor, oh: int, ow: int) -> Tensor:
+    """RoI rows ``[K, oh*ow, C]`` as ``[K, C, oh, ow]``: a view with channels-last strides (no copy)."""
+    return rows.view(rows.shape[0], oh, ow, rows.shape[2]).permute(0, 3, 1, 2)
 
 
 def to_channels_last(x: Tensor) -> Tensor:

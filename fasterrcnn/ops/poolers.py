@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._utils import compute_dtype, pair
+from ._utils import compute_dtype, pair, rows_as_nchw
 from .boxes import box_area
 from .roi_align import roi_align_rows
 from .roi_pool import roi_pool_rows
@@ -143,7 +143,7 @@ class MultiScaleRoIAlign(nn.Module):
                 rows = pairs[1]
             else:
                 rows = _PlaceRows.apply(num_rois, *pairs)
-        return rows.view(num_rois, oh, ow, channels).permute(0, 3, 1, 2)
+        return rows_as_nchw(rows, oh, ow)
 
 
 class MultiScaleRoIPool(MultiScaleRoIAlign):

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import BoxesArg, channels_last_rows, empty_roi_output, pair, roi_op_arguments, serial_ops
+from ._utils import BoxesArg, channels_last_rows, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments, serial_ops
 
 __all__ = ["roi_align", "roi_align_rows"]
 
@@ -158,8 +158,7 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
     """
     oh, ow = pair(output_size, "roi_align")
     rows = roi_align_rows(input, boxes, (oh, ow), spatial_scale, sampling_ratio, aligned)
-    k, c = rows.shape[0], input.shape[1]
-    return rows.view(k, oh, ow, c).permute(0, 3, 1, 2).contiguous()
+    return rows_as_nchw(rows, oh, ow).contiguous()
 
 
 def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], spatial_scale: float = 1.0,
@@ -171,7 +170,7 @@ def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[i
     n, c, height, width = input.shape
     k = rois.shape[0]
     if k == 0 or n * height * width == 0:
-        return empty_roi_output(input, k, oh, ow).flatten(2).transpose(1, 2).contiguous()
+        return empty_roi_rows(input, k, oh, ow)
 
     # float32/float64 maps are read in the compute dtype; half-precision maps as they are (see Precision)
     low_precision = input.dtype in (torch.bfloat16, torch.float16)

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._utils import (BoxesArg, empty_roi_output, pair, roi_op_arguments, serial_ops, to_channels_first,
+from ._utils import (BoxesArg, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments, serial_ops, to_channels_first,
                      to_channels_last)
 
 __all__ = ["roi_pool", "roi_pool_rows"]
@@ -192,18 +192,18 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
     """
     oh, ow = pair(output_size, "roi_pool")
     rows = roi_pool_rows(input, boxes, (oh, ow), spatial_scale)
-    k, c = rows.shape[0], input.shape[1]
-    return rows.view(k, oh, ow, c).permute(0, 3, 1, 2).contiguous()
+    return rows_as_nchw(rows, oh, ow).contiguous()
 
 
 def roi_pool_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
                   spatial_scale: float = 1.0) -> Tensor:
-    """:func:`roi_pool` with its output as rows, ``Tensor[K, oh*ow, C]`` (as :func:`~fasterrcnn.ops.roi_align.roi_align_rows`)."""
+    """:func:`roi_pool` with its output as rows, ``Tensor[K, oh*ow, C]``
+    (as :func:`~fasterrcnn.ops.roi_align.roi_align_rows`)."""
     oh, ow, rois, cdtype = roi_op_arguments(input, boxes, output_size, "roi_pool")
     n, c, height, width = input.shape
     k = rois.shape[0]
     if k == 0 or n * height * width == 0:
-        return empty_roi_output(input, k, oh, ow).flatten(2).transpose(1, 2).contiguous()
+        return empty_roi_rows(input, k, oh, ow)
 
     with torch.no_grad():
         start_w = _c_round(rois[:, 1] * spatial_scale).to(torch.int64)
