@@ -130,9 +130,12 @@ AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 def optimized_for_inference(model: torch.nn.Module, amp: str = "none") -> tuple[torch.nn.Module, str]:
     """-> (a copy of ``model`` prepared by ``optimize_for_inference`` in the dtype ``amp`` names, "none"):
-    BatchNorm folded, channels-last, and for bf16/fp16 the network cast instead of autocast. A model
-    without that method (or already prepared) comes back as it is, with ``amp`` unchanged."""
-    if getattr(model, "inference_only", False) or not hasattr(model, "optimize_for_inference"):
+    BatchNorm folded, channels-last, and for bf16/fp16 the network cast instead of autocast; the model
+    passed in stays trainable. A model prepared already comes back as it is (its dtype stands, no
+    autocast on top); one without that method comes back as it is, with ``amp`` unchanged."""
+    if getattr(model, "inference_only", False):
+        return model, "none"
+    if not hasattr(model, "optimize_for_inference"):
         return model, amp
     return copy.deepcopy(model).optimize_for_inference(dtype=AMP_DTYPES[amp]), "none"
 

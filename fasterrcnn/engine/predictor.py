@@ -12,7 +12,6 @@ An image is a path (any file Pillow reads, EXIF orientation applied), a PIL imag
 """
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
-from .evaluator import autocast
+from .evaluator import autocast, optimized_for_inference
 from .setup import load_model_for_inference, resolve_device
 
 
@@ -92,11 +91,10 @@ class Detector:
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
         self.device = torch.device(device)
-        self.optimized = optimize and hasattr(model, "optimize_for_inference")
-        if self.optimized:
-            if not getattr(model, "inference_only", False):
-                model = copy.deepcopy(model)  # the caller's model stays trainable
-            model = model.to(self.device).optimize_for_inference(dtype=torch.bfloat16 if bf16 else torch.float32)
+        # the autocast left to do: none for an optimised model (its dtype is set)
+        self.amp = "bf16" if bf16 else "none"
+        if optimize:
+            model, self.amp = optimized_for_inference(model, self.amp)
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
         self.label_to_cat_id = dict(label_to_cat_id or {i: i for i in range(1, len(class_names))})
@@ -111,7 +109,7 @@ class Detector:
         ``weights`` may be a URL: it is read through torch.hub's cache."""
         dev = resolve_device(device)
         model, names, label_to_cat_id = load_model_for_inference(weights, arch=arch, device=dev)
-        if optimize and hasattr(model, "optimize_for_inference"):  # ours alone: no copy needed
+        if optimize and hasattr(model, "optimize_for_inference"):  # ours alone: prepared in place, no copy
             model.optimize_for_inference(dtype=torch.bfloat16 if bf16 else torch.float32)
         return cls(model, names, label_to_cat_id=label_to_cat_id, device=dev, score_threshold=score_threshold,
                    bf16=bf16, optimize=optimize)
@@ -131,7 +129,7 @@ class Detector:
         """Tensors [3, H, W] in [0, 1] -> one Detections each (scores >= the threshold)."""
         if not images:
             return []
-        with autocast(self.device, "bf16" if self.bf16 and not self.optimized else "none"):
+        with autocast(self.device, self.amp):
             raw = self.model([im.to(self.device, non_blocking=True) for im in images])
         results = []
         for d in raw:

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops._utils import compute_dtype, pair, rows_as_nchw
+from ..ops._utils import pair, rows_as_nchw
 from ..ops.roi_align import roi_align_rows
 from ..ops.roi_pool import roi_pool_rows
 
@@ -39,11 +39,11 @@ class SingleMapRoIPooler(nn.Module):
                 image_sizes: list[tuple[int, int]]) -> torch.Tensor:
         feature = features[self.featmap_name]
         scale = self.infer_scale(feature, image_sizes)
-        boxes = [p.to(compute_dtype(feature.dtype)) for p in proposals]  # float32 at least
         oh, ow = pair(self.output_size, "SingleMapRoIPooler")
+        # the ops take the boxes in their compute dtype (float32 at least, even on a bfloat16 map)
         if self.op == "roi_pool":
-            rows = roi_pool_rows(feature, boxes, (oh, ow), spatial_scale=scale)
+            rows = roi_pool_rows(feature, proposals, (oh, ow), spatial_scale=scale)
         else:
-            rows = roi_align_rows(feature, boxes, (oh, ow), spatial_scale=scale,
+            rows = roi_align_rows(feature, proposals, (oh, ow), spatial_scale=scale,
                                   sampling_ratio=self.sampling_ratio, aligned=self.aligned)
         return rows_as_nchw(rows, oh, ow)  # [R, D, P, P], channels-last strides

@@ -164,17 +164,16 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
 def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], spatial_scale: float = 1.0,
                    sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
     """:func:`roi_align` with its output as rows: ``Tensor[K, oh*ow, C]``, bin ``(ph, pw)`` at row
-    ``ph * ow + pw``, in the input's dtype. ``rows.view(K, oh, ow, C).permute(0, 3, 1, 2)`` is roi_align's
-    result as a channels-last view, with no copy."""
+    ``ph * ow + pw``, in the input's dtype. ``_utils.rows_as_nchw(rows, oh, ow)`` is roi_align's result as a
+    channels-last view, with no copy."""
     oh, ow, rois, cdtype = roi_op_arguments(input, boxes, output_size, "roi_align")
     n, c, height, width = input.shape
     k = rois.shape[0]
     if k == 0 or n * height * width == 0:
         return empty_roi_rows(input, k, oh, ow)
 
-    # float32/float64 maps are read in the compute dtype; half-precision maps as they are (see Precision)
-    low_precision = input.dtype in (torch.bfloat16, torch.float16)
-    x = input if input.dtype == cdtype or low_precision else input.to(cdtype)
+    # a floating-point map is read in its own dtype, half precision included (see Precision)
+    x = input if input.is_floating_point() else input.to(cdtype)
     # channels-last rows, one per pixel; contiguous, since the gather reads whole rows
     feats = channels_last_rows(x)
 
