@@ -248,7 +248,7 @@ def trained_agreement(checkpoint: str, pattern: str | None, device: torch.device
     import glob
 
     try:  # the engine needs the project's own dependencies (tqdm, ...), not the reference environment's
-        from fasterrcnn.engine.predictor import to_image_tensor
+        from fasterrcnn.inference.detector import to_image_tensor
         from fasterrcnn.engine.setup import load_model_for_inference
     except ImportError as e:
         print(f"\n--trained needs the project's environment ({e}): run .venv/bin/python {__file__} --trained-only ...")

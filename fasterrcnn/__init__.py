@@ -25,7 +25,7 @@ _MODEL_EXPORTS = {
     "fasterrcnn_resnet50_c5",
     "fasterrcnn_resnet50_single_map",
 }
-_ENGINE_EXPORTS = {"Detector": ".engine.predictor", "Detections": ".engine.predictor"}
+_ENGINE_EXPORTS = {"Detector": ".inference.detector", "Detections": ".inference.detector"}
 __all__ = sorted(_MODEL_EXPORTS | set(_ENGINE_EXPORTS))
 
 

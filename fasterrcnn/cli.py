@@ -87,7 +87,7 @@ def _add_check_data(p: argparse.ArgumentParser) -> None:
 
 
 def _run_check_data(args: argparse.Namespace) -> int:
-    from fasterrcnn.data.check import check_dataset
+    from fasterrcnn.data.check_data import check_dataset
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     check = check_dataset(args.path, image_root=args.images, voc_split=args.split, classes=classes)
@@ -242,8 +242,8 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from fasterrcnn.engine.predict import collect_images, predict_files
-    from fasterrcnn.engine.predictor import Detector
+    from fasterrcnn.inference.predict_files import collect_images, predict_files
+    from fasterrcnn.inference.detector import Detector
 
     _setup_logging()
     paths = collect_images(args.sources, recursive=args.recursive)
@@ -288,7 +288,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fasterrcnn.data.images import read_image
-    from fasterrcnn.engine.explain import explain, load_annotations
+    from fasterrcnn.explain.trace import explain, load_annotations
     from fasterrcnn.engine.setup import load_model_for_inference, resolve_device
 
     device = resolve_device(args.device)
@@ -332,7 +332,7 @@ def _run_ablate(args: argparse.Namespace) -> int:
 
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from fasterrcnn.engine.ablate import BUILTIN_CELLS, base_config, command_line, run_ablation, select_cells
+    from fasterrcnn.experiments.ablate import BUILTIN_CELLS, base_config, command_line, run_ablation, select_cells
 
     if args.list:
         for cell in BUILTIN_CELLS:

@@ -4,7 +4,7 @@ Knows nothing of the model: it speaks images, boxes, labels and files.
 """
 
 from .batching import GroupedBatchSampler, aspect_ratio_groups, collate, make_data_loader, set_epoch
-from .check import check_dataset
+from .check_data import check_dataset
 from .coco import CocoDetection
 from .report import DataError, Problem, Report
 from .synth import generate

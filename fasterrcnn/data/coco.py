@@ -16,7 +16,7 @@ import numpy as np
 
 from .base import DetectionDataset, ImageRecord, empty_arrays
 from .report import FIXED, SKIPPED_ANNOTATION, DataError, where
-from .validate import MALFORMED_BOX, check_box, is_int, is_number, resolve_inside
+from .box_checks import MALFORMED_BOX, check_box, is_int, is_number, resolve_inside
 
 UNKNOWN_CATEGORY = "unknown category id"
 UNKNOWN_IMAGE = "unknown image id"

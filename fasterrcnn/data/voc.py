@@ -17,7 +17,7 @@ import numpy as np
 
 from .base import DetectionDataset, ImageRecord, empty_arrays
 from .report import FIXED, SKIPPED_ANNOTATION, DataError, Report, where
-from .validate import MALFORMED_BOX, check_box, resolve_inside
+from .box_checks import MALFORMED_BOX, check_box, resolve_inside
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

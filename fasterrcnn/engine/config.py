@@ -89,7 +89,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC weights and batches: faster convolutions, same results
     # joint: approximate joint training (the four losses at once). alternating: Ren et al.'s 4-step
     # training (RPN; detector on its proposals; RPN on the frozen detector backbone; detector heads),
-    # see fasterrcnn/engine/alternating.py.
+    # see fasterrcnn/experiments/alternating.py.
     schedule: str = "joint"
     # the four steps' lengths: fractions of train.iterations (summing to 1) or iterations (summing to it);
     # the default has the 2:1:2:1 proportions of the reference implementation (80k/40k/80k/40k on VOC)

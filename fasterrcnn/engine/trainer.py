@@ -212,7 +212,7 @@ def train(cfg: Config, *, resume: str | None = None, resume_overrides: list[str]
             cfg = apply_overrides(cfg, list(resume_overrides), allowed=RESUME_OVERRIDABLE,
                                   context=f"--resume {resume}: ")
     if stage is None and cfg.train.schedule == "alternating":
-        from .alternating import train_alternating  # which runs this function once per step
+        from ..experiments.alternating import train_alternating  # which runs this function once per step
         return train_alternating(cfg, resume=resume, resume_overrides=resume_overrides, show_progress=show_progress)
     # Everything that can be checked without reading data, before reading any.
     preflight.check_run_length(cfg)

@@ -27,7 +27,7 @@ from .fuse import fold_batchnorm, module_dtype
 from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import DetectionTransform
-from .validation import check_images, check_targets
+from .input_checks import check_images, check_targets
 
 
 class FasterRCNN(nn.Module):

@@ -5,10 +5,10 @@ import torch
 
 import fasterrcnn.engine.trainer as trainer_mod
 from fasterrcnn.cli import main
-from fasterrcnn.engine.ablate import BUILTIN_CELLS, base_config, cell_config, config_hash, select_cells
+from fasterrcnn.experiments.ablate import BUILTIN_CELLS, base_config, cell_config, config_hash, select_cells
 from fasterrcnn.engine.config import ConfigError
 
-from .helpers import TINY_MODEL
+from ..engine.helpers import TINY_MODEL
 
 TINY = [f"model.options.{k}={v}" for k, v in TINY_MODEL.items()] + [
     "data.synth_num_train=8", "data.synth_num_val=4", "data.synth_size=[96, 128]", "data.workers=0",

@@ -11,7 +11,7 @@ from PIL import Image
 
 from fasterrcnn import Detector, Detections
 from fasterrcnn.data.coco_names import COCO_CATEGORY_NAMES
-from fasterrcnn.engine.predictor import to_image_tensor
+from fasterrcnn.inference.detector import to_image_tensor
 from fasterrcnn.model import fasterrcnn_resnet18_fpn
 from fasterrcnn.model.weights import WeightsError
 

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
-from .evaluator import autocast, optimized_for_inference
-from .setup import load_model_for_inference, resolve_device
+from ..engine.evaluator import autocast, optimized_for_inference
+from ..engine.setup import load_model_for_inference, resolve_device
 
 
 @dataclass

@@ -30,13 +30,13 @@ from torch import nn
 
 from ..files import atomic_open, atomic_write_bytes
 from ..viz.training import plot_ap_history, plot_losses
-from . import distributed as dist
-from .checkpoint import load_checkpoint
-from .config import (RESUME_OVERRIDABLE, Config, ConfigError, ModelConfig, TrainConfig, apply_overrides,
+from ..engine import distributed as dist
+from ..engine.checkpoint import load_checkpoint
+from ..engine.config import (RESUME_OVERRIDABLE, Config, ConfigError, ModelConfig, TrainConfig, apply_overrides,
                      config_from_dict, save_config)
-from .setup import build_model
+from ..engine.setup import build_model
 from .stage_model import DETECTOR_LOSSES, RPN_LOSSES, StageModel, freeze
-from .trainer import CSV_COLUMNS, TrainResult, read_metrics, train
+from ..engine.trainer import CSV_COLUMNS, TrainResult, read_metrics, train
 
 log = logging.getLogger("fasterrcnn")
 

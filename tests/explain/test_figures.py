@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from fasterrcnn.engine.explain import explain_image
-from fasterrcnn.viz.explain import (FIGURES, plot_anchor_labels, plot_roi_grid, plot_roi_levels, write_explain_figures,
+from fasterrcnn.explain.trace import explain_image
+from fasterrcnn.explain.figures import (FIGURES, plot_anchor_labels, plot_roi_grid, plot_roi_levels, write_explain_figures,
                                    write_summary)
-from tests.engine.explain_helpers import CLASSES, explain_model, single_map_model, synth_example
+from .helpers import CLASSES, explain_model, single_map_model, synth_example
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from fasterrcnn.cli import main
-from fasterrcnn.engine.predict import collect_images, output_names
+from fasterrcnn.inference.predict_files import collect_images, output_names
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_globs_and_names(photos):
 
 
 def test_a_failure_midway_leaves_the_previous_json_whole(tmp_path):
-    from fasterrcnn.engine.predict import JsonArrayWriter
+    from fasterrcnn.inference.predict_files import JsonArrayWriter
     path = tmp_path / "predictions.json"
     with JsonArrayWriter(path) as w:
         w.write({"a": 1})

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import fasterrcnn.engine.trainer as trainer_mod
-from fasterrcnn.engine.alternating import AlternatingStep, step_config, step_lengths
+from fasterrcnn.experiments.alternating import AlternatingStep, step_config, step_lengths
 from fasterrcnn.engine.checkpoint import load_checkpoint
 from fasterrcnn.engine.config import ConfigError, apply_overrides
 from fasterrcnn.engine.setup import build_model, load_model_for_inference
 from fasterrcnn.engine.trainer import train
 
-from .helpers import tiny_config
+from ..engine.helpers import tiny_config
 
 ALTERNATING = ("train.schedule=alternating", "train.iterations=4", "train.batch_size=2")
 

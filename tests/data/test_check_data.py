@@ -1,7 +1,7 @@
 import pytest
 
 from fasterrcnn.data import DataError, check_dataset
-from fasterrcnn.data.check import size_bucket
+from fasterrcnn.data.check_data import size_bucket
 from fasterrcnn.data.synth import generate
 
 from .helpers import make_voc, simple_coco

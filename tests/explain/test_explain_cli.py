@@ -4,10 +4,10 @@ import torch
 
 from fasterrcnn.cli import main
 from fasterrcnn.engine.setup import build_model
-from fasterrcnn.viz.explain import FIGURES
+from fasterrcnn.explain.figures import FIGURES
 
-from .explain_helpers import CLASSES, synth_example
-from .helpers import tiny_config
+from .helpers import CLASSES, synth_example
+from ..engine.helpers import tiny_config
 
 
 
@@ -42,12 +42,12 @@ def test_explain_with_coco_annotations_into_the_default_folder(setup, tmp_path, 
 
 
 def test_explain_with_voc_xml_and_options(setup, tmp_path, capsys, monkeypatch):
-    import fasterrcnn.viz.explain
+    import fasterrcnn.explain.figures
 
     ckpt, _, image_path = setup
     # the figures were drawn through the command above; here only the ground truth and the options matter
     drawn = {}
-    monkeypatch.setattr(fasterrcnn.viz.explain, "write_explain_figures",
+    monkeypatch.setattr(fasterrcnn.explain.figures, "write_explain_figures",
                         lambda trace, out, **kwargs: drawn.update(kwargs, trace=trace) or {})
     xml = tmp_path / "img.xml"
     xml.write_text("<annotation><object><name>circle</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>50</xmax>"

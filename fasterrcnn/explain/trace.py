@@ -2,7 +2,7 @@
 
 The stages are the model's own modules and methods, called in the order ``FasterRCNN.forward`` calls
 them (eval mode, under ``torch.inference_mode``), so the detections are exactly ``model([image])``.
-Everything comes back as data (an ``ExplainTrace``, on the CPU); ``fasterrcnn.viz.explain`` draws it.
+Everything comes back as data (an ``ExplainTrace``, on the CPU); ``fasterrcnn.explain.figures`` draws it.
 
 Shapes: one image [3, H0, W0]; L levels, level l has A anchors per location on an H_l x W_l grid;
 N = sum_l H_l W_l A anchors; M boxes enter NMS; P proposals; K classes including background;
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from ..model.rpn import flatten_head_outputs
 from ..model.single_map_pooler import SingleMapRoIPooler
-from ..model.validation import check_images
+from ..model.input_checks import check_images
 from ..ops import MultiScaleRoIAlign, assign_fpn_levels, box_iou, clip_boxes_to_image
-from .config import ConfigError
+from ..engine.config import ConfigError
 
 STAGES = ("transform", "backbone", "rpn_head", "anchors", "proposals", "anchor_labels",
           "roi_pooling", "box_head", "postprocess")
@@ -459,7 +459,7 @@ def _coco_target(ann_file: Path, image_path: Path, image_size: tuple[int, int],
                  label_to_cat_id: dict[int, int]) -> tuple[dict, list[str]]:
     from ..data import CocoDetection
     from ..data.report import DataError
-    from .evaluator import targets_in_model_labels
+    from ..engine.evaluator import targets_in_model_labels
 
     dataset = CocoDetection(ann_file, image_root=image_path.parent)
     matches = [i for i, r in enumerate(dataset.records) if Path(r.path).name == image_path.name]
@@ -542,7 +542,7 @@ def explain(model, image: torch.Tensor, out_dir, *, target: dict | None = None,
             class_names: list[str] | None = None, level: str | int | None = None,
             score_threshold: float = 0.5, roi_index: int | None = None) -> Explanation:
     """Trace ``image`` through ``model`` and write one figure per stage and summary.txt into ``out_dir``."""
-    from ..viz.explain import write_explain_figures, write_summary
+    from .figures import write_explain_figures, write_summary
 
     trace = explain_image(model, image, target=target, class_names=class_names, roi_index=roi_index)
     level_index = trace.level_index(level)

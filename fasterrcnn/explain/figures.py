@@ -1,5 +1,5 @@
 """The figures of ``fasterrcnn explain``: one PNG per stage of the detector, drawn from an explain trace
-(``fasterrcnn.engine.explain.ExplainTrace``, read by attribute; this module imports nothing of engine).
+(``fasterrcnn.explain.trace.ExplainTrace``, read by attribute; this module imports nothing of engine).
 
 Every ``plot_*`` returns ``(path, numbers)``: ``numbers`` holds exactly the values written on the figure
 (titles, legends, labels), unrounded, so a test can hold them against the model's own outputs. A
@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from ..ops import box_iou
-from ._save import save_png
+from ..viz._save import save_png
 
 __all__ = ["plot_anchor_labels", "plot_anchors", "plot_detections", "plot_proposals", "plot_roi_grid",
            "plot_roi_levels", "plot_rpn_objectness", "plot_two_stage", "write_explain_figures", "write_summary"]

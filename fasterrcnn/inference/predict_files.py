@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.images import load_image
 from ..data.report import DataError
 from ..viz.detections import draw_detections
-from .predictor import Detector, to_image_tensor
-from .progress import Progress
+from .detector import Detector, to_image_tensor
+from ..engine.progress import Progress
 
 log = logging.getLogger("fasterrcnn")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.validation import check_images, check_targets
+from ..model.input_checks import check_images, check_targets
 
 PARTS = ("backbone", "rpn", "roi_heads")
 RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")

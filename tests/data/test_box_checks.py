@@ -3,7 +3,7 @@ import math
 import pytest
 
 from fasterrcnn.data.report import DataError
-from fasterrcnn.data.validate import (
+from fasterrcnn.data.box_checks import (
     CLIPPED, NEGATIVE_SIZE, NON_FINITE, OUTSIDE, ZERO_SIZE, check_box, resolve_inside,
 )
 

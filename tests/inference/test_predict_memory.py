@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fasterrcnn.engine.predict import predict_files
-from fasterrcnn.engine.predictor import Detector
+from fasterrcnn.inference.predict_files import predict_files
+from fasterrcnn.inference.detector import Detector
 
 from ..model.helpers import tiny_model
 

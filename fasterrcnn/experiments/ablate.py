@@ -25,10 +25,10 @@ import yaml
 
 from ..files import atomic_write_text
 from .alternating import AlternatingResult, latest_checkpoint
-from .checkpoint import load_checkpoint
-from .config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, load_config
-from .evaluator import evaluate_model
-from .setup import build_data, build_model, resolve_device
+from ..engine.checkpoint import load_checkpoint
+from ..engine.config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, load_config
+from ..engine.evaluator import evaluate_model
+from ..engine.setup import build_data, build_model, resolve_device
 
 log = logging.getLogger("fasterrcnn")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -221,7 +221,7 @@ def _eval_metrics(evaluation, run_dir: Path) -> dict[str, float]:
 
 
 def run_training_cell(cell: Cell, cfg: Config, digest: str, *, show_progress: bool) -> CellResult:
-    from .trainer import train  # the trainer imports this package's modules; import it when needed
+    from ..engine.trainer import train  # the trainer imports this package's modules; import it when needed
 
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     checkpoint = latest_checkpoint(run_dir)

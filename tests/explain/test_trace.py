@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from fasterrcnn.data import DataError
-from fasterrcnn.engine.explain import STAGES, explain_image, load_annotations, roi_sampling_grid
+from fasterrcnn.explain.trace import STAGES, explain_image, load_annotations, roi_sampling_grid
 from fasterrcnn.model.rpn import flatten_head_outputs
 from fasterrcnn.model.transform import resize_boxes
 from fasterrcnn.ops import assign_fpn_levels, box_iou
 
-from .explain_helpers import CLASSES, explain_model, single_map_model, synth_example
+from .helpers import CLASSES, explain_model, single_map_model, synth_example
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Inference for users: the ``Detector`` API and ``fasterrcnn predict``'s run over files."""
