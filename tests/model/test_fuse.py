@@ -221,3 +221,9 @@ def test_an_image_without_proposals_gives_the_plain_models_empty_detections(dtyp
         assert set(g) == set(w)
         for key in w:
             assert g[key].dtype == w[key].dtype and g[key].shape == w[key].shape, key
+    if cause == "score_threshold":  # the Detector runs the optimised model too
+        from fasterrcnn import Detector
+
+        detector = Detector(plain, ["__background__", "a", "b", "c"], score_threshold=0.0,
+                            bf16=dtype == torch.bfloat16)
+        assert [len(d) for d in detector(images)] == [0, 0]
