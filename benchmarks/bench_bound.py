@@ -65,7 +65,6 @@ def layer_flops(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def group_of(name: str) -> str:
     """A readable part of the network for a layer's qualified name."""
-    name = name.replace(".module.", ".")  # a part wrapped in fast_path.CastInput (bf16)
     if name.startswith("backbone.body."):
         part = name.split(".")[2]
         return "body " + (part if part.startswith("layer") else "stem")

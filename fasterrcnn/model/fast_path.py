@@ -10,7 +10,7 @@ as the paper describes them. The same detections, less work per image.
                                     t = beta - mean * s; the norm layer becomes nn.Identity
     FusedRPNHead(head)              an RPNHead whose two 1x1 output convs are one matrix product
     ChannelsLastTwoMLPHead(head, D) a TwoMLPHead whose fc6 reads the pooler's channels-last rows as they are
-    CastInput(module, dtype)        casts a part's input to the dtype its weights were cast to
+    CastInput(dtype)                a forward pre-hook casting a part's input to the dtype of its weights
 
 Why: a FrozenBatchNorm2d is a multiply and an add over a whole feature map, with no arithmetic intensity:
 folded into the conv before it, it costs nothing. Channels-last is the layout oneDNN's convolutions run
@@ -61,8 +61,8 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float
     if dtype != torch.float32:
         # the two parts whose input comes from outside the cast network: the float32 image batch, and the
         # pooler's output (ours keeps the maps' dtype; another pooler may not)
-        model.backbone = CastInput(model.backbone, dtype)
-        heads.box_head = CastInput(heads.box_head, dtype)
+        for part in (model.backbone, heads.box_head):
+            part.register_forward_pre_hook(CastInput(dtype))
     for p in model.parameters():
         p.requires_grad_(False)
     model.inference_only = True  # FasterRCNN.train refuses to train from now on
@@ -187,21 +187,22 @@ class ChannelsLastTwoMLPHead(nn.Module):
         return F.relu(self.fc7(x))
 
 
-class CastInput(nn.Module):
-    """``module`` with its floating-point input (a tensor, or a list of tensors) cast to ``dtype`` first:
-    the entry of a part whose weights ``optimize_for_inference`` cast to bfloat16 or float16."""
+class CastInput:
+    """A forward pre-hook (``module.register_forward_pre_hook(CastInput(dtype))``) that casts the module's
+    floating-point input (a tensor, or a list of tensors) to ``dtype``: the entry of a part whose weights
+    ``optimize_for_inference`` cast to bfloat16 or float16. A hook, not a wrapper module, so the optimised
+    model keeps the plain model's module names (``model.backbone.body...``) in every dtype."""
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.module = module
+    def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
 
-    def forward(self, x, *args, **kwargs):
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x, *rest = args
         if isinstance(x, (list, tuple)):
             x = type(x)(t.to(self.dtype) if t.is_floating_point() else t for t in x)
         elif x.is_floating_point():
             x = x.to(self.dtype)
-        return self.module(x, *args, **kwargs)
+        return (x, *rest)
 
-    def extra_repr(self) -> str:
-        return f"dtype={self.dtype}"
+    def __repr__(self) -> str:
+        return f"CastInput({self.dtype})"

@@ -137,7 +137,8 @@ def test_bfloat16_reproduces_the_float32_detections():
     images, _ = sample_batch()
     fp32 = detecting_tiny_model().optimize_for_inference()
     bf16 = detecting_tiny_model().optimize_for_inference(dtype=torch.bfloat16)
-    assert isinstance(bf16.backbone, CastInput) and bf16.backbone.module.body.conv1.weight.dtype == torch.bfloat16
+    assert bf16.backbone.body.conv1.weight.dtype == torch.bfloat16
+    assert any(isinstance(h, CastInput) for h in bf16.backbone._forward_pre_hooks.values())
     with torch.inference_mode():
         want, got = fp32(images), bf16(images)
     for d in got:  # boxes and scores come back in float32
@@ -163,7 +164,7 @@ def test_detector_runs_an_optimised_copy(tmp_path):
     hit, total = matched(want, got, iou_min=0.99, score_tol=1e-3)
     assert hit == total > 0
     fast_bf16 = Detector(model, ["__background__", "a", "b", "c"], score_threshold=0.0, bf16=True)
-    assert fast_bf16.model.backbone.module.body.conv1.weight.dtype == torch.bfloat16
+    assert fast_bf16.model.backbone.body.conv1.weight.dtype == torch.bfloat16
     got = [{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in fast_bf16(images, batch_size=2)]
     hit, total = matched(want, got, iou_min=0.9, score_tol=None)
     assert hit / total >= 0.9
