@@ -14,8 +14,9 @@ N x N matrix is ever built, and work is O(N * kept), the same as the sequential 
 Why tiles of fewer than 32768 pairs: every op then stays under ATen's parallel grain and runs on the
 calling thread. NMS is hundreds of small ops; each parallel one would wake the OpenMP team, which costs
 a scheduler time slice when the other cores are busy, more than a second thread gains on a tile. For the
-same reason the masks are float 0./1. tensors (bool ops on a tile are slower), a block is staged right after the kept boxes so that its own [B, B] matrix comes
-out of the last tile, and batched NMS separates groups inside the IoU arithmetic instead of with a mask.
+same reason the masks are float 0./1. tensors (bool ops on a tile are slower), a block is staged right
+after the kept boxes so that its own [B, B] matrix comes out of the last tile, and batched NMS separates
+groups inside the IoU arithmetic instead of with a mask.
 On a GPU the same code runs with one host sync per block (the kept count) and per fixed-point step.
 
 Batched NMS over many small groups (every group at most a block, as in per-class post-processing) skips the
@@ -73,8 +74,9 @@ def _suppresses(a: Tensor, b: Tensor, threshold: float, grouped: bool) -> Tensor
     ``threshold >= 0``; masked explicitly otherwise), and boxes of one group subtract an exact 0.
     The IoU of :func:`~fasterrcnn.ops.box_iou` bit for bit (same operations in the same order), so IoU equal
     to the threshold is kept. Everything stays in floating point: on these tiles any op that reads or writes a
-    bool tensor is several times slower than a float one, and the float mask reduces with ``amax``. The operands come pre-shaped so that one ``unbind`` each gives the
-    broadcastable rows (Python-side views cost about as much as an op on a tile).
+    bool tensor is several times slower than a float one, and the float mask reduces with ``amax``. The
+    operands come pre-shaped so that one ``unbind`` each gives the broadcastable rows (Python-side views cost
+    about as much as an op on a tile).
     """
     ax1, ay1, ax2, ay2, aarea, *ag = a.unbind(0)  # [T, 1] each
     bx1, by1, bx2, by2, barea, *bg = b.unbind(0)  # [1, B] each
