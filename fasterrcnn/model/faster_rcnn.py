@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..ops import MultiScaleRoIAlign
-from .anchors import AnchorGenerator
 from . import fast_path
+from .anchors import AnchorGenerator
 from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import DetectionTransform
