@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..ops import MultiScaleRoIAlign
+from . import fast_path
 from .anchors import AnchorGenerator
-from .fuse import fold_batchnorm, module_dtype
 from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import DetectionTransform
@@ -96,38 +96,24 @@ class FasterRCNN(nn.Module):
 
     def to_channels_last(self) -> "FasterRCNN":
         """Keep weights and the image batch in channels-last (NHWC) layout: the convolutions' fast path
-        on CPUs (about 10% per training step of the demo model in bf16); results are unchanged."""
+        on CPUs (measured in docs/design-decisions.md); results are unchanged."""
         self.to(memory_format=torch.channels_last)
         self.transform.memory_format = torch.channels_last
         return self
 
     def optimize_for_inference(self, *, dtype: torch.dtype = torch.float32,
                                channels_last: bool = True) -> "FasterRCNN":
-        """Prepare this model, in place, for fast inference, and return it: eval mode, every
-        BatchNorm folded into the conv before it (``fuse.fold_batchnorm``), channels-last weights and
-        images, and with ``dtype=torch.bfloat16`` the backbone, the RPN head and the box head in
-        bfloat16 (box decoding, scores and NMS stay in float32).
+        """Prepare this model, in place, for fast inference, and return it (``fast_path``): eval mode, every
+        BatchNorm folded into the conv before it, channels-last weights and images, the RPN head's two
+        output convs fused and the box head reading the pooler's channels-last rows, and with
+        ``dtype=torch.bfloat16`` the backbone, the RPN head and the box head in bfloat16 (box decoding,
+        scores and NMS stay in float32).
 
         In float32 the detections are those of the unoptimised model up to float rounding. The
         optimised model cannot train: its norm layers are gone, so ``train()`` raises, and its
         ``state_dict`` no longer has their keys (save the checkpoint you loaded, not this one).
         """
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"optimize_for_inference: dtype must be float32, bfloat16 or float16, got {dtype}")
-        self.eval()
-        fold_batchnorm(self)
-        if channels_last:
-            self.to_channels_last()
-        if hasattr(self.rpn.head, "fuse_outputs"):
-            self.rpn.head.fuse_outputs()
-        if hasattr(self.roi_heads.box_head, "read_channels_last"):  # our poolers output channels-last
-            self.roi_heads.box_head.read_channels_last(self.backbone.out_channels)
-        for part in (self.backbone, self.rpn.head, self.roi_heads.box_head, self.roi_heads.box_predictor):
-            part.to(dtype)
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.inference_only = True
-        return self
+        return fast_path.optimize_for_inference(self, dtype=dtype, channels_last=channels_last)
 
     def train(self, mode: bool = True) -> "FasterRCNN":
         if mode and getattr(self, "inference_only", False):
@@ -136,9 +122,6 @@ class FasterRCNN(nn.Module):
         return super().train(mode)
 
     def features(self, image_tensors: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        dtype = module_dtype(self.backbone)
-        if image_tensors.dtype != dtype and dtype in (torch.bfloat16, torch.float16):
-            image_tensors = image_tensors.to(dtype)  # a backbone cast by optimize_for_inference
         feats = self.backbone(image_tensors)
         return OrderedDict([("0", feats)]) if isinstance(feats, torch.Tensor) else feats
 

@@ -9,7 +9,7 @@ Shapes (input [B, 3, H, W]):
 with e = 1 for BasicBlock (18, 34) and e = 4 for Bottleneck (50, 101). The classifier (avgpool, fc)
 is left out. Module names (conv1, bn1, layer1.0.conv1, ...) are those of the ImageNet checkpoints
 people have, so those load by name. Bottleneck puts the stride on its 3x3 conv ("ResNet v1.5").
-A FrozenBatchNorm2d is folded into the conv before it on the fly (``frozen_bn.conv_norm``): same
+A FrozenBatchNorm2d is folded into the conv before it on the fly (``conv_norm.conv_norm``): same
 parameters and state_dict, one pass over each feature map instead of three.
 """
 from collections import OrderedDict
@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .frozen_bn import conv_norm
+from .conv_norm import conv_norm
 
 NormLayer = Callable[[int], nn.Module]
 

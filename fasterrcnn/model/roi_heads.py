@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import BoxCoder, batched_nms
-from .fuse import module_dtype
 from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, pad_ragged, padded_box_iou
 from .sampler import BalancedPositiveNegativeSampler, sample_generators
 
@@ -28,8 +27,6 @@ class TwoMLPHead(nn.Module):
     """Flatten, fc6 + ReLU, fc7 + ReLU: [R, D, P, P] -> [R, representation_size].
 
     fc6's input columns are in (channel, y, x) order, as in torchvision's checkpoints.
-    ``read_channels_last()`` (called by ``optimize_for_inference``) permutes them once to (y, x, channel),
-    the order the pooler's channels-last output is laid out in, so flattening it costs no copy.
     """
 
     def __init__(self, in_channels: int, representation_size: int = 1024):
@@ -37,28 +34,9 @@ class TwoMLPHead(nn.Module):
         self.fc6 = nn.Linear(in_channels, representation_size)
         self.fc7 = nn.Linear(representation_size, representation_size)
         self.out_features = representation_size
-        self.channels_last_columns = False
-
-    @torch.no_grad()
-    def read_channels_last(self, channels: int) -> None:
-        """Permute fc6's columns from (channel, y, x) to (y, x, channel) order, in place (inference only:
-        the weight no longer matches a checkpoint's)."""
-        if self.channels_last_columns:
-            return
-        weight = self.fc6.weight
-        if weight.shape[1] % channels:
-            raise ValueError(f"TwoMLPHead.read_channels_last: fc6 has {weight.shape[1]} inputs, "
-                             f"not a multiple of {channels} channels")
-        permuted = weight.view(weight.shape[0], channels, -1).transpose(1, 2).reshape(weight.shape[0], -1)
-        self.fc6.weight = nn.Parameter(permuted.contiguous(), requires_grad=weight.requires_grad)
-        self.channels_last_columns = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last_columns:  # [R, D, P, P] -> [R, P*P*D] in (y, x, channel) order
-            x = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # a view of a channels-last x
-        else:
-            x = x.flatten(start_dim=1)
-        x = F.relu(self.fc6(x))
+        x = F.relu(self.fc6(x.flatten(start_dim=1)))
         return F.relu(self.fc7(x))
 
 
@@ -226,11 +204,7 @@ class RoIHeads(nn.Module):
             if targets is None:
                 raise ValueError("the RoI heads need targets in training mode")
             proposals, labels, regression_targets = self.select_training_samples(proposals, targets)
-        # bfloat16 maps (optimize_for_inference) are pooled as they are, with the boxes in float32
         pooled = self.box_roi_pool(features, proposals, image_sizes)
-        head_dtype = module_dtype(self.box_head)
-        if pooled.dtype != head_dtype and head_dtype in (torch.bfloat16, torch.float16):
-            pooled = pooled.to(head_dtype)  # a box head cast by optimize_for_inference
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         if self.training:
             losses = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(regression_targets))

@@ -50,37 +50,12 @@ class RPNHead(nn.Module):
                 state_dict[new] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def fuse_outputs(self) -> None:
-        """For inference (``FasterRCNN.optimize_for_inference``): compute the logits and the deltas
-        with one matrix product over the rows of the channels-last map, [B*H*W, C] @ [C, 5A], instead
-        of two 1x1 convolutions of 3 and 12 outputs (each a full read of the map, and kernels tuned
-        for wide outputs). The outputs are views in the layout ``flatten_head_outputs`` wants.
-        ``fused_outputs`` holds a copy of the weights (fuse again after changing them); zero rows pad
-        5A to a multiple of 16, the width matrix kernels handle best (15 is ~1.5x slower than 16 on a
-        CPU in float32)."""
-        a, c = self.cls_logits.out_channels, self.cls_logits.in_channels
-        width = 5 * a + (-5 * a) % 16
-        fused = nn.Linear(c, width).to(self.cls_logits.weight.device)
-        with torch.no_grad():
-            fused.weight.zero_()
-            fused.bias.zero_()
-            fused.weight[:5 * a] = torch.cat([self.cls_logits.weight, self.bbox_pred.weight]).flatten(start_dim=1)
-            fused.bias[:5 * a] = torch.cat([self.cls_logits.bias, self.bbox_pred.bias])
-        self.fused_outputs = fused.to(self.cls_logits.weight.dtype)
-
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         logits, deltas = [], []
-        fused = getattr(self, "fused_outputs", None)
         for f in features:
             t = self.conv(f)
-            if fused is not None:
-                a = self.cls_logits.out_channels
-                out = fused(t.permute(0, 2, 3, 1))  # [B, H, W, 5A + padding]
-                logits.append(out[..., :a].permute(0, 3, 1, 2))  # [B, A, H, W] views
-                deltas.append(out[..., a:5 * a].permute(0, 3, 1, 2))  # [B, 4A, H, W]
-            else:
-                logits.append(self.cls_logits(t))
-                deltas.append(self.bbox_pred(t))
+            logits.append(self.cls_logits(t))
+            deltas.append(self.bbox_pred(t))
         return logits, deltas
 
 

@@ -12,11 +12,11 @@ sequential greedy answer in at most ``B`` steps, and in a handful for real data.
 N x N matrix is ever built, and work is O(N * kept), the same as the sequential greedy loop.
 
 Why tiles of fewer than 32768 pairs: every op then stays under ATen's parallel grain and runs on the
-calling thread. NMS is hundreds of small ops; each parallel one wakes the OpenMP team, which costs
-milliseconds when the other cores are busy (measured: 5000 boxes 0.16 s on one thread, 0.7 s on two
-threads of a loaded two-core machine). For the same reason the masks are float 0./1. tensors (bool ops on
-a tile measured 5x slower), a block is staged right after the kept boxes so that its own [B, B] matrix comes
-out of the last tile, and batched NMS separates groups inside the IoU arithmetic instead of with a mask.
+calling thread. NMS is hundreds of small ops; each parallel one would wake the OpenMP team, which costs
+a scheduler time slice when the other cores are busy, more than a second thread gains on a tile. For the
+same reason the masks are float 0./1. tensors (bool ops on a tile are slower), a block is staged right
+after the kept boxes so that its own [B, B] matrix comes out of the last tile, and batched NMS separates
+groups inside the IoU arithmetic instead of with a mask.
 On a GPU the same code runs with one host sync per block (the kept count) and per fixed-point step.
 
 Batched NMS over many small groups (every group at most a block, as in per-class post-processing) skips the
@@ -29,8 +29,6 @@ import math
 
 import torch
 from torch import Tensor
-
-from ._utils import serial_ops
 
 __all__ = ["nms", "batched_nms"]
 
@@ -76,9 +74,9 @@ def _suppresses(a: Tensor, b: Tensor, threshold: float, grouped: bool) -> Tensor
     ``threshold >= 0``; masked explicitly otherwise), and boxes of one group subtract an exact 0.
     The IoU of :func:`~fasterrcnn.ops.box_iou` bit for bit (same operations in the same order), so IoU equal
     to the threshold is kept. Everything stays in floating point: on these tiles any op that reads or writes a
-    bool tensor measured 5x slower than a float one (~45 us against ~8 us per op on a 248 x 128 tile), and the
-    float mask reduces with ``amax``. The operands come pre-shaped so that one ``unbind`` each gives the
-    broadcastable rows (Python-side views cost about as much as an op on a tile).
+    bool tensor is several times slower than a float one, and the float mask reduces with ``amax``. The
+    operands come pre-shaped so that one ``unbind`` each gives the broadcastable rows (Python-side views cost
+    about as much as an op on a tile).
     """
     ax1, ay1, ax2, ay2, aarea, *ag = a.unbind(0)  # [T, 1] each
     bx1, by1, bx2, by2, barea, *bg = b.unbind(0)  # [1, B] each
@@ -108,7 +106,7 @@ def _greedy_fixed_point(sup: Tensor, alive: Tensor) -> Tensor:
     fixed-point iteration of the module docstring. One block: ``sup[B, B]`` (float 0./1., only pairs j < i
     set), ``alive[B]`` (float 0./1.) -> ``keep[B]``; G groups at once: ``sup[G, B, B]``, ``alive[G, 1, B]``
     -> ``keep[G, 1, B]``. ``k @ sup`` counts, for every i, the kept boxes suppressing it (exact in float:
-    counts <= B); one block uses ``mv`` on the transpose, measured ~1.5x faster there than a [1, B] matmul."""
+    counts <= B); one block uses ``mv`` on the transpose, faster there than a [1, B] matmul."""
     sup_t = sup.t() if sup.dim() == 2 else None
     k = alive
     for _ in range(sup.shape[-1] + 1):
@@ -254,8 +252,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         cols = _columns(_prepare(boxes).index_select(0, order), groups)
         keep = None
         if groups.numel():
-            with serial_ops():  # a few dozen ops of up to _SMALL_GROUPS_BUDGET elements (see serial_ops)
-                keep = _greedy_small_groups(cols, groups, float(iou_threshold))
+            keep = _greedy_small_groups(cols, groups, float(iou_threshold))
         if keep is None:
             keep = _greedy_sorted(cols, True, float(iou_threshold))
     # back to score order (ties: input order), which is by_score's: no second sort

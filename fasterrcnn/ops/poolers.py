@@ -6,7 +6,7 @@ The output is ``[R, C, oh, ow]`` in the channels-last layout (a view of rows ``[
 RoIs are pooled as rows and copied once to their place in the output. Building the usual contiguous
 ``[R, C, oh, ow]`` would cost a transpose, a concatenation and a re-ordering, three passes over ~50 MB for
 1000 RoIs of 256 x 7 x 7 floats (measured in docs/design-decisions.md). A consumer that flattens it
-pays the transpose once; ``TwoMLPHead`` prepared by ``optimize_for_inference`` reads it as it is.
+pays the transpose once; the box head ``optimize_for_inference`` swaps in (``model/fast_path.py``) reads it as it is.
 """
 from __future__ import annotations
 

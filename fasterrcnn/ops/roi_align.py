@@ -14,9 +14,9 @@ Implementation: every output cell is a bag of S (flat index, weight) taps into t
 map ``F[N*H*W, C]``, and ``F.embedding_bag(mode="sum", per_sample_weights=...)`` computes all bags in one
 native, multi-threaded call. The backward is the transposed gather: the taps are sorted by pixel, and
 a second ``embedding_bag`` over the output gradient with one bag per pixel sums, for every pixel, the
-gradient of the cells that read it (no atomics, deterministic; measured ~2x faster than the generic
+gradient of the cells that read it (no atomics, deterministic, and faster than the generic
 ``embedding_bag`` backward). The NCHW -> channels-last copy and its gradient go through a 2-D transpose per
-image (``_utils.channels_last_rows``), several times faster than a generic permuted copy on a CPU.
+image (``_utils.channels_last_rows``), faster than a generic permuted copy on a CPU.
 ``benchmarks/bench_ops.py`` compares all this with torchvision's RoIAlign.
 The bilinear terms are separable, so they are computed per (RoI, row) and (RoI, column) and combined by
 broadcasting. With an adaptive grid (``sampling_ratio <= 0``) the RoIs are grouped by grid size (rounded up
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import BoxesArg, channels_last_rows, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments, serial_ops
+from ._utils import BoxesArg, channels_last_rows, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments
 
 __all__ = ["roi_align", "roi_align_rows"]
 
@@ -64,15 +64,14 @@ class _WeightedGather(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         index, weight = ctx.saved_tensors
-        with serial_ops():  # on the calling thread, as the forward (see roi_align)
-            flat = index.reshape(-1)
-            # transpose the (cell -> pixel) taps into (pixel -> cell) bags: sort the taps by pixel
-            order = torch.sort(flat).indices
-            counts = torch.bincount(flat, minlength=ctx.num_rows)
-            offsets = torch.cumsum(counts, 0) - counts
-            cell = torch.div(order, index.shape[1], rounding_mode="floor")
-            grad_feats = F.embedding_bag(cell, grad_out.contiguous(), offsets, mode="sum",
-                                         per_sample_weights=weight.reshape(-1)[order])
+        flat = index.reshape(-1)
+        # transpose the (cell -> pixel) taps into (pixel -> cell) bags: sort the taps by pixel
+        order = torch.sort(flat).indices
+        counts = torch.bincount(flat, minlength=ctx.num_rows)
+        offsets = torch.cumsum(counts, 0) - counts
+        cell = torch.div(order, index.shape[1], rounding_mode="floor")
+        grad_feats = F.embedding_bag(cell, grad_out.contiguous(), offsets, mode="sum",
+                                     per_sample_weights=weight.reshape(-1)[order])
         return grad_feats, None, None
 
 
@@ -128,7 +127,7 @@ def _bag_taps(rois: Tensor, oh: int, ow: int, spatial_scale: float, gh: Tensor, 
     row = rois[:, 0].to(torch.int64)[:, None, None, None] * (height * width) + iy * width
     wy = wy / count[:, None, None, None]
     # broadcast to [K, oh, ow, GH * 2 (y sample, low/high), GW * 2 (x sample, low/high)]: the taps of a bin
-    # in any order (a bag is a sum); 5-D, as a 7-D broadcast with inner sizes of 2 was measured 6x slower
+    # in any order (a bag is a sum); 5-D, as a 7-D broadcast with inner sizes of 2 is much slower
     a, b = 2 * max_gh, 2 * max_gw
     index = row.reshape(k, oh, 1, a, 1) + ix.reshape(k, 1, ow, 1, b)
     weight = wy.reshape(k, oh, 1, a, 1) * wx.reshape(k, 1, ow, 1, b)
@@ -149,12 +148,8 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
     ``list[Tensor[L_i, 4]]`` (one per image, in input pixels) -> ``Tensor[K, C, oh, ow]``.
 
     Differentiable w.r.t. ``input`` (not the boxes). ``output_size`` is an int or ``(oh, ow)``.
-    Threads: the taps (a few dozen medium-sized ops) and the whole backward run on the calling CPU thread
-    (:func:`~fasterrcnn.ops._utils.serial_ops`), which on a shared machine lose more waiting for OpenMP
-    workers than a second thread gains (RoIAlign over P2..P5, forward + backward, at load 4-5 on two
-    cores: 0.39 s serial, 0.6-1.6 s on two threads). The forward's gather, one large op, uses the
-    caller's threads (``benchmarks/bench_pool_threads.py``: MultiScaleRoIAlign's forward 0.68x the
-    one-thread time on a quiet machine, 1.16x beside two spinning processes).
+    Runs on the caller's intra-op threads (``torch.set_num_threads``, the application's choice); it changes
+    no thread setting itself.
     """
     oh, ow = pair(output_size, "roi_align")
     rows = roi_align_rows(input, boxes, (oh, ow), spatial_scale, sampling_ratio, aligned)
@@ -177,7 +172,7 @@ def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[i
     # channels-last rows, one per pixel; contiguous, since the gather reads whole rows
     feats = channels_last_rows(x)
 
-    with torch.no_grad(), serial_ops():
+    with torch.no_grad():
         if sampling_ratio > 0:
             gh = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
             gw = gh
@@ -207,7 +202,7 @@ def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[i
         for lo in range(0, size, chunk):
             hi = min(lo + chunk, size)
             sel = slice(lo, hi) if members is None else members[lo:hi]
-            with torch.no_grad(), serial_ops():
+            with torch.no_grad():
                 index, weight = _bag_taps(rois[sel], oh, ow, spatial_scale, gh[sel], gw[sel],
                                           max_gh, max_gw, aligned, height, width)
             outs.append(_WeightedGather.apply(feats, index, weight.to(feats.dtype)))

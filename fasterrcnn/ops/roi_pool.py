@@ -21,7 +21,7 @@ the first maximum inside each window (strictly greater wins, so ties keep the le
 maximal row is found by weights ``h - r`` on the rows equal to the max, so the pair is the first maximum in
 row-major order. The backward scatters each bin's gradient to its argmax with one ``index_add_``, in bin
 order (for every input element, the order of the reference loops, so the sums match bit for bit).
-Forward and backward run on the calling CPU thread (``serial_ops``: a few hundred ops, see there).
+Forward and backward run on the caller's intra-op threads; the op changes no thread setting itself.
 NaN inputs are not given any particular meaning.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ._utils import (BoxesArg, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments, serial_ops, to_channels_first,
+from ._utils import (BoxesArg, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments, to_channels_first,
                      to_channels_last)
 
 __all__ = ["roi_pool", "roi_pool_rows"]
@@ -103,7 +103,7 @@ def _pool_bins(feats: Tensor, bin_img: Tensor, y0: Tensor, x0: Tensor, bh: Tenso
             if off is not None:
                 # off = cur where F[x + cur] > M_cur[x], else unchanged: as cur exceeds every offset so far,
                 # that is max(off, cur * (F[x + cur] > M_cur[x])), elementwise ops that vectorise
-                # (masked_fill_ / where on these maps measured ten times slower)
+                # (masked_fill_ / where on these maps are much slower)
                 won = step_off[:, :, :length]
                 if won.dtype == torch.uint8:  # compare straight into the offset buffer, through a bool view
                     torch.gt(nxt, prev, out=won.view(torch.bool))
@@ -129,7 +129,7 @@ def _pool_bins(feats: Tensor, bin_img: Tensor, y0: Tensor, x0: Tensor, bh: Tenso
             out.index_copy_(0, sel[a:b], best)
             if not with_argmax:
                 continue
-            # the first maximal row, by weights (max(dim) with indices measured ~10x slower than amax here)
+            # the first maximal row, by weights (max(dim) with indices is much slower than amax here)
             hit = torch.eq(vals, best[:, None, :])
             if first_weight.dtype == torch.uint8:
                 hit = hit.view(torch.uint8)
@@ -147,8 +147,7 @@ class _RoIPoolFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input: Tensor, bin_img: Tensor, y0: Tensor, x0: Tensor, bh: Tensor, bw: Tensor) -> Tensor:
         with_argmax = ctx.needs_input_grad[0]
-        with serial_ops():
-            out, argmax = _pool_bins(to_channels_last(input), bin_img, y0, x0, bh, bw, with_argmax)
+        out, argmax = _pool_bins(to_channels_last(input), bin_img, y0, x0, bh, bw, with_argmax)
         if with_argmax:
             ctx.save_for_backward(argmax)
             ctx.input_shape = input.shape
@@ -161,10 +160,9 @@ class _RoIPoolFunction(torch.autograd.Function):
         n, c, height, width = ctx.input_shape
         # grad[argmax[b, c]] += grad_out[b, c] in bin order (for each destination, the order of the
         # reference loops), channels-last, as one 1-D index_add_; empty bins write to the spare row N*H*W
-        with serial_ops():
-            grad = grad_out.new_zeros((n * height * width + 1) * c)
-            grad.index_add_(0, argmax.view(-1), grad_out.contiguous().view(-1))
-            grad = to_channels_first(grad[:-c].view(n, height, width, c))
+        grad = grad_out.new_zeros((n * height * width + 1) * c)
+        grad.index_add_(0, argmax.view(-1), grad_out.contiguous().view(-1))
+        grad = to_channels_first(grad[:-c].view(n, height, width, c))
         return grad, None, None, None, None, None
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fasterrcnn.model.frozen_bn import FrozenBatchNorm2d, conv_norm
+from fasterrcnn.model.conv_norm import conv_norm
+from fasterrcnn.model.frozen_bn import FrozenBatchNorm2d
 from fasterrcnn.model.resnet import ResNetBody
 
 

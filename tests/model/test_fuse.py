@@ -1,12 +1,16 @@
-"""The inference fast path: BatchNorm folded into convolutions, channels-last, bfloat16. Folding must
-not change what the model computes (float64 reference, then the whole detector against its unoptimised
-self); bfloat16 must reproduce the float32 detections; training must stay untouched."""
+"""The inference fast path (model/fast_path.py): BatchNorm folded into convolutions, channels-last, the
+fused RPN head and the channels-last box head swapped in, bfloat16. Folding must not change what the model
+computes (float64 reference, then the whole detector against its unoptimised self); the fast heads must
+compute what the heads they replace compute; bfloat16 must reproduce the float32 detections; training must
+stay untouched; an image with no proposal gives the plain model's empty detections."""
 import pytest
 import torch
 from torch import nn
 
-from fasterrcnn.model.fuse import fold_batchnorm, fold_conv_norm
+from fasterrcnn.model.fast_path import CastInput, ChannelsLastTwoMLPHead, FusedRPNHead, fold_batchnorm, fold_conv_norm
 from fasterrcnn.model.frozen_bn import FrozenBatchNorm2d
+from fasterrcnn.model.roi_heads import TwoMLPHead
+from fasterrcnn.model.rpn import RPNHead, flatten_head_outputs
 from fasterrcnn.ops import box_iou
 
 from .helpers import sample_batch, tiny_model
@@ -97,6 +101,9 @@ def test_optimised_float32_model_gives_the_unoptimised_detections():
     assert fold_batchnorm(detecting_tiny_model()) == 1 + 8 * 2 + 3
     assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == 0
     assert fast.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    # the learner's heads are swapped for their fast forms, not flagged
+    assert type(fast.rpn.head) is FusedRPNHead and type(fast.roi_heads.box_head) is ChannelsLastTwoMLPHead
+    assert type(plain.rpn.head) is RPNHead and type(plain.roi_heads.box_head) is TwoMLPHead
     with torch.inference_mode():
         x = plain.transform(images)[0].tensors
         reference = detecting_tiny_model().double().features(x.double())  # unfolded, in float64
@@ -131,6 +138,7 @@ def test_bfloat16_reproduces_the_float32_detections():
     fp32 = detecting_tiny_model().optimize_for_inference()
     bf16 = detecting_tiny_model().optimize_for_inference(dtype=torch.bfloat16)
     assert bf16.backbone.body.conv1.weight.dtype == torch.bfloat16
+    assert any(isinstance(h, CastInput) for h in bf16.backbone._forward_pre_hooks.values())
     with torch.inference_mode():
         want, got = fp32(images), bf16(images)
     for d in got:  # boxes and scores come back in float32
@@ -163,14 +171,11 @@ def test_detector_runs_an_optimised_copy(tmp_path):
 
 
 def test_fused_rpn_outputs_equal_the_two_1x1_convolutions():
-    from fasterrcnn.model.rpn import RPNHead, flatten_head_outputs
-
     torch.manual_seed(0)
     head = RPNHead(8, 3).double().eval()
-    fused = RPNHead(8, 3).double().eval()
-    fused.load_state_dict(head.state_dict())
-    fused.fuse_outputs()
-    assert fused.fused_outputs.out_features == 16  # 15 padded to 16
+    fused = FusedRPNHead(head)
+    assert fused.outputs.out_features == 16  # 15 padded to 16
+    assert fused.conv is head.conv  # the 3x3 conv is shared, not copied
     feats = [torch.randn(2, 8, 6, 10, dtype=torch.float64), torch.randn(2, 8, 3, 5, dtype=torch.float64)]
     for layout in (torch.contiguous_format, torch.channels_last):
         x = [f.contiguous(memory_format=layout) for f in feats]
@@ -182,19 +187,44 @@ def test_fused_rpn_outputs_equal_the_two_1x1_convolutions():
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_two_mlp_head_reading_channels_last_gives_the_same_features():
-    from fasterrcnn.model.roi_heads import TwoMLPHead
+def test_channels_last_two_mlp_head_gives_the_plain_head_features():
     torch.manual_seed(0)
     head = TwoMLPHead(6 * 3 * 4, 16).double()
     x = torch.randn(5, 6, 3, 4, dtype=torch.float64)
     expected = head(x)
-    original = head.fc6.weight.detach().clone()
-    head.read_channels_last(6)
-    assert head.channels_last_columns and not torch.equal(head.fc6.weight, original)
+    fast = ChannelsLastTwoMLPHead(head, 6)
+    assert not torch.equal(fast.fc6.weight, head.fc6.weight)  # columns permuted to (y, x, channel)
     # the pooler's channels-last layout is read without a copy; a contiguous input still works
-    torch.testing.assert_close(head(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(head(x), expected, rtol=1e-12, atol=1e-12)
-    head.read_channels_last(6)  # a second call changes nothing
-    torch.testing.assert_close(head(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast(x), expected, rtol=1e-12, atol=1e-12)
+    assert fast(x[:0]).shape == (0, 16)  # no RoI: no rows, no error
     with pytest.raises(ValueError, match="multiple of 5"):
-        TwoMLPHead(6 * 3 * 4, 16).read_channels_last(5)
+        ChannelsLastTwoMLPHead(TwoMLPHead(6 * 3 * 4, 16), 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cause", ["score_threshold", "nan_pixel"])
+def test_an_image_without_proposals_gives_the_plain_models_empty_detections(dtype, cause):
+    """Issue 20, defect 5: the optimised model crashed (``cannot reshape tensor of 0 elements``) on an image
+    with no proposal, where the plain model returns empty detections."""
+    images, _ = sample_batch()
+    overrides = {"rpn_score_thresh": 0.9999} if cause == "score_threshold" else {}
+    if cause == "nan_pixel":  # alone in its batch: the box head then gets no RoI at all
+        images = [images[0].clone()]
+        images[0][1, 20, 30] = float("nan")  # NaN spreads through the convolutions: every score is NaN
+    plain = detecting_tiny_model(**overrides)
+    fast = detecting_tiny_model(**overrides).optimize_for_inference(dtype=dtype)
+    with torch.inference_mode():
+        want, got = plain(images), fast(images)
+    assert len(got) == len(want) == len(images)
+    for w, g in zip(want, got):
+        assert w["boxes"].shape == (0, 4), "the plain model must find nothing here"
+        assert set(g) == set(w)
+        for key in w:
+            assert g[key].dtype == w[key].dtype and g[key].shape == w[key].shape, key
+    if cause == "score_threshold":  # the Detector runs the optimised model too
+        from fasterrcnn import Detector
+
+        detector = Detector(plain, ["__background__", "a", "b", "c"], score_threshold=0.0,
+                            bf16=dtype == torch.bfloat16)
+        assert [len(d) for d in detector(images)] == [0, 0]
