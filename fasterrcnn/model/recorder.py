@@ -12,6 +12,7 @@ R = sum R_i RoIs, C classes including background, D_i detections.
     rpn.anchors              B x [N, 4]          the anchors, in order (level, y, x, anchor)
     rpn.num_anchors_per_level  list[int] (L)     A * H_l * W_l
     rpn.objectness           L x [B, A, H_l, W_l] the head's logits, per level
+    rpn.deltas               L x [B, 4A, H_l, W_l] the head's box deltas, per level
     rpn.pre_nms              B x {boxes [M_i, 4], scores [M_i], levels int64 [M_i]}: the boxes that
                              enter NMS (per-level top-k, clipped, not small, score >= score_thresh)
     rpn.counts               B x {anchors, pre_nms_top_k, after_small_box_removal, after_score_threshold,
@@ -32,7 +33,10 @@ R = sum R_i RoIs, C classes including background, D_i detections.
     roi_heads.sampled_index  B x int64 [R_i]     each sampled box's row among the image's proposals
                                                  followed by its gt boxes
     roi_heads.sampled_labels B x int64 [R_i]     its class (0: background)
+    roi_heads.pooled         [R, D, S, S]        the pooled features
     roi_heads.roi_levels     int64 [R]           the pooler's map of each RoI (poolers with ``roi_levels``)
+    roi_heads.class_logits   [R, C]              the predictor's outputs
+    roi_heads.box_deltas     [R, 4C]
     roi_heads.class_scores   [R, C]              softmax of the class logits
     roi_heads.boxes_per_class [R, C, 4]          each RoI's box refined for every class, clipped
     in inference:

@@ -229,6 +229,8 @@ class RoIHeads(nn.Module):
         recorder.put("roi_heads.pooled", pooled.detach())
         if hasattr(self.box_roi_pool, "roi_levels"):
             recorder.put("roi_heads.roi_levels", self.box_roi_pool.roi_levels(features, proposals, image_sizes))
+        recorder.put("roi_heads.class_logits", class_logits.detach())
+        recorder.put("roi_heads.box_deltas", box_deltas.detach())
         class_logits, box_deltas = class_logits.detach().float(), box_deltas.detach().float()
         num_rois, num_classes = class_logits.shape
         recorder.put("roi_heads.class_scores", F.softmax(class_logits, dim=-1))
