@@ -158,3 +158,12 @@ def test_recorded_training_samples_are_consistent():
         assert labels.shape == index.shape and bool((labels > 0).any()) and bool((labels == 0).any())
     assert rec["roi_heads.class_scores"].shape[0] == sum(b.shape[0] for b in rec["roi_heads.proposals"])
     assert "roi_heads.proposal_index" not in rec  # no detections in training
+
+
+def test_targets_given_in_eval_mode_are_checked_too():
+    model = decisive_model().eval()
+    images, targets = sample_batch()
+    with pytest.raises(KeyError, match=r"targets\[1\] has no 'labels'"):
+        model(images, [targets[0], {"boxes": targets[1]["boxes"]}])
+    with pytest.raises(KeyError, match="nothing recorded as 'rpn.matches'; recorded: "):
+        Recorder()["rpn.matches"]
