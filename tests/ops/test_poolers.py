@@ -173,7 +173,8 @@ def test_roi_levels_are_the_maps_forward_pools_from():
     batch = torch.cat([torch.full((len(b),), float(i)) for i, b in enumerate(boxes)]).double()
     for r, (lvl, box) in enumerate(zip(levels.tolist(), torch.cat(boxes).double())):
         roi = torch.cat((batch[r:r + 1], box)).view(1, 5)
-        torch.testing.assert_close(out[r:r + 1], roi_align(feats[str(lvl)], roi, 3, 1 / strides[lvl], 2), rtol=0, atol=0)
+        expected = roi_align(feats[str(lvl)], roi, 3, 1 / strides[lvl], 2)
+        torch.testing.assert_close(out[r:r + 1], expected, rtol=0, atol=0)
     one_map = MultiScaleRoIAlign(["2"], 3, 2)
     assert one_map.roi_levels(feats, boxes, image_sizes).tolist() == [0] * 35
 
