@@ -287,8 +287,9 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
 def _run_explain(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fasterrcnn.data.annotations import load_annotations
     from fasterrcnn.data.images import read_image
-    from fasterrcnn.explain.trace import explain, load_annotations
+    from fasterrcnn.explain.trace import explain
     from fasterrcnn.engine.setup import load_model_for_inference, resolve_device
 
     device = resolve_device(args.device)

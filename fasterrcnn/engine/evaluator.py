@@ -14,6 +14,7 @@ import torch
 from pycocotools.coco import COCO
 
 from ..data import make_data_loader
+from ..data.annotations import targets_in_model_labels
 from ..evaluation import COCO_STAT_NAMES, CocoEvaluator, CocoMetrics, VocMetrics, evaluate_voc
 from ..files import atomic_open
 from .progress import Progress
@@ -82,30 +83,6 @@ def coco_from_targets(image_ids, targets, sizes, class_names) -> COCO:
     with contextlib.redirect_stdout(None):
         gt.createIndex()
     return gt
-
-
-def targets_in_model_labels(dataset, label_to_cat_id: dict[int, int]) -> list[dict]:
-    """The dataset's targets with labels in the model's label space.
-
-    A COCO dataset numbers its categories 1..C in its own order; a model may use another layout (a
-    torchvision COCO checkpoint uses the category ids themselves). Both go through the category id;
-    objects of a category the model does not know cannot be detected and are left out.
-    """
-    targets = [dataset.target(i) for i in range(len(dataset))]
-    data_map = getattr(dataset, "label_to_cat_id", None)
-    if not data_map or data_map == label_to_cat_id:
-        return targets
-    cat_to_model = {cat: label for label, cat in label_to_cat_id.items()}
-    lut = torch.zeros(max(data_map) + 1, dtype=torch.int64)  # 0: unknown to the model
-    for label, cat in data_map.items():
-        lut[label] = cat_to_model.get(cat, 0)
-    remapped = []
-    for t in targets:
-        labels = lut[t["labels"]]
-        known = labels > 0
-        remapped.append({**{k: (v[known] if k in ("boxes", "labels", "area", "iscrowd", "difficult") else v)
-                            for k, v in t.items()}, "labels": labels[known]})
-    return remapped
 
 
 def evaluate_detections(dataset, image_ids, detections, *, class_names, label_to_cat_id, ann_file=None) -> tuple[CocoMetrics, VocMetrics, list[dict]]:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.input_checks import check_images, check_targets
+from ..model.loss_names import DETECTOR_LOSSES, RPN_LOSSES
+from ..model.transform import ImageList
 
 PARTS = ("backbone", "rpn", "roi_heads")
-RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
-DETECTOR_LOSSES = ("loss_classifier", "loss_box_reg")
+__all__ = ["DETECTOR_LOSSES", "PARTS", "RPN_LOSSES", "StageModel", "freeze", "propose"]
 
 
 def freeze(module: nn.Module) -> None:
@@ -29,18 +29,19 @@ def freeze(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def propose(rpn: nn.Module, image_tensors: torch.Tensor, image_sizes: list[tuple[int, int]],
-            features: dict[str, torch.Tensor], targets: list[dict] | None, *, training: bool) -> list[torch.Tensor]:
-    """Proposals of a (frozen) RPN with its training-time (``training``) or test-time top-n counts.
+def propose(model: nn.Module, images: ImageList, features: dict[str, torch.Tensor], targets: list[dict] | None,
+            *, training: bool) -> list[torch.Tensor]:
+    """Proposals of a detector's (frozen) RPN (its ``propose`` stage) with the training-time
+    (``training``) or test-time top-n counts.
 
     The RPN has no layer that behaves differently in training; its mode only picks the counts (and,
     given targets, computes losses, dropped here)."""
-    was_training = rpn.training
-    rpn.train(training)
+    was_training = model.rpn.training
+    model.rpn.train(training)
     try:
-        boxes, _ = rpn(image_tensors, image_sizes, features, targets if training else None)
+        boxes, _ = model.propose(images, features, targets if training else None)
     finally:
-        rpn.train(was_training)
+        model.rpn.train(was_training)
     return boxes
 
 
@@ -48,7 +49,9 @@ class StageModel(nn.Module):
     """``model`` trained in one part: ``trains`` is "rpn" or "detector"; ``frozen`` names the parts
     (of ``PARTS``) kept in eval mode. ``proposal_model``: a frozen detector whose RPN proposes the
     RoIs the detector trains on (and is evaluated on); without one, the detector uses ``model``'s own
-    RPN (frozen, in eval mode, proposing with its training counts while training)."""
+    RPN (frozen, in eval mode, proposing with its training counts while training). Everything runs
+    through the detectors' public stages (``preprocess``, ``features``, ``propose``, ``detect``,
+    ``postprocess``)."""
 
     def __init__(self, model: nn.Module, *, trains: str, frozen: tuple[str, ...],
                  proposal_model: nn.Module | None = None):
@@ -77,35 +80,30 @@ class StageModel(nn.Module):
     def _zeros(self, like: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         return {k: like.new_zeros(()) for k in names}
 
-    def _proposals(self, image_list, features, targets) -> list[torch.Tensor]:
+    def _proposals(self, images: ImageList, features, targets) -> list[torch.Tensor]:
         if self.proposal_model is None:
-            return propose(self.model.rpn, image_list.tensors, image_list.image_sizes, features, targets,
-                           training=self.training)
+            return propose(self.model, images, features, targets, training=self.training)
         with torch.no_grad():
-            source_features = self.proposal_model.features(image_list.tensors)
-        return propose(self.proposal_model.rpn, image_list.tensors, image_list.image_sizes, source_features,
-                       targets, training=self.training)
+            source_features = self.proposal_model.features(images.tensors)
+        return propose(self.proposal_model, images, source_features, targets, training=self.training)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         model = self.model
         if not self.training:
             if self.proposal_model is None:
                 return model(images)
-            check_images(images)
+            image_list, _ = model.preprocess(images)
             original_sizes = [tuple(im.shape[-2:]) for im in images]
-            image_list, _ = model.transform(images)
             features = model.features(image_list.tensors)
-            detections, _ = model.roi_heads(features, self._proposals(image_list, features, None),
-                                             image_list.image_sizes)
-            return model.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+            detections, _ = model.detect(features, self._proposals(image_list, features, None),
+                                         image_list.image_sizes)
+            return model.postprocess(detections, image_list.image_sizes, original_sizes)
 
-        check_images(images)
-        check_targets(targets, len(images), model.num_classes)
-        image_list, targets = model.transform(images, targets)
+        image_list, targets = model.preprocess(images, targets)
         features = model.features(image_list.tensors)
         if self.trains == "rpn":
-            _, losses = model.rpn(image_list.tensors, image_list.image_sizes, features, targets)
-            return {**losses, **self._zeros(losses["loss_objectness"], DETECTOR_LOSSES)}
+            _, losses = model.propose(image_list, features, targets)
+            return {**losses, **self._zeros(losses[RPN_LOSSES[0]], DETECTOR_LOSSES)}
         proposals = self._proposals(image_list, features, targets)
-        _, losses = model.roi_heads(features, proposals, image_list.image_sizes, targets)
-        return {**self._zeros(losses["loss_classifier"], RPN_LOSSES), **losses}
+        _, losses = model.detect(features, proposals, image_list.image_sizes, targets)
+        return {**self._zeros(losses[DETECTOR_LOSSES[0]], RPN_LOSSES), **losses}

@@ -576,38 +576,46 @@ def write_explain_figures(trace, out_dir, *, level: int | None = None,
     }
 
 
-def summary_lines(trace, *, score_threshold: float = 0.5) -> dict[str, str]:
-    """What each stage did, in words and counts: {stage: text}, in the trace's stage order."""
+def summary_lines(trace, *, score_threshold: float = 0.5) -> dict[str, list[str]]:
+    """What each of the model's stages did, in words and counts: {stage: [text, ...]}, in the trace's stage order."""
     lv = trace.levels
     c = trace.filter_counts
     scores = trace.detections["scores"]
-    text = {
-        "transform": f"{trace.original_size[0]}x{trace.original_size[1]} -> {trace.image_size[0]}x{trace.image_size[1]}"
-                     f" (scale {trace.scale[0]:.3f}), padded to {trace.padded_size[0]}x{trace.padded_size[1]}",
-        "backbone": f"{len(lv)} maps: " + ", ".join(f"{x.name} {x.size[0]}x{x.size[1]} (stride {x.stride[0]})"
-                                                   for x in lv),
-        "rpn_head": f"{lv[0].objectness.shape[0]} anchors per location; max objectness " + ", ".join(
+    propose = [
+        f"{lv[0].objectness.shape[0]} anchors per location; max objectness " + ", ".join(
             f"{x.name} {float(x.objectness.max()):.3f}" for x in lv),
-        "anchors": f"{trace.num_anchors} anchors: " + ", ".join(f"{x.name} {x.anchors.shape[0]}" for x in lv),
-        "proposals": " -> ".join(f"{k} {c[k]}" for k in FILTER_STEPS if k in c),
-        "roi_pooling": f"{trace.proposals.shape[0]} RoIs; " + (
-            ", ".join(f"{n} {int((trace.roi_levels == k).sum())}" for k, n in enumerate(trace.roi_level_names))
-            if trace.roi_levels is not None else trace.pooler),
-        "box_head": f"{trace.proposals.shape[0]} RoIs x {len(trace.class_names)} classes (with background)",
-        "postprocess": f"{scores.numel()} detections, "
-                       f"{int((scores >= score_threshold).sum())} with score >= {score_threshold:g}",
-    }
+        f"{trace.num_anchors} anchors: " + ", ".join(f"{x.name} {x.anchors.shape[0]}" for x in lv),
+        " -> ".join(f"{k} {c[k]}" for k in FILTER_STEPS if k in c),
+    ]
     if trace.anchor_labels is not None:
         n = trace.anchor_labels.counts
-        text["anchor_labels"] = (f"{trace.anchor_labels.gt_boxes.shape[0]} gt boxes: {n['positive']} positive "
-                                 f"({n['low_quality']} low-quality), {n['negative']} negative, {n['ignored']} ignored")
-    return {stage: text.get(stage, "") for stage in trace.times}
+        propose.append(f"{trace.anchor_labels.gt_boxes.shape[0]} gt boxes: {n['positive']} positive "
+                       f"({n['low_quality']} low-quality), {n['negative']} negative, {n['ignored']} ignored")
+    text = {
+        "preprocess": [f"{trace.original_size[0]}x{trace.original_size[1]} -> {trace.image_size[0]}x"
+                       f"{trace.image_size[1]} (scale {trace.scale[0]:.3f}), padded to {trace.padded_size[0]}x"
+                       f"{trace.padded_size[1]}"],
+        "features": [f"{len(lv)} maps: " + ", ".join(f"{x.name} {x.size[0]}x{x.size[1]} (stride {x.stride[0]})"
+                                                     for x in lv)],
+        "propose": propose,
+        "detect": [
+            f"{trace.proposals.shape[0]} RoIs; " + (
+                ", ".join(f"{n} {int((trace.roi_levels == k).sum())}" for k, n in enumerate(trace.roi_level_names))
+                if trace.roi_levels is not None else trace.pooler),
+            f"{trace.proposals.shape[0]} RoIs x {len(trace.class_names)} classes (with background) -> "
+            f"{scores.numel()} detections"],
+        "postprocess": [f"{scores.numel()} detections, {int((scores >= score_threshold).sum())} with score >= "
+                        f"{score_threshold:g}, in the original image's pixels"],
+    }
+    return {stage: text.get(stage, [""]) for stage in trace.times}
 
 
 def write_summary(trace, out_dir, *, score_threshold: float = 0.5) -> tuple[Path, str]:
-    """summary.txt: one line per stage, its time (ms) and counts. -> (path, text)."""
-    lines = [f"{stage:<14}{trace.times[stage] * 1000:9.1f} ms  {words}"
-             for stage, words in summary_lines(trace, score_threshold=score_threshold).items()]
+    """summary.txt: per stage its time (ms) and counts (continuation lines indented). -> (path, text)."""
+    lines = []
+    for stage, parts in summary_lines(trace, score_threshold=score_threshold).items():
+        lines.append(f"{stage:<14}{trace.times[stage] * 1000:9.1f} ms  {parts[0]}")
+        lines += [f"{'':<14}{'':>12}  {part}" for part in parts[1:]]  # indented: the same stage
     text = "\n".join(lines) + "\n"
     path = Path(out_dir) / "summary.txt"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from .faster_rcnn import FasterRCNN
 from .fpn import FeaturePyramidNetwork
 from .frozen_bn import FrozenBatchNorm2d
 from .matcher import Matcher
+from .recorder import Recorder
 from .resnet import ResNetBody
 from .roi_heads import ConvFCHead, FastRCNNPredictor, Res5Head, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead

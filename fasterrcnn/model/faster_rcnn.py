@@ -1,14 +1,19 @@
 """Faster R-CNN: the whole detector, from a list of images to boxes, or to the four losses.
 
+The detector is five public stages, and ``forward`` is their composition; a caller (explain,
+alternating training, a test) can run them one by one:
+
     images B x [3, H_i, W_i] in [0, 1]
-      -> transform: normalise, resize, pad             ImageList [B, 3, Hp, Wp] + sizes
-      -> backbone                                       {name: [B, D, H_l, W_l]}
-      -> rpn                                            B x proposals [P_i, 4]   (+ 2 losses)
-      -> roi_heads                                      B x {boxes, scores, labels} (+ 2 losses)
-      -> transform.postprocess                          boxes in each original image's pixels
+      -> preprocess: check, normalise, resize, pad      ImageList: tensors [B, 3, Hp, Wp], image_sizes B x (H, W)
+      -> features: backbone                             {name: [B, D, H_l, W_l]}
+      -> propose: rpn                                   B x proposals [P_i, 4]   (+ 2 losses in training)
+      -> detect: roi_heads                              B x {boxes [D_i, 4], scores, labels} (+ 2 losses)
+      -> postprocess: boxes back to each original image's pixels
 Training: ``model.train(); losses = model(images, targets)`` with the dict
 {loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg}. Inference: ``model.eval();
 model(images)`` -> one dict per image with boxes [D, 4] (xyxy), labels [D] int64, scores [D].
+``propose`` and ``detect`` take an optional ``Recorder`` (recorder.py) into which the RPN and the RoI
+heads write what they did (anchors, the boxes before NMS, matches, samples, levels, per-class boxes...).
 
 ``box_head_convs`` (channels of 3x3 conv+BN layers before one fc, e.g. (256,) * 4) replaces the
 default two-fc head with the conv head, for training from scratch. The constructor takes
@@ -24,9 +29,10 @@ from torch import nn
 from ..ops import MultiScaleRoIAlign
 from . import fast_path
 from .anchors import AnchorGenerator
+from .recorder import Recorder
 from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
-from .transform import DetectionTransform
+from .transform import DetectionTransform, ImageList
 from .input_checks import check_images, check_targets
 
 
@@ -121,19 +127,51 @@ class FasterRCNN(nn.Module):
                                "convolutions) and cannot train; build or load a fresh model to train")
         return super().train(mode)
 
+    # ---- the stages ------------------------------------------------------------------------------
+    def preprocess(self, images: list[torch.Tensor], targets: list[dict] | None = None
+                   ) -> tuple[ImageList, list[dict] | None]:
+        """Check the inputs, then normalise, resize and pad: B x [3, H_i, W_i] in [0, 1] ->
+        (ImageList(tensors [B, 3, Hp, Wp], image_sizes B x (H_i', W_i') resized), targets with their
+        boxes resized, or None). Targets are required in training; given in eval mode (to record the
+        RPN's matches), they are checked the same way."""
+        check_images(images)
+        if self.training or targets is not None:
+            check_targets(targets, len(images), self.num_classes)
+        return self.transform(images, targets)
+
     def features(self, image_tensors: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """The backbone on the padded batch ``ImageList.tensors`` [B, 3, Hp, Wp] -> {name: [B, D, H_l, W_l]}
+        (a backbone returning one map gives {"0": map})."""
         feats = self.backbone(image_tensors)
         return OrderedDict([("0", feats)]) if isinstance(feats, torch.Tensor) else feats
 
+    def propose(self, images: ImageList, features: "OrderedDict[str, torch.Tensor]",
+                targets: list[dict] | None = None, recorder: Recorder | None = None
+                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """The RPN: -> (B x proposals [P_i, 4] in resized-image pixels, losses {loss_objectness,
+        loss_rpn_box_reg} in training, else {}). Targets (resized, from ``preprocess``) are required in
+        training."""
+        return self.rpn(images, features, targets, recorder)
+
+    def detect(self, features: "OrderedDict[str, torch.Tensor]", proposals: list[torch.Tensor],
+               image_sizes: list[tuple[int, int]], targets: list[dict] | None = None,
+               recorder: Recorder | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+        """The RoI heads on the proposals: -> (B x {boxes [D_i, 4] (resized pixels), scores [D_i], labels
+        [D_i]} in eval mode, [] in training; losses {loss_classifier, loss_box_reg} in training, else {})."""
+        return self.roi_heads(features, proposals, image_sizes, targets, recorder)
+
+    def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
+                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+        """Detections' boxes from each resized image (``image_sizes``) back to its original size."""
+        return self.transform.postprocess(detections, image_sizes, original_sizes)
+
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
-        check_images(images)
-        if self.training:
-            check_targets(targets, len(images), self.num_classes)
+        """The stages in order: training -> the four losses; eval -> one {boxes, labels, scores} per image."""
+        image_list, targets = self.preprocess(images, targets)
         original_sizes = [tuple(im.shape[-2:]) for im in images]
-        image_list, targets = self.transform(images, targets)
         features = self.features(image_list.tensors)
-        proposals, rpn_losses = self.rpn(image_list.tensors, image_list.image_sizes, features, targets)
-        detections, head_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+        proposals, rpn_losses = self.propose(image_list, features, targets)
+        detections, head_losses = self.detect(features, proposals, image_list.image_sizes, targets)
         if self.training:
             return {**rpn_losses, **head_losses}
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        return self.postprocess(detections, image_list.image_sizes, original_sizes)

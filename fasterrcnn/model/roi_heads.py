@@ -13,13 +13,18 @@ pooled features [R, D, P, P] (P = 7 with FPN).
                    on the deltas of each foreground RoI's own class, summed / number sampled.
     inference:     softmax, decode every class's box, clip, drop background, score > 0.05,
                    drop tiny boxes, NMS 0.5 per class, keep the top 100 per image.
+    recorder:      given one, the heads write the RoIs pooled (and in training the sample), each RoI's
+                   pooler level, class scores and per-class boxes, and in inference the proposal each
+                   detection came from (see recorder.py).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BoxCoder, batched_nms
+from ..ops import BoxCoder, batched_nms, clip_boxes_to_image, remove_small_boxes
 from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, pad_ragged, padded_box_iou
+from .per_image import top_n_per_image
+from .recorder import Recorder
 from .sampler import BalancedPositiveNegativeSampler, sample_generators
 
 
@@ -122,7 +127,8 @@ class RoIHeads(nn.Module):
         self.detections_per_img = detections_per_img
 
     # ---- training ----------------------------------------------------------------------------
-    def select_training_samples(self, proposals: list[torch.Tensor], targets: list[dict]):
+    def select_training_samples(self, proposals: list[torch.Tensor], targets: list[dict],
+                                recorder: Recorder | None = None):
         """Add the gt boxes to the proposals, label them and sample, for the whole batch at once.
 
         -> (proposals B x [S_i, 4], labels B x [S_i], regression_targets B x [S_i, 4]); each image's
@@ -149,14 +155,17 @@ class RoIHeads(nn.Module):
         boxes, labels = candidates[rows, cols], labels[rows, cols]
         matched_boxes = torch.where((labels > 0)[:, None], gt[rows, matched[rows, cols]], boxes)
         regression_targets = self.box_coder.encode(matched_boxes, boxes)
+        if recorder is not None:
+            recorder.put("roi_heads.sampled_index", list(cols.split(counts)))
+            recorder.put("roi_heads.sampled_labels", list(labels.split(counts)))
         return list(boxes.split(counts)), list(labels.split(counts)), list(regression_targets.split(counts))
 
     # ---- inference ---------------------------------------------------------------------------
     def postprocess_detections(self, class_logits: torch.Tensor, box_deltas: torch.Tensor,
                                proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]],
-                               return_proposal_index: bool = False) -> list[dict]:
-        """-> B x {boxes, scores, labels}; with return_proposal_index also proposal_index int64 [D]:
-        the row of the image's proposals each detection was refined from.
+                               recorder: Recorder | None = None) -> list[dict]:
+        """-> B x {boxes, scores, labels}; a recorder gets, per image, the row of the image's proposals
+        each detection was refined from (``roi_heads.proposal_index``).
 
         The whole batch at once: a candidate is a (proposal, class) pair scoring above score_thresh
         (background excluded), in that row-major order; only candidates are decoded (in float32, even
@@ -176,37 +185,55 @@ class RoIHeads(nn.Module):
         counts = torch.tensor(boxes_per_image, device=device)
         image = torch.repeat_interleave(torch.arange(len(proposals), device=device), counts,
                                         output_size=num_rois)[rows]  # [M]
-        bound = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=device)
-        boxes = torch.minimum(boxes.clamp(min=0), bound[image])
-        ok = torch.nonzero(((boxes[:, 2] - boxes[:, 0]) >= 1e-2) & ((boxes[:, 3] - boxes[:, 1]) >= 1e-2)).flatten()
+        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # [B, 2] (h, w)
+        boxes = clip_boxes_to_image(boxes, sizes[image])  # each box to its own image
+        ok = remove_small_boxes(boxes, 1e-2)
         boxes, scores, labels, rows, image = boxes[ok], scores[ok], labels[ok], rows[ok], image[ok]
         keep = batched_nms(boxes, scores, image * num_classes + labels, self.nms_thresh)  # by score
-        # a stable sort by image keeps the score order inside each image; each keeps its best
-        keep = keep[torch.sort(image[keep], stable=True).indices]
-        found = torch.bincount(image[keep], minlength=len(proposals))
-        rank = torch.arange(keep.numel(), device=device) - (torch.cumsum(found, 0) - found)[image[keep]]
-        keep = keep[rank < self.detections_per_img]
+        keep, _ = top_n_per_image(keep, image[keep], len(proposals), self.detections_per_img)
         per_image = torch.bincount(image[keep], minlength=len(proposals)).tolist()
-        first_row = torch.cumsum(counts, 0) - counts
-        results = []
-        for b, s, lb, r, i in zip(boxes[keep].split(per_image), scores[keep].split(per_image),
-                                  labels[keep].split(per_image), rows[keep].split(per_image), range(len(per_image))):
-            result = {"boxes": b, "scores": s, "labels": lb}
-            if return_proposal_index:
-                result["proposal_index"] = r - first_row[i]
-            results.append(result)
-        return results
+        if recorder is not None:
+            first_row = torch.cumsum(counts, 0) - counts
+            recorder.put("roi_heads.proposal_index", list((rows[keep] - first_row[image[keep]]).split(per_image)))
+        return [{"boxes": b, "scores": s, "labels": lb} for b, s, lb in
+                zip(boxes[keep].split(per_image), scores[keep].split(per_image), labels[keep].split(per_image))]
+
+    def record(self, recorder: Recorder, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+               image_sizes: list[tuple[int, int]], pooled: torch.Tensor, class_logits: torch.Tensor,
+               box_deltas: torch.Tensor) -> None:
+        """What the second stage made of each RoI: its pooler level, its class scores and its box refined
+        for every class (clipped to its image). Work done only for a recorder."""
+        recorder.put("roi_heads.proposals", proposals)
+        recorder.put("roi_heads.pooled", pooled.detach())
+        if hasattr(self.box_roi_pool, "roi_levels"):
+            recorder.put("roi_heads.roi_levels", self.box_roi_pool.roi_levels(features, proposals, image_sizes))
+        recorder.put("roi_heads.class_logits", class_logits.detach())
+        recorder.put("roi_heads.box_deltas", box_deltas.detach())
+        class_logits, box_deltas = class_logits.detach().float(), box_deltas.detach().float()
+        num_rois, num_classes = class_logits.shape
+        recorder.put("roi_heads.class_scores", F.softmax(class_logits, dim=-1))
+        rois = torch.cat(proposals).to(torch.float32) if proposals else box_deltas.new_zeros((0, 4))
+        refined = self.box_coder.decode(box_deltas, rois).view(num_rois, num_classes, 4)
+        sizes = torch.tensor(image_sizes, dtype=refined.dtype, device=refined.device)  # [B, 2] (h, w)
+        image = torch.repeat_interleave(torch.arange(len(proposals), device=refined.device),
+                                        torch.tensor([p.shape[0] for p in proposals], device=refined.device),
+                                        output_size=num_rois)
+        recorder.put("roi_heads.boxes_per_class", clip_boxes_to_image(refined, sizes[image][:, None, :]))
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]], targets: list[dict] | None = None):
+                image_sizes: list[tuple[int, int]], targets: list[dict] | None = None,
+                recorder: Recorder | None = None):
         """-> (detections: B x {boxes, scores, labels} (empty list in training), losses dict)."""
         if self.training:
             if targets is None:
                 raise ValueError("the RoI heads need targets in training mode")
-            proposals, labels, regression_targets = self.select_training_samples(proposals, targets)
+            proposals, labels, regression_targets = self.select_training_samples(proposals, targets, recorder)
+        # bfloat16 maps (optimize_for_inference) are pooled as they are, with the boxes in float32
         pooled = self.box_roi_pool(features, proposals, image_sizes)
         class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+        if recorder is not None:
+            self.record(recorder, features, proposals, image_sizes, pooled, class_logits, box_deltas)
         if self.training:
             losses = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(regression_targets))
             return [], losses
-        return self.postprocess_detections(class_logits, box_deltas, proposals, image_sizes), {}
+        return self.postprocess_detections(class_logits, box_deltas, proposals, image_sizes, recorder), {}

@@ -5,23 +5,28 @@ Shapes: B images, L levels, A anchors per location (same on every level), N = su
     head, per level:  features [B, C, H_l, W_l] -> objectness [B, A, H_l, W_l], deltas [B, 4A, H_l, W_l]
     flattened:        objectness [B, N], deltas [B, N, 4], in anchor order (level, y, x, anchor)
     proposals:        decoded deltas [B, N, 4] -> per image top-k per level, clip, drop small, NMS
-                      (per level), keep post_nms_top_n -> B x ([P_i, 4] boxes, [P_i] scores);
-                      nms_candidates gives the boxes just before NMS (for explain)
+                      (per level), keep post_nms_top_n -> B x [P_i, 4] boxes
     training:         anchors matched to ground truth (IoU >= 0.7 positive, < 0.3 negative, plus each
                       gt's best anchors): one IoU [B, G, N] for the batch (gt padded to G);
                       256 sampled per image (half positive at most) as index tensors [B, P], [B, Q];
                       only the sampled anchors are gathered and encoded;
                       loss_objectness = BCE over the sample, loss_rpn_box_reg = smooth-L1 (beta 1/9)
                       over the positives, summed and divided by the sample size.
+    recorder:         given one, the RPN writes its anchors, objectness, the boxes entering NMS with the
+                      counts after each filter, the proposals and their scores, and with targets the
+                      matches (and in training the sampled anchors) into it (see recorder.py).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BoxCoder, batched_nms
+from ..ops import BoxCoder, batched_nms, clip_boxes_to_image, min_size_mask
 from .anchors import AnchorGenerator
 from .matcher import Matcher, pad_ragged, padded_box_iou
+from .per_image import top_n_per_image
+from .recorder import Recorder
 from .sampler import BalancedPositiveNegativeSampler, sample_generators
+from .transform import ImageList
 
 
 class RPNHead(nn.Module):
@@ -109,82 +114,18 @@ class RegionProposalNetwork(nn.Module):
             offset += n
         return torch.cat(top_idx, dim=1), torch.cat(levels)
 
-    def _candidates(self, boxes: torch.Tensor, logits: torch.Tensor, image_sizes: list[tuple[int, int]]):
-        """boxes [B, K, 4] and logits [B, K] of the top-k -> (clipped boxes [B, K, 4], scores [B, K],
-        not-small mask [B, K], alive mask [B, K]: not small and scoring at least score_thresh)."""
-        scores = torch.sigmoid(logits)
-        # clip x to [0, w_i] and y to [0, h_i], each image to its own size
-        bound = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
-        boxes = torch.minimum(boxes.clamp(min=0), bound[:, None, :])
-        not_small = ((boxes[..., 2] - boxes[..., 0]) >= self.min_size) & ((boxes[..., 3] - boxes[..., 1]) >= self.min_size)
-        return boxes, scores, not_small, not_small & (scores >= self.score_thresh)
-
-    def _filter_top_k(self, boxes: torch.Tensor, logits: torch.Tensor, levels: torch.Tensor,
-                      image_sizes: list[tuple[int, int]], return_stats: bool = False):
-        """The top-k of every image (boxes [B, K, 4], logits [B, K], levels [K]) -> B x (boxes [P_i, 4],
-        scores [P_i]), and with return_stats the count alive after each filter, per image."""
-        num_images, k = logits.shape
-        boxes, scores, not_small, alive = self._candidates(boxes, logits, image_sizes)
-        flat = torch.nonzero(alive.reshape(-1)).flatten()  # (image, rank) flattened: image-major
-        groups = torch.div(flat, k, rounding_mode="floor") * k + levels[flat % k]  # (image, level), distinct
-        keep = flat[batched_nms(boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat], groups, self.nms_thresh)]
-        # keep is sorted by score (ties: input order); a stable sort by image keeps that order inside
-        # each image, and each image keeps its post_nms_top_n best
-        image = torch.div(keep, k, rounding_mode="floor")
-        order = torch.sort(image, stable=True).indices
-        keep, image = keep[order], image[order]
-        after_nms = torch.bincount(image, minlength=num_images)
-        first = torch.cumsum(after_nms, 0) - after_nms
-        rank = torch.arange(keep.numel(), device=keep.device) - first[image]
-        keep = keep[rank < self.post_nms_top_n()]
-        per_image = torch.bincount(torch.div(keep, k, rounding_mode="floor"), minlength=num_images).tolist()
-        result = list(zip(boxes.reshape(-1, 4)[keep].split(per_image), scores.reshape(-1)[keep].split(per_image)))
-        if not return_stats:
-            return result
-        stats = [{"anchors": -1, "pre_nms_top_k": k, "after_small_box_removal": int(s), "after_score_threshold": int(a),
-                  "after_nms": int(n), "post_nms_top_n": p}
-                 for s, a, n, p in zip(not_small.sum(1).tolist(), alive.sum(1).tolist(), after_nms.tolist(), per_image)]
-        return result, stats
-
-    def nms_candidates(self, proposals: torch.Tensor, objectness: torch.Tensor,
-                       image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]) -> list[dict]:
-        """The boxes that enter NMS, after the per-level top-k, clipping, small-box removal and the
-        score threshold: per image {boxes [M, 4], scores [M] in (0, 1), levels int64 [M], counts}."""
-        objectness = objectness.detach()
-        top_idx, levels = self.top_k_indices(objectness, num_anchors_per_level)
-        boxes, scores, not_small, alive = self._candidates(proposals.gather(1, top_idx[..., None].expand(-1, -1, 4)),
-                                                           objectness.gather(1, top_idx), image_sizes)
-        out = []
-        for b, s, small_ok, ok in zip(boxes, scores, not_small, alive):
-            counts = {"anchors": int(objectness.shape[1]), "pre_nms_top_k": int(s.numel()),
-                      "after_small_box_removal": int(small_ok.sum()), "after_score_threshold": int(ok.sum())}
-            out.append({"boxes": b[ok], "scores": s[ok], "levels": levels[ok], "counts": counts})
-        return out
-
-    def filter_proposals(self, proposals: torch.Tensor, objectness: torch.Tensor,
+    def select_proposals(self, objectness: torch.Tensor, deltas: torch.Tensor, anchors: list[torch.Tensor],
                          image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int],
-                         return_stats: bool = False):
-        """proposals [B, N, 4], objectness [B, N] (logits) -> B x (boxes [P_i, 4], scores [P_i] in (0, 1)).
+                         recorder: Recorder | None = None) -> list[torch.Tensor]:
+        """objectness [B, N] (logits), deltas [B, N, 4], anchors B x [N, 4] -> B x proposals [P_i, 4].
 
-        With return_stats, also one dict per image counting the boxes alive after each filter.
-        """
-        objectness = objectness.detach()
-        top_idx, levels = self.top_k_indices(objectness, num_anchors_per_level)
-        out = self._filter_top_k(proposals.gather(1, top_idx[..., None].expand(-1, -1, 4)),
-                                 objectness.gather(1, top_idx), levels, image_sizes, return_stats)
-        if return_stats:
-            for counts in out[1]:
-                counts["anchors"] = int(objectness.shape[1])
-        return out
-
-    def propose(self, objectness: torch.Tensor, deltas: torch.Tensor, anchors: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int]) -> list[torch.Tensor]:
-        """objectness [B, N] (logits), deltas [B, N, 4], anchors B x [N, 4] -> B x proposals [P_i, 4]:
-        filter_proposals on the decoded anchors, decoding only the top-k of each level (the others
-        are never looked at). Decoded and ranked in float32 even when the head runs in bfloat16 (box
-        coordinates need the bits); no gradient flows into the RPN (approximate joint training)."""
+        Per image: the top-k anchors of each level, decoded (only those: the others are never looked
+        at), clipped to the image, those smaller than min_size or scoring below score_thresh dropped,
+        NMS per level, the post_nms_top_n best kept. Decoded and ranked in float32 even when the head
+        runs in bfloat16 (box coordinates need the bits); no gradient flows into the RPN (approximate
+        joint training)."""
         objectness, deltas = objectness.detach().float(), deltas.detach().float()
-        top_idx, levels = self.top_k_indices(objectness, num_anchors_per_level)  # [B, K]
+        top_idx, levels = self.top_k_indices(objectness, num_anchors_per_level)  # [B, K], [K]
         num_images, k = top_idx.shape
         gather4 = top_idx[..., None].expand(-1, -1, 4)
         if all(a is anchors[0] for a in anchors):  # the anchor generator shares one tensor
@@ -192,36 +133,60 @@ class RegionProposalNetwork(nn.Module):
         else:
             top_anchors = torch.stack(anchors).gather(1, gather4)
         boxes = self.box_coder.decode(deltas.gather(1, gather4).reshape(-1, 4), top_anchors.reshape(-1, 4))
-        result = self._filter_top_k(boxes.view(num_images, k, 4), objectness.gather(1, top_idx), levels, image_sizes)
-        return [b for b, _ in result]
+        scores = torch.sigmoid(objectness.gather(1, top_idx))  # [B, K]
+        sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=boxes.device)  # [B, 2] (h, w)
+        boxes = clip_boxes_to_image(boxes.view(num_images, k, 4), sizes[:, None, :])  # each to its own image
+        not_small = min_size_mask(boxes, self.min_size)  # [B, K]
+        alive = not_small & (scores >= self.score_thresh)
+
+        flat = torch.nonzero(alive.reshape(-1)).flatten()  # (image, rank) flattened: image-major
+        groups = torch.div(flat, k, rounding_mode="floor") * k + levels[flat % k]  # (image, level), distinct
+        keep = flat[batched_nms(boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat], groups, self.nms_thresh)]
+        keep, after_nms = top_n_per_image(keep, torch.div(keep, k, rounding_mode="floor"), num_images,
+                                          self.post_nms_top_n())
+        per_image = torch.bincount(torch.div(keep, k, rounding_mode="floor"), minlength=num_images).tolist()
+        proposals = list(boxes.reshape(-1, 4)[keep].split(per_image))
+        if recorder is not None:
+            recorder.put("rpn.pre_nms", [{"boxes": b[ok], "scores": sc[ok], "levels": levels[ok]}
+                                         for b, sc, ok in zip(boxes, scores, alive)])
+            recorder.put("rpn.counts", [
+                {"anchors": int(objectness.shape[1]), "pre_nms_top_k": k, "after_small_box_removal": int(small_ok),
+                 "after_score_threshold": int(ok), "after_nms": int(n), "post_nms_top_n": p}
+                for small_ok, ok, n, p in zip(not_small.sum(1).tolist(), alive.sum(1).tolist(), after_nms.tolist(),
+                                              per_image)])
+            recorder.put("rpn.proposals", proposals)
+            recorder.put("rpn.proposal_scores", list(scores.reshape(-1)[keep].split(per_image)))
+            recorder.put("rpn.proposal_levels", list(levels[keep % k].split(per_image)))
+        return proposals
 
     # ---- training targets and losses --------------------------------------------------------
-    def match_anchors(self, anchors: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def match_anchors(self, anchors: list[torch.Tensor], targets: list[dict],
+                      recorder: Recorder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (matches [B, N] int64: gt index, or -1 negative, or -2 ignored; gt boxes [B, G, 4] padded).
         One batched IoU and match for the whole batch; an image without objects gets only negatives."""
         gt, gt_valid = pad_ragged([t["boxes"] for t in targets])  # [B, G, 4], [B, G]
         batch_anchors = _batch_anchors(anchors)
         gt = gt.to(batch_anchors.dtype)
-        return self.matcher(padded_box_iou(gt, gt_valid, batch_anchors[None] if batch_anchors.dim() == 2
-                                           else batch_anchors)), gt
-
-    def assign_targets(self, anchors: list[torch.Tensor], targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> labels [B, N] float (1 positive, 0 negative, -1 ignored) and matched gt boxes [B, N, 4]
-        (meaningful where the label is 1). Training needs neither in full (``compute_loss`` reads the
-        sampled anchors' only); this is the readable form, for ``explain`` and the tests."""
-        matches, gt = self.match_anchors(anchors, targets)
-        labels = (matches + 1).clamp_(max=1).to(torch.float32)  # gt index >= 0 -> 1, -1 -> 0, -2 -> -1
-        matched = gt.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
-        return labels, matched
+        iou = padded_box_iou(gt, gt_valid, batch_anchors[None] if batch_anchors.dim() == 2 else batch_anchors)
+        matches = self.matcher(iou)
+        if recorder is not None:
+            recorder.put("rpn.gt_boxes", gt)
+            recorder.put("rpn.iou", iou)
+            recorder.put("rpn.matches", matches)
+        return matches, gt
 
     def compute_loss(self, objectness: torch.Tensor, deltas: torch.Tensor, matches: torch.Tensor,
-                     gt_boxes: torch.Tensor, anchors: torch.Tensor, generators=None) -> dict[str, torch.Tensor]:
+                     gt_boxes: torch.Tensor, anchors: torch.Tensor, generators=None,
+                     recorder: Recorder | None = None) -> dict[str, torch.Tensor]:
         """objectness [B, N], deltas [B, N, 4], matches [B, N] and gt_boxes [B, G, 4] from
         ``match_anchors``, anchors [N, 4] or [B, N, 4]. Only the sampled anchors (at most
         batch_size_per_image per image) are gathered and encoded; both losses are sums over the
         batch's sample divided by its size."""
         # sampler labels: >= 1 positive (matched gt + 1), 0 negative, -1 ignored
         sample = self.sampler.sample(matches + 1, generators)
+        if recorder is not None:
+            recorder.put("rpn.sampled_positive", [i[v] for i, v in zip(sample.pos_index, sample.pos_valid)])
+            recorder.put("rpn.sampled_negative", [i[v] for i, v in zip(sample.neg_index, sample.neg_valid)])
         num_sampled = sample.num_sampled().clamp(min=1)
         index = torch.cat([sample.pos_index, sample.neg_index], dim=1)  # [B, P + Q]
         valid = torch.cat([sample.pos_valid, sample.neg_valid], dim=1)
@@ -242,23 +207,31 @@ class RegionProposalNetwork(nn.Module):
         box_loss = (box_loss * sample.pos_valid.reshape(-1)).sum() / num_sampled
         return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
 
-    def forward(self, image_tensors: torch.Tensor, image_sizes: list[tuple[int, int]],
-                features: dict[str, torch.Tensor], targets: list[dict] | None = None):
-        """-> (proposals: B x [P_i, 4], losses: dict, empty when not training)."""
+    def forward(self, images: ImageList, features: dict[str, torch.Tensor], targets: list[dict] | None = None,
+                recorder: Recorder | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """-> (proposals: B x [P_i, 4], losses: dict, empty when not training). Given targets outside
+        training, the anchors are matched only for a recorder (no losses)."""
+        if self.training and targets is None:
+            raise ValueError("the RPN needs targets in training mode")
         feats = list(features.values())
         logits, deltas = self.head(feats)
-        anchors = self.anchor_generator(image_tensors, feats)
+        anchors = self.anchor_generator(images.tensors, feats)
         num_anchors_per_level = [lg[0].numel() for lg in logits]  # A * H_l * W_l
+        if recorder is not None:
+            recorder.put("rpn.anchors", anchors)
+            recorder.put("rpn.num_anchors_per_level", num_anchors_per_level)
+            recorder.put("rpn.objectness", [lg.detach() for lg in logits])
+            recorder.put("rpn.deltas", [dl.detach() for dl in deltas])
         objectness, deltas = flatten_head_outputs(logits, deltas)
-        boxes = self.propose(objectness, deltas, anchors, image_sizes, num_anchors_per_level)
+        boxes = self.select_proposals(objectness, deltas, anchors, images.image_sizes, num_anchors_per_level,
+                                      recorder)
 
         losses = {}
-        if self.training:
-            if targets is None:
-                raise ValueError("the RPN needs targets in training mode")
-            matches, gt_boxes = self.match_anchors(anchors, targets)
-            losses = self.compute_loss(objectness, deltas, matches, gt_boxes, _batch_anchors(anchors),
-                                       sample_generators(targets, stream=0))
+        if targets is not None and (self.training or recorder is not None):
+            matches, gt_boxes = self.match_anchors(anchors, targets, recorder)
+            if self.training:
+                losses = self.compute_loss(objectness, deltas, matches, gt_boxes, _batch_anchors(anchors),
+                                           sample_generators(targets, stream=0), recorder)
         return boxes, losses
 
 

@@ -3,14 +3,13 @@ max) or RoIAlign (bilinear, Mask R-CNN), chosen by name.
 
 Shapes: features {"0": [B, D, H, W]}, proposals B x [R_i, 4] -> [sum R_i, D, P, P] (channels-last strides,
 as MultiScaleRoIAlign's output).
-The map's stride is inferred from its size against the largest image in the batch (a power of two).
+The map's stride is inferred as the pyramid pooler infers it (``ops.infer_scale``).
 """
-import math
-
 import torch
 from torch import nn
 
 from ..ops._utils import pair, rows_as_nchw
+from ..ops.poolers import infer_scale
 from ..ops.roi_align import roi_align_rows
 from ..ops.roi_pool import roi_pool_rows
 
@@ -29,16 +28,16 @@ class SingleMapRoIPooler(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
-    @staticmethod
-    def infer_scale(feature: torch.Tensor, image_sizes: list[tuple[int, int]]) -> float:
-        """1 / stride, rounded to a power of two (a padded image is a little larger than the map says)."""
-        max_h = max(s[0] for s in image_sizes)
-        return 2.0 ** round(math.log2(feature.shape[-2] / max_h))
+    def roi_levels(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                   image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """The map each RoI is pooled from: always the one, int64 zeros ``[R]``."""
+        return torch.zeros(sum(p.shape[0] for p in proposals), dtype=torch.int64,
+                           device=features[self.featmap_name].device)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_sizes: list[tuple[int, int]]) -> torch.Tensor:
         feature = features[self.featmap_name]
-        scale = self.infer_scale(feature, image_sizes)
+        scale = infer_scale(feature, image_sizes)
         oh, ow = pair(self.output_size, "SingleMapRoIPooler")
         # the ops take the boxes in their compute dtype (float32 at least, even on a bfloat16 map)
         if self.op == "roi_pool":

@@ -24,9 +24,6 @@ class ImageList:
     tensors: torch.Tensor  # [B, 3, Hp, Wp]
     image_sizes: list[tuple[int, int]]  # B x (H_i, W_i)
 
-    def to(self, *args, **kwargs) -> "ImageList":
-        return ImageList(self.tensors.to(*args, **kwargs), self.image_sizes)
-
 
 def resize_boxes(boxes: torch.Tensor, original_size: tuple[int, int], new_size: tuple[int, int]) -> torch.Tensor:
     """Scale xyxy boxes from an image of original_size (H, W) to one of new_size."""

@@ -3,14 +3,15 @@
 Boxes are ``Tensor[N, 4]`` in ``(x1, y1, x2, y2)`` absolute pixels. Nothing here knows about the model.
 """
 from .box_coder import BoxCoder
-from .boxes import box_area, box_iou, clip_boxes_to_image, remove_small_boxes
+from .boxes import box_area, box_iou, clip_boxes_to_image, min_size_mask, remove_small_boxes
 from .nms import batched_nms, nms
-from .poolers import MultiScaleRoIAlign, MultiScaleRoIPool, assign_fpn_levels
+from .poolers import MultiScalePooler, MultiScaleRoIAlign, MultiScaleRoIPool, assign_fpn_levels, infer_scale
 from .roi_align import roi_align
 from .roi_pool import roi_pool
 
 __all__ = [
     "BoxCoder",
+    "MultiScalePooler",
     "MultiScaleRoIAlign",
     "MultiScaleRoIPool",
     "assign_fpn_levels",
@@ -18,6 +19,8 @@ __all__ = [
     "box_area",
     "box_iou",
     "clip_boxes_to_image",
+    "infer_scale",
+    "min_size_mask",
     "nms",
     "remove_small_boxes",
     "roi_align",

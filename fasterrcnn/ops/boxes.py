@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["box_area", "box_iou", "clip_boxes_to_image", "remove_small_boxes"]
+__all__ = ["box_area", "box_iou", "clip_boxes_to_image", "min_size_mask", "remove_small_boxes"]
 
 
 def box_area(boxes: Tensor) -> Tensor:
@@ -43,18 +43,27 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return _safe_div(inter, union)
 
 
-def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Clamp ``x`` to ``[0, w]`` and ``y`` to ``[0, h]``: ``Tensor[..., 4] -> Tensor[..., 4]``; ``size = (h, w)``."""
-    height, width = size
-    x = boxes[..., 0::2].clamp(min=0, max=width)
-    y = boxes[..., 1::2].clamp(min=0, max=height)
-    # interleave back to x1, y1, x2, y2
-    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int] | Tensor) -> Tensor:
+    """Clamp ``x`` to ``[0, w]`` and ``y`` to ``[0, h]``: ``Tensor[..., 4] -> Tensor[..., 4]``.
+
+    ``size``: one image's ``(h, w)``, or a ``Tensor[..., 2]`` of ``(h, w)`` broadcasting against
+    ``boxes[..., 0]``, so that a batch clips each box to its own image (``[B, 1, 2]`` for boxes
+    ``[B, K, 4]``, ``[M, 2]`` for boxes ``[M, 4]``).
+    """
+    if isinstance(size, Tensor):
+        hw = size.to(device=boxes.device, dtype=boxes.dtype)
+        bound = torch.stack((hw[..., 1], hw[..., 0], hw[..., 1], hw[..., 0]), dim=-1)
+    else:
+        height, width = size
+        bound = torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+    return torch.minimum(boxes.clamp(min=0), bound)
+
+
+def min_size_mask(boxes: Tensor, min_size: float) -> Tensor:
+    """``bool[...]``: True where a box's width and height are both at least ``min_size`` (``[..., 4]``)."""
+    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
 
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices (int64) of the boxes with width >= ``min_size`` and height >= ``min_size``: ``[N, 4] -> [K]``."""
-    ws = boxes[:, 2] - boxes[:, 0]
-    hs = boxes[:, 3] - boxes[:, 1]
-    keep = (ws >= min_size) & (hs >= min_size)
-    return torch.nonzero(keep).flatten()
+    return torch.nonzero(min_size_mask(boxes, min_size)).flatten()

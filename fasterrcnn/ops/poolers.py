@@ -21,7 +21,8 @@ from .boxes import box_area
 from .roi_align import roi_align_rows
 from .roi_pool import roi_pool_rows
 
-__all__ = ["MultiScaleRoIAlign", "MultiScaleRoIPool", "assign_fpn_levels"]
+__all__ = ["MultiScalePooler", "MultiScaleRoIAlign", "MultiScaleRoIPool", "assign_fpn_levels", "infer_scale",
+           "rois_with_image_index"]
 
 
 def assign_fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: int = 224,
@@ -38,9 +39,10 @@ def assign_fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: in
     return k.to(torch.int64) - k_min
 
 
-def _infer_scale(feature: Tensor, original_size: tuple[int, int]) -> float:
-    """Power of two closest (in log2) to ``feature size / image size``; taken on the height, like the ecosystem."""
-    approx = float(feature.shape[-2]) / float(original_size[0])
+def infer_scale(feature: Tensor, image_sizes: Sequence[tuple[int, int]]) -> float:
+    """``1 / stride`` of a feature map: the power of two closest (in log2) to its height over the batch's
+    largest image height (a padded image is a little larger than the map says)."""
+    approx = float(feature.shape[-2]) / float(max(int(s[0]) for s in image_sizes))
     return 2.0 ** float(torch.tensor(approx).log2().round())
 
 
@@ -68,66 +70,86 @@ class _PlaceRows(torch.autograd.Function):
         return tuple(grads)
 
 
-class MultiScaleRoIAlign(nn.Module):
-    """RoIAlign over several feature maps, each RoI read from the level its size maps to.
+def rois_with_image_index(boxes: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """B x ``[L_i, 4]`` -> ``[R, 5]`` rows ``(image index, x1, y1, x2, y2)``."""
+    if not len(boxes):
+        return torch.zeros((0, 5), dtype=dtype, device=device)
+    return torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1)
+                      for i, b in enumerate(boxes)]).to(device=device, dtype=dtype)
+
+
+class MultiScalePooler(nn.Module):
+    """Pool each RoI from the pyramid level its size maps to; ``pool_rows`` (the op) is the subclass's.
 
     ``featmap_names`` selects (and orders, finest first) the maps of the features dict; the scale of each map
-    is inferred from its size relative to the largest image, so no stride has to be configured.
+    is inferred from its size relative to the largest image (``infer_scale``), so no stride has to be configured.
     forward: ``features: dict[str, Tensor[B, C, H_l, W_l]]``, ``boxes: list[Tensor[L_i, 4]]`` (image pixels),
     ``image_sizes: list[(h, w)]`` -> ``Tensor[R, C, oh, ow]`` (in the order of the concatenated boxes;
     channels-last strides, see the module's docstring).
     """
 
-    def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], sampling_ratio: int, *,
+    def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], *,
                  canonical_scale: int = 224, canonical_level: int = 4) -> None:
         super().__init__()
+        name = type(self).__name__
         if not featmap_names:
-            raise ValueError("MultiScaleRoIAlign featmap_names: expected at least one feature map name")
+            raise ValueError(f"{name} featmap_names: expected at least one feature map name")
         self.featmap_names = list(featmap_names)
-        self.output_size = pair(output_size, "MultiScaleRoIAlign")
-        self.sampling_ratio = int(sampling_ratio)
+        self.output_size = pair(output_size, name)
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
     def scales_and_levels(self, features: Sequence[Tensor],
                           image_sizes: Sequence[tuple[int, int]]) -> tuple[list[float], int, int]:
         """Spatial scale of each map, and ``(k_min, k_max)`` of the first and last map."""
-        original = (max(int(s[0]) for s in image_sizes), max(int(s[1]) for s in image_sizes))
-        scales = [_infer_scale(f, original) for f in features]
+        scales = [infer_scale(f, image_sizes) for f in features]
         k_min = int(round(-math.log2(scales[0])))
         k_max = int(round(-math.log2(scales[-1])))
         if k_max - k_min + 1 != len(features):
-            raise ValueError(f"MultiScaleRoIAlign: feature maps {self.featmap_names} have inferred scales {scales}; "
-                             f"expected one map per pyramid level from 2^-{k_min} to 2^-{k_max}")
+            raise ValueError(f"{type(self).__name__}: feature maps {self.featmap_names} have inferred scales "
+                             f"{scales}; expected one map per pyramid level from 2^-{k_min} to 2^-{k_max}")
         return scales, k_min, k_max
 
     def pool_rows(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         """One map's RoIs ``[K, 5]`` -> rows ``[K, oh*ow, C]``."""
-        return roi_align_rows(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
+        raise NotImplementedError
+
+    def _maps(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]]) -> list[Tensor]:
+        missing = [name for name in self.featmap_names if name not in features]
+        if missing:
+            raise KeyError(f"{type(self).__name__} features: missing maps {missing}; got {list(features)}")
+        if not image_sizes:
+            raise ValueError(f"{type(self).__name__} image_sizes: expected one (h, w) per image, got none")
+        return [features[name] for name in self.featmap_names]
+
+    def _levels(self, boxes: Tensor, k_min: int, k_max: int) -> Tensor:
+        return assign_fpn_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
+
+    def roi_levels(self, features: dict[str, Tensor], boxes: list[Tensor],
+                   image_sizes: list[tuple[int, int]]) -> Tensor:
+        """The map each RoI is pooled from, as forward chooses it: int64 ``[R]``, an index into ``featmap_names``."""
+        maps = self._maps(features, image_sizes)
+        _, k_min, k_max = self.scales_and_levels(maps, image_sizes)
+        rois = rois_with_image_index(boxes, compute_dtype(maps[0].dtype), maps[0].device)
+        if len(maps) == 1:
+            return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
+        return self._levels(rois[:, 1:], k_min, k_max)
 
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> Tensor:
-        missing = [name for name in self.featmap_names if name not in features]
-        if missing:
-            raise KeyError(f"MultiScaleRoIAlign features: missing maps {missing}; got {list(features)}")
-        maps = [features[name] for name in self.featmap_names]
-        if not image_sizes:
-            raise ValueError("MultiScaleRoIAlign image_sizes: expected one (h, w) per image, got none")
+        maps = self._maps(features, image_sizes)
         scales, k_min, k_max = self.scales_and_levels(maps, image_sizes)
         # box coordinates in float32 at least, even on bfloat16 maps
         dtype, device = compute_dtype(maps[0].dtype), maps[0].device
         oh, ow = self.output_size
         channels = maps[0].shape[1]
 
-        # [R, 5] rois: (image index, x1, y1, x2, y2)
-        rois = torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1)
-                          for i, b in enumerate(boxes)]).to(device=device, dtype=dtype) \
-            if len(boxes) else torch.zeros((0, 5), dtype=dtype, device=device)
+        rois = rois_with_image_index(boxes, dtype, device)  # [R, 5]
         num_rois = rois.shape[0]
         if len(maps) == 1:
             rows = self.pool_rows(maps[0], rois, scales[0])
         else:
-            levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, self.canonical_scale, self.canonical_level)
+            levels = self._levels(rois[:, 1:], k_min, k_max)
             order = torch.sort(levels, stable=True).indices  # RoIs grouped by level
             counts = torch.bincount(levels, minlength=len(maps)).tolist()
             pairs, lo = [], 0
@@ -146,14 +168,28 @@ class MultiScaleRoIAlign(nn.Module):
         return rows_as_nchw(rows, oh, ow)
 
 
-class MultiScaleRoIPool(MultiScaleRoIAlign):
+class MultiScaleRoIAlign(MultiScalePooler):
+    """RoIAlign over several feature maps, each RoI read from the level its size maps to (FPN's pooler)."""
+
+    def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], sampling_ratio: int, *,
+                 canonical_scale: int = 224, canonical_level: int = 4) -> None:
+        super().__init__(featmap_names, output_size, canonical_scale=canonical_scale,
+                         canonical_level=canonical_level)
+        self.sampling_ratio = int(sampling_ratio)
+
+    def pool_rows(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return roi_align_rows(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=False)
+
+
+class MultiScaleRoIPool(MultiScalePooler):
     """The same level assignment with Fast R-CNN's RoIPool (quantised max) on each map instead of
     RoIAlign; ``sampling_ratio`` is unused. For the RoIPool-against-RoIAlign experiment on a pyramid."""
 
     def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], sampling_ratio: int = 0, *,
                  canonical_scale: int = 224, canonical_level: int = 4) -> None:
-        super().__init__(featmap_names, output_size, sampling_ratio, canonical_scale=canonical_scale,
+        super().__init__(featmap_names, output_size, canonical_scale=canonical_scale,
                          canonical_level=canonical_level)
+        self.sampling_ratio = int(sampling_ratio)
 
     def pool_rows(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
         return roi_pool_rows(feature, rois, self.output_size, scale)

@@ -32,7 +32,7 @@ channels): :class:`~fasterrcnn.ops.poolers.MultiScaleRoIAlign` assembles the lev
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ._utils import BoxesArg, channels_last_rows, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments
 
-__all__ = ["roi_align", "roi_align_rows"]
+__all__ = ["RoIAlignGrid", "roi_align", "roi_align_grid", "roi_align_rows", "sample_coordinates"]
 
 # at most this many (index, weight) taps are materialised per embedding_bag call
 _TAP_BUDGET = 1 << 22
@@ -75,6 +75,50 @@ class _WeightedGather(torch.autograd.Function):
         return grad_feats, None, None
 
 
+class RoIAlignGrid(NamedTuple):
+    """Where RoIAlign samples K RoIs, along each axis, in feature-map coordinates (cell c's centre at c)."""
+    start_y: Tensor  # [K] the RoI's first edge
+    start_x: Tensor
+    bin_h: Tensor  # [K] the size of a bin
+    bin_w: Tensor
+    grid_h: Tensor  # int64 [K] samples per bin
+    grid_w: Tensor
+
+
+def roi_align_grid(rois: Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
+                   aligned: bool) -> RoIAlignGrid:
+    """The bins and sample counts of RoIs ``[K, 5]`` (image index, x1, y1, x2, y2 in input pixels): the
+    semantics of the module docstring, computed once here for the op and for whoever shows the grid."""
+    oh, ow = output_size
+    offset = 0.5 if aligned else 0.0
+    start_x = rois[:, 1] * spatial_scale - offset
+    start_y = rois[:, 2] * spatial_scale - offset
+    roi_w = rois[:, 3] * spatial_scale - offset - start_x
+    roi_h = rois[:, 4] * spatial_scale - offset - start_y
+    if not aligned:  # legacy behaviour: force malformed RoIs to be 1x1
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    if sampling_ratio > 0:
+        gh = torch.full((rois.shape[0],), sampling_ratio, dtype=torch.int64, device=rois.device)
+        gw = gh
+    else:  # adaptive; an aligned RoI with negative size gets an empty grid (it outputs zeros)
+        gh = torch.ceil(roi_h / oh).clamp(min=0, max=2**30).to(torch.int64)
+        gw = torch.ceil(roi_w / ow).clamp(min=0, max=2**30).to(torch.int64)
+    return RoIAlignGrid(start_y, start_x, roi_h / oh, roi_w / ow, gh, gw)
+
+
+def sample_coordinates(start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: int, n_out: int) -> Tensor:
+    """Sample ``i`` of bin ``p`` along one axis, ``start + p * bin + (i + 0.5) * bin / g``:
+    ``start, bin_size [K], grid int64 [K]`` -> ``[K, n_out, max_grid]`` (samples past a RoI's grid are junk)."""
+    dtype = start.dtype
+    p = torch.arange(n_out, dtype=dtype, device=start.device)
+    i = torch.arange(max_grid, dtype=dtype, device=start.device)
+    g = grid.clamp(min=1).to(dtype)
+    # evaluated in the order of the reference formula
+    return (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) \
+        + (i[None, None, :] + 0.5) * bin_size[:, None, None] / g[:, None, None]
+
+
 def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: int, n_out: int,
                size: int) -> tuple[Tensor, Tensor]:
     """Bilinear taps along one axis.
@@ -83,13 +127,8 @@ def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: int, n_o
     Returns ``index: int64[K, n_out, max_grid, 2]`` (low, high) and ``weight: [K, n_out, max_grid, 2]``;
     samples beyond a RoI's own grid or outside ``[-1, size]`` get weight 0 and index 0.
     """
-    dtype = start.dtype
-    p = torch.arange(n_out, dtype=dtype, device=start.device)
-    i = torch.arange(max_grid, dtype=dtype, device=start.device)
-    g = grid.clamp(min=1).to(dtype)
-    # sample coordinate, evaluated in the order of the reference formula
-    y = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) \
-        + (i[None, None, :] + 0.5) * bin_size[:, None, None] / g[:, None, None]  # [K, n_out, G]
+    y = sample_coordinates(start, bin_size, grid, max_grid, n_out)  # [K, n_out, G]
+    i = torch.arange(max_grid, device=start.device)
     valid = (y >= -1.0) & (y <= size) & (i[None, None, :] < grid[:, None, None])
     y = y.clamp(min=0)
     low = y.floor()
@@ -104,24 +143,15 @@ def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: int, n_o
     return index, weight
 
 
-def _bag_taps(rois: Tensor, oh: int, ow: int, spatial_scale: float, gh: Tensor, gw: Tensor,
-              max_gh: int, max_gw: int, aligned: bool, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Taps for the RoIs ``rois[K, 5]``: ``(index int64[K*oh*ow, S], weight [K*oh*ow, S])``, ``S = 4*max_gh*max_gw``."""
+def _bag_taps(rois: Tensor, oh: int, ow: int, grid: RoIAlignGrid, max_gh: int, max_gw: int,
+              height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Taps for the RoIs ``rois[K, 5]`` and their ``grid``: ``(index int64[K*oh*ow, S], weight [K*oh*ow, S])``,
+    ``S = 4*max_gh*max_gw``."""
     k = rois.shape[0]
-    offset = 0.5 if aligned else 0.0
-    start_x = rois[:, 1] * spatial_scale - offset
-    start_y = rois[:, 2] * spatial_scale - offset
-    roi_w = rois[:, 3] * spatial_scale - offset - start_x
-    roi_h = rois[:, 4] * spatial_scale - offset - start_y
-    if not aligned:  # legacy behaviour: force malformed RoIs to be 1x1
-        roi_w = roi_w.clamp(min=1.0)
-        roi_h = roi_h.clamp(min=1.0)
-    bin_h = roi_h / oh
-    bin_w = roi_w / ow
-    count = (gh * gw).clamp(min=1).to(rois.dtype)
+    count = (grid.grid_h * grid.grid_w).clamp(min=1).to(rois.dtype)
 
-    iy, wy = _axis_taps(start_y, bin_h, gh, max_gh, oh, height)  # [K, oh, GH, 2]
-    ix, wx = _axis_taps(start_x, bin_w, gw, max_gw, ow, width)  # [K, ow, GW, 2]
+    iy, wy = _axis_taps(grid.start_y, grid.bin_h, grid.grid_h, max_gh, oh, height)  # [K, oh, GH, 2]
+    ix, wx = _axis_taps(grid.start_x, grid.bin_w, grid.grid_w, max_gw, ow, width)  # [K, ow, GW, 2]
     # fold the image offset into the row index and the 1/count into the row weight (small tensors),
     # so that the big broadcast below is one add and one multiply
     row = rois[:, 0].to(torch.int64)[:, None, None, None] * (height * width) + iy * width
@@ -173,22 +203,11 @@ def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[i
     feats = channels_last_rows(x)
 
     with torch.no_grad():
+        grid = roi_align_grid(rois, (oh, ow), spatial_scale, sampling_ratio, aligned)
         if sampling_ratio > 0:
-            gh = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
-            gw = gh
             groups = [(None, sampling_ratio, sampling_ratio)]
         else:
-            # same expression as the bin size in _bag_taps, so the grid matches the reference bit for bit
-            offset = 0.5 if aligned else 0.0
-            roi_w = rois[:, 3] * spatial_scale - offset - (rois[:, 1] * spatial_scale - offset)
-            roi_h = rois[:, 4] * spatial_scale - offset - (rois[:, 2] * spatial_scale - offset)
-            if not aligned:
-                roi_w = roi_w.clamp(min=1.0)
-                roi_h = roi_h.clamp(min=1.0)
-            # an aligned RoI with negative size gets an empty grid (it outputs zeros)
-            gh = torch.ceil(roi_h / oh).clamp(min=0, max=2**30).to(torch.int64)
-            gw = torch.ceil(roi_w / ow).clamp(min=0, max=2**30).to(torch.int64)
-            bh, bw = _round_up_2bits(gh), _round_up_2bits(gw)
+            bh, bw = _round_up_2bits(grid.grid_h), _round_up_2bits(grid.grid_w)
             keys = torch.stack((bh, bw), dim=1)
             uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
             groups = [(torch.nonzero(inverse == j).flatten(), int(gy), int(gx))
@@ -203,8 +222,8 @@ def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[i
             hi = min(lo + chunk, size)
             sel = slice(lo, hi) if members is None else members[lo:hi]
             with torch.no_grad():
-                index, weight = _bag_taps(rois[sel], oh, ow, spatial_scale, gh[sel], gw[sel],
-                                          max_gh, max_gw, aligned, height, width)
+                index, weight = _bag_taps(rois[sel], oh, ow, RoIAlignGrid(*(t[sel] for t in grid)),
+                                          max_gh, max_gw, height, width)
             outs.append(_WeightedGather.apply(feats, index, weight.to(feats.dtype)))
             if members is not None:
                 order.append(members[lo:hi])

@@ -34,7 +34,7 @@ from torch import Tensor
 from ._utils import (BoxesArg, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments, to_channels_first,
                      to_channels_last)
 
-__all__ = ["roi_pool", "roi_pool_rows"]
+__all__ = ["roi_pool", "roi_pool_bins", "roi_pool_rows"]
 
 # at most this many gathered values per chunk of bins (bounded temporaries, reused by the allocator)
 _GATHER_BUDGET = 1 << 22
@@ -182,6 +182,23 @@ def _bin_edges(start: Tensor, roi: Tensor, n_out: int, size: int) -> tuple[Tenso
     return lo.clamp(0, size), hi.clamp(0, size)
 
 
+def roi_pool_bins(rois: Tensor, output_size: tuple[int, int], spatial_scale: float, height: int,
+                  width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The cells each bin of RoIs ``[K, 5]`` (image index, x1, y1, x2, y2 in input pixels, float32 at least)
+    covers on a ``height x width`` map: ``(h_lo, h_hi) int64[K, oh]``, ``(w_lo, w_hi) int64[K, ow]``, bin
+    ``(p, q)`` = rows ``[h_lo[p], h_hi[p])`` x columns ``[w_lo[q], w_hi[q])`` (empty when lo == hi)."""
+    oh, ow = output_size
+    start_w = _c_round(rois[:, 1] * spatial_scale).to(torch.int64)
+    start_h = _c_round(rois[:, 2] * spatial_scale).to(torch.int64)
+    end_w = _c_round(rois[:, 3] * spatial_scale).to(torch.int64)
+    end_h = _c_round(rois[:, 4] * spatial_scale).to(torch.int64)
+    roi_w = (end_w - start_w + 1).clamp(min=1).to(rois.dtype)
+    roi_h = (end_h - start_h + 1).clamp(min=1).to(rois.dtype)
+    h_lo, h_hi = _bin_edges(start_h, roi_h, oh, height)  # [K, oh]
+    w_lo, w_hi = _bin_edges(start_w, roi_w, ow, width)  # [K, ow]
+    return h_lo, h_hi, w_lo, w_hi
+
+
 def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
              spatial_scale: float = 1.0) -> Tensor:
     """RoIPool: ``input[N, C, H, W]``, boxes ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]`` -> ``Tensor[K, C, oh, ow]``.
@@ -204,14 +221,7 @@ def roi_pool_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[in
         return empty_roi_rows(input, k, oh, ow)
 
     with torch.no_grad():
-        start_w = _c_round(rois[:, 1] * spatial_scale).to(torch.int64)
-        start_h = _c_round(rois[:, 2] * spatial_scale).to(torch.int64)
-        end_w = _c_round(rois[:, 3] * spatial_scale).to(torch.int64)
-        end_h = _c_round(rois[:, 4] * spatial_scale).to(torch.int64)
-        roi_w = (end_w - start_w + 1).clamp(min=1).to(cdtype)
-        roi_h = (end_h - start_h + 1).clamp(min=1).to(cdtype)
-        h_lo, h_hi = _bin_edges(start_h, roi_h, oh, height)  # [K, oh]
-        w_lo, w_hi = _bin_edges(start_w, roi_w, ow, width)  # [K, ow]
+        h_lo, h_hi, w_lo, w_hi = roi_pool_bins(rois, (oh, ow), spatial_scale, height, width)
         # per bin (RoI, ph, pw), row-major over the bins: [K, oh, ow] -> [B]
         bh = (h_hi - h_lo).clamp(min=0)[:, :, None].expand(k, oh, ow).reshape(-1)
         bw = (w_hi - w_lo).clamp(min=0)[:, None, :].expand(k, oh, ow).reshape(-1)

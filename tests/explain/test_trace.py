@@ -1,13 +1,10 @@
 """explain_image: the trace holds what the model's own stages computed, and the detections are model([image])."""
-import json
 import math
 
 import pytest
 import torch
 
-from fasterrcnn.data import DataError
-from fasterrcnn.explain.trace import STAGES, explain_image, load_annotations, roi_sampling_grid
-from fasterrcnn.model.rpn import flatten_head_outputs
+from fasterrcnn.explain.trace import STAGES, explain_image, roi_sampling_grid
 from fasterrcnn.model.transform import resize_boxes
 from fasterrcnn.ops import assign_fpn_levels, box_iou
 
@@ -36,25 +33,28 @@ def test_detections_are_exactly_the_models(example):
     assert not model.training
 
 
-def test_filter_counts_and_proposals_equal_filter_proposals(example):
+def test_filter_counts_and_proposals_are_the_propose_stages(example):
     model, image, _, trace = example
-    rpn = model.rpn
-    with torch.inference_mode():
-        images, _ = model.transform([image])
-        feats = list(model.features(images.tensors).values())
-        logits, deltas = rpn.head(feats)
-        anchors = rpn.anchor_generator(images.tensors, feats)
-        objectness, deltas = flatten_head_outputs(logits, deltas)
-        boxes = rpn.box_coder.decode(deltas.reshape(-1, 4), anchors[0]).view(1, -1, 4)
-        [(proposals, scores)], [stats] = rpn.filter_proposals(boxes, objectness, images.image_sizes,
-                                                              [lg[0].numel() for lg in logits], return_stats=True)
-    assert trace.filter_counts == stats
+    with torch.inference_mode():  # the stages again, without a recorder
+        images, _ = model.preprocess([image])
+        features = model.features(images.tensors)
+        (proposals,), losses = model.propose(images, features)
+        anchors = model.rpn.anchor_generator(images.tensors, list(features.values()))
+    assert losses == {}
+    assert torch.equal(trace.proposals, proposals)
+    stats = trace.filter_counts
     assert list(stats) == ["anchors", "pre_nms_top_k", "after_small_box_removal", "after_score_threshold",
                            "after_nms", "post_nms_top_n"]
     assert stats["anchors"] == trace.num_anchors == sum(lv.size[0] * lv.size[1] * 3 for lv in trace.levels)
     assert stats["pre_nms_top_k"] == sum(min(100, lv.anchors.shape[0]) for lv in trace.levels)
-    assert torch.equal(trace.proposals, proposals) and torch.equal(trace.proposal_scores, scores)
+    assert stats["pre_nms_top_k"] >= stats["after_small_box_removal"] >= stats["after_score_threshold"]
+    assert stats["after_score_threshold"] >= stats["after_nms"] >= stats["post_nms_top_n"] == proposals.shape[0]
+    assert stats["after_nms"] > stats["post_nms_top_n"] or stats["after_nms"] < stats["after_score_threshold"]
     assert trace.nms_candidates.shape[0] == stats["after_score_threshold"]
+    # every proposal is one of the candidates, with its score and level; best first within a level's NMS
+    for box, score in zip(trace.proposals, trace.proposal_scores):
+        hit = torch.nonzero((trace.nms_candidates == box).all(dim=1)).flatten()
+        assert hit.numel() >= 1 and float(trace.nms_candidate_scores[hit[0]]) == float(score)
     assert all(torch.equal(lv.anchors, a) for lv, a in zip(trace.levels, anchors[0].split(
         [lv.anchors.shape[0] for lv in trace.levels])))
 
@@ -179,10 +179,10 @@ def test_roi_sampling_grid_by_hand():
 
 def test_times_and_stages(example):
     _, image, _, trace = example
-    assert list(trace.times) == list(STAGES)  # with ground truth: every stage, anchor labels included
+    assert list(trace.times) == list(STAGES) == ["preprocess", "features", "propose", "detect", "postprocess"]
     assert all(t >= 0 for t in trace.times.values())
     plain = explain_image(explain_model(), image)
-    assert plain.anchor_labels is None and "anchor_labels" not in plain.times
+    assert plain.anchor_labels is None and list(plain.times) == list(STAGES)
     assert plain.class_names[1] == "class 1"
 
 
@@ -198,42 +198,3 @@ def test_single_map_model_has_no_level_assignment():
     assert trace.roi_levels is None and trace.roi_level_names == ["C4"]
     assert any("single feature map" in n for n in trace.notes)
     assert trace.roi.op == "roi_pool" and trace.roi.samples_x is None and trace.roi.output_size == (7, 7)
-
-
-def test_annotations_from_coco_and_voc(tmp_path):
-    paths, image_path, image, target = synth_example(tmp_path / "synth")
-    size = tuple(image.shape[-2:])
-    # COCO, through the category ids: a model whose labels are the ids in reverse order
-    names = CLASSES
-    reverse = {label: 5 - label for label in range(1, 5)}
-    got, notes = load_annotations(paths.val_json, image_path, image_size=size, class_names=names,
-                                  label_to_cat_id=reverse)
-    assert torch.equal(got["boxes"], target["boxes"])
-    assert got["labels"].tolist() == [5 - v for v in target["labels"].tolist()] and notes == []
-    # a model that knows only category 1: the other objects are left out, with a note
-    got, notes = load_annotations(paths.val_json, image_path, image_size=size, class_names=names[:2],
-                                  label_to_cat_id={1: 1})
-    assert got["labels"].tolist() == [1] * int((target["labels"] == 1).sum())
-    assert (len(notes) == 1 and "left out" in notes[0]) or int((target["labels"] != 1).sum()) == 0
-    # VOC: class names matched to the model's; 1-based inclusive pixels
-    xml = tmp_path / "a.xml"
-    xml.write_text(f"<annotation><size><width>{size[1]}</width><height>{size[0]}</height></size>"
-                   "<object><name>star</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax>"
-                   "</bndbox></object><object><name>dragon</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
-                   "<ymax>5</ymax></bndbox></object></annotation>")
-    got, notes = load_annotations(xml, image_path, image_size=size, class_names=names, label_to_cat_id={})
-    assert got["boxes"].tolist() == [[10.0, 20.0, 40.0, 50.0]] and got["labels"].tolist() == [4]
-    assert len(notes) == 1 and "dragon" in notes[0]
-    # errors name the file
-    with pytest.raises(DataError, match="b.json.*no image record"):
-        other = tmp_path / "b.json"
-        data = json.loads(paths.val_json.read_text())
-        for im in data["images"]:
-            im["file_name"] = "x" + im["file_name"]
-        other.write_text(json.dumps(data))
-        load_annotations(other, image_path, image_size=size, class_names=names, label_to_cat_id={})
-    with pytest.raises(DataError, match="a.xml.*size"):
-        load_annotations(xml, image_path, image_size=(size[0] + 1, size[1]), class_names=names, label_to_cat_id={})
-    with pytest.raises(DataError, match="ann.txt"):
-        (tmp_path / "ann.txt").write_text("")
-        load_annotations(tmp_path / "ann.txt", image_path, image_size=size, class_names=names, label_to_cat_id={})

@@ -84,15 +84,23 @@ def test_batched_matcher_equals_per_image_reference(gt_counts, low_quality):
         assert torch.equal(matches[i], matcher(box_iou(gt, anchors)))  # the one-image form agrees
 
 
+def anchor_labels(rpn, anchors, targets):
+    """The RPN's anchor labels [B, N] (1 positive, 0 negative, -1 ignored) and matched gt boxes [B, N, 4]
+    (meaningful where the label is 1), from its batched ``match_anchors``."""
+    matches, gt = rpn.match_anchors(anchors, targets)
+    labels = torch.where(matches >= 0, 1.0, torch.where(matches == BELOW_LOW_THRESHOLD, 0.0, -1.0))
+    return labels, gt.gather(1, matches.clamp(min=0)[..., None].expand(-1, -1, 4))
+
+
 @pytest.mark.parametrize("gt_counts", GT_COUNTS)
-def test_rpn_assign_targets_equals_per_image_reference(gt_counts):
+def test_rpn_matches_equal_per_image_reference(gt_counts):
     g = torch.Generator().manual_seed(2)
     rpn = tiny_model().rpn
     anchors = grid_anchors()
     targets = [{"boxes": random_boxes(k, g)} for k in gt_counts]
-    labels, matched = rpn.assign_targets([anchors] * len(targets), targets)
+    labels, matched = anchor_labels(rpn, [anchors] * len(targets), targets)
     # not the same tensor object: the stacked path must agree too
-    labels2, matched2 = rpn.assign_targets([anchors.clone() for _ in targets], targets)
+    labels2, matched2 = anchor_labels(rpn, [anchors.clone() for _ in targets], targets)
     assert torch.equal(labels, labels2) and torch.equal(matched, matched2)
     for i, t in enumerate(targets):
         gt = t["boxes"]
@@ -117,7 +125,7 @@ def test_rpn_loss_equals_per_image_reference_in_float64():
     targets = [{"boxes": random_boxes(k, g)} for k in (3, 0, 2)]
     objectness = torch.randn(3, n, generator=g, requires_grad=True)
     deltas = (0.1 * torch.randn(3, n, 4, generator=g)).requires_grad_()
-    labels, _ = rpn.assign_targets([anchors] * 3, targets)
+    labels, _ = anchor_labels(rpn, [anchors] * 3, targets)
     matches, gt_boxes = rpn.match_anchors([anchors] * 3, targets)
     losses = rpn.compute_loss(objectness, deltas, matches, gt_boxes, anchors)
 

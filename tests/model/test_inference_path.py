@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fasterrcnn.model.fpn import FeaturePyramidNetwork
+from fasterrcnn.model.recorder import Recorder
 from fasterrcnn.model.rpn import flatten_head_outputs
 from fasterrcnn.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
@@ -14,7 +15,8 @@ from .helpers import sample_batch, tiny_model
 
 
 def rpn_reference(rpn, proposals, objectness, image_sizes, num_anchors_per_level):
-    """Each image on its own: top-k per level, clip, drop small, score threshold, NMS per level, top-n."""
+    """Each image on its own: top-k per level, clip, drop small, score threshold, NMS per level, top-n.
+    -> per image (proposals, scores, the boxes entering NMS with the counts)."""
     out = []
     for props, obj, size in zip(proposals, objectness, image_sizes):
         idx, lvl, offset = [], [], 0
@@ -27,10 +29,14 @@ def rpn_reference(rpn, proposals, objectness, image_sizes, num_anchors_per_level
         b, s = clip_boxes_to_image(props[idx], size), torch.sigmoid(obj[idx])
         keep = remove_small_boxes(b, rpn.min_size)
         b, s, lvl = b[keep], s[keep], lvl[keep]
+        not_small = b.shape[0]
         keep = torch.nonzero(s >= rpn.score_thresh).flatten()
         b, s, lvl = b[keep], s[keep], lvl[keep]
-        keep = batched_nms(b, s, lvl, rpn.nms_thresh)[: rpn.post_nms_top_n()]
-        out.append((b[keep], s[keep]))
+        pre_nms = {"boxes": b, "scores": s, "levels": lvl, "not_small": not_small}
+        keep = batched_nms(b, s, lvl, rpn.nms_thresh)
+        pre_nms["after_nms"] = keep.numel()
+        keep = keep[: rpn.post_nms_top_n()]
+        out.append((b[keep], s[keep], pre_nms))
     return out
 
 
@@ -64,29 +70,36 @@ def test_batched_rpn_filtering_and_post_processing_equal_the_per_image_procedure
         model.roi_heads.box_predictor.cls_score.weight.mul_(30.0)
     images, _ = sample_batch(sizes=((120, 160), (100, 130), (150, 90)))
     rpn, heads = model.rpn, model.roi_heads
+    recorder = Recorder()
     with torch.inference_mode():
-        image_list, _ = model.transform(images)
+        image_list, _ = model.preprocess(images)
         features = model.features(image_list.tensors)
-        feats = list(features.values())
-        logits, deltas = rpn.head(feats)
-        anchors = rpn.anchor_generator(image_list.tensors, feats)
-        napl = [lg[0].numel() for lg in logits]
-        objectness, flat_deltas = flatten_head_outputs(logits, deltas)
+        proposals, _ = model.propose(image_list, features, recorder=recorder)
+        detections, _ = model.detect(features, proposals, image_list.image_sizes, recorder=recorder)
+        # the reference reads the head's raw outputs, as the RPN recorded them
+        napl = recorder["rpn.num_anchors_per_level"]
+        objectness, flat_deltas = flatten_head_outputs(recorder["rpn.objectness"], recorder["rpn.deltas"])
+        anchors = recorder["rpn.anchors"]
         decoded = rpn.box_coder.decode(flat_deltas.reshape(-1, 4), torch.cat(anchors)).view(len(images), -1, 4)
-
         want = rpn_reference(rpn, decoded, objectness, image_list.image_sizes, napl)
-        got = rpn.filter_proposals(decoded, objectness, image_list.image_sizes, napl)
-        proposals = rpn.propose(objectness, flat_deltas, anchors, image_list.image_sizes, napl)
-        assert sum(b.shape[0] for b, _ in want) > 60
-        assert any(b.shape[0] < rpn.pre_nms_top_n() * len(napl) // 2 for b, _ in want)  # NMS and thresholds bite
-        for (wb, ws), (gb, gs), p in zip(want, got, proposals):
-            assert torch.equal(wb, gb) and torch.equal(ws, gs) and torch.equal(wb, p)
+    assert sum(b.shape[0] for b, _, _ in want) > 60
+    assert any(b.shape[0] < rpn.pre_nms_top_n() * len(napl) // 2 for b, _, _ in want)  # NMS and thresholds bite
+    for i, ((wb, ws, pre_nms), p) in enumerate(zip(want, proposals)):
+        assert torch.equal(wb, p)
+        assert torch.equal(recorder["rpn.proposals"][i], p) and torch.equal(recorder["rpn.proposal_scores"][i], ws)
+        got = recorder["rpn.pre_nms"][i]
+        assert torch.equal(got["boxes"], pre_nms["boxes"]) and torch.equal(got["levels"], pre_nms["levels"])
+        # the sigmoid of a [B, K] batch and of one image's vector may differ in the last bit (vector lanes)
+        torch.testing.assert_close(got["scores"], pre_nms["scores"], rtol=2e-7, atol=0)
+        counts = recorder["rpn.counts"][i]
+        assert counts["after_score_threshold"] == pre_nms["boxes"].shape[0]
+        assert counts["post_nms_top_n"] == p.shape[0] and counts["anchors"] == objectness.shape[1]
+        assert counts["after_small_box_removal"] == pre_nms["not_small"]
+        assert counts["after_nms"] == pre_nms["after_nms"]
 
-        pooled = heads.box_roi_pool(features, proposals, image_list.image_sizes)
-        class_logits, box_deltas = heads.box_predictor(heads.box_head(pooled))
-        want = postprocess_reference(heads, class_logits, box_deltas, proposals, image_list.image_sizes)
-        got = heads.postprocess_detections(class_logits, box_deltas, proposals, image_list.image_sizes,
-                                           return_proposal_index=True)
+    class_logits, box_deltas = recorder["roi_heads.class_logits"], recorder["roi_heads.box_deltas"]
+    want = postprocess_reference(heads, class_logits, box_deltas, proposals, image_list.image_sizes)
+    got = [{**d, "proposal_index": r} for d, r in zip(detections, recorder["roi_heads.proposal_index"])]
     assert [len(d["scores"]) for d in want] == [len(d["scores"]) for d in got]
     assert sum(len(d["scores"]) for d in want) > 20
     for w, g in zip(want, got):

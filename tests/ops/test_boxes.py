@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from fasterrcnn.ops import box_area, box_iou, clip_boxes_to_image, remove_small_boxes
+from fasterrcnn.ops import box_area, box_iou, clip_boxes_to_image, min_size_mask, remove_small_boxes
 
 
 def test_box_area_hand_values():
@@ -79,3 +79,24 @@ def test_remove_small_boxes():
     assert keep.tolist() == [0, 3]
     empty = remove_small_boxes(torch.zeros(0, 4), 1.0)
     assert empty.dtype == torch.int64 and empty.shape == (0,)
+
+
+def test_clip_boxes_each_to_its_own_image():
+    # a batch [B, K, 4] with sizes [B, 1, 2], and flat boxes [M, 4] with one (h, w) per box
+    boxes = torch.tensor([[[-5.0, -1.0, 30.0, 12.0], [3.0, 4.0, 50.0, 60.0]],
+                          [[-5.0, -1.0, 30.0, 12.0], [3.0, 4.0, 50.0, 60.0]]])
+    sizes = torch.tensor([[10, 20], [40, 45]])  # (h, w)
+    clipped = clip_boxes_to_image(boxes, sizes[:, None, :])
+    for i, (h, w) in enumerate(sizes.tolist()):
+        assert torch.equal(clipped[i], clip_boxes_to_image(boxes[i], (h, w)))
+    assert clipped[1].tolist() == [[0.0, 0.0, 30.0, 12.0], [3.0, 4.0, 45.0, 40.0]]
+    flat = clip_boxes_to_image(boxes.reshape(-1, 4), sizes.repeat_interleave(2, dim=0))
+    assert torch.equal(flat, clipped.reshape(-1, 4))
+
+
+def test_min_size_mask_is_remove_small_boxes_as_a_mask():
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 2.0]],
+                          [[0.0, 0.0, 2.0, 0.99], [5.0, 5.0, 9.0, 9.0]]])
+    mask = min_size_mask(boxes, 1.0)
+    assert mask.dtype == torch.bool and mask.tolist() == [[True, False], [False, True]]
+    assert torch.equal(torch.nonzero(mask.reshape(-1)).flatten(), remove_small_boxes(boxes.reshape(-1, 4), 1.0))

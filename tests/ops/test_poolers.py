@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from fasterrcnn.ops import MultiScaleRoIAlign, assign_fpn_levels, roi_align
+from fasterrcnn.ops import (MultiScalePooler, MultiScaleRoIAlign, MultiScaleRoIPool, assign_fpn_levels, infer_scale,
+                            roi_align, roi_pool)
 
 
 def square(side, x0=0.0):
@@ -158,3 +159,42 @@ def test_multiscale_on_bfloat16_maps_keeps_the_boxes_in_float32():
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=2e-2)
     rounded = pooler({k: v.float() for k, v in feats_bf16.items()}, [boxes[0].to(torch.bfloat16).float()], [(512, 768)])
     assert (rounded - expected).abs().max() > 0.1  # the test can tell rounded boxes apart
+
+
+def test_roi_levels_are_the_maps_forward_pools_from():
+    strides = [4, 8, 16, 32]
+    feats = make_features(2, 3, 256, 256, strides, seed=45, dtype=torch.float64)
+    boxes = [random_boxes(20, 256, 256, seed=46, max_side=250), random_boxes(15, 256, 256, seed=47, max_side=120)]
+    image_sizes = [(256, 256), (200, 240)]
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 3, 2, canonical_scale=56)  # RoIs on every level
+    levels = pooler.roi_levels(feats, boxes, image_sizes)
+    assert levels.dtype == torch.int64 and set(levels.tolist()) == {0, 1, 2, 3}
+    out = pooler(feats, boxes, image_sizes)
+    batch = torch.cat([torch.full((len(b),), float(i)) for i, b in enumerate(boxes)]).double()
+    for r, (lvl, box) in enumerate(zip(levels.tolist(), torch.cat(boxes).double())):
+        roi = torch.cat((batch[r:r + 1], box)).view(1, 5)
+        expected = roi_align(feats[str(lvl)], roi, 3, 1 / strides[lvl], 2)
+        torch.testing.assert_close(out[r:r + 1], expected, rtol=0, atol=0)
+    one_map = MultiScaleRoIAlign(["2"], 3, 2)
+    assert one_map.roi_levels(feats, boxes, image_sizes).tolist() == [0] * 35
+
+
+def test_infer_scale_is_the_power_of_two_nearest_in_log2():
+    # the ratio of the map's height to the batch's largest image height, rounded in log2
+    assert infer_scale(torch.zeros(1, 1, 25, 38), [(100, 150), (90, 40)]) == 0.25
+    assert infer_scale(torch.zeros(1, 1, 13, 19), [(100, 150)]) == 0.125  # 0.13 (a padded map): 2^-3
+    assert infer_scale(torch.zeros(1, 1, 50, 10), [(40, 150), (100, 20)]) == 0.5  # heights only
+    assert infer_scale(torch.zeros(1, 1, 64, 64), [(64, 64)]) == 1.0
+
+
+def test_roipool_pooler_is_a_sibling_of_the_roialign_one():
+    feats = make_features(1, 2, 64, 64, [4, 8], seed=48, dtype=torch.float64)
+    boxes = [torch.tensor([square(10.0), square(40.0, 8.0)])]
+    pool = MultiScaleRoIPool(["0", "1"], 2, canonical_scale=16, canonical_level=2)
+    assert isinstance(pool, MultiScalePooler) and not isinstance(pool, MultiScaleRoIAlign)
+    levels = pool.roi_levels(feats, boxes, [(64, 64)])
+    assert levels.tolist() == [0, 1]  # sides 10 and 40 at canonical 16 / level 2: k = 2 and 3
+    out = pool(feats, boxes, [(64, 64)])
+    for r, lvl in enumerate(levels.tolist()):
+        roi = torch.cat((torch.zeros(1, dtype=torch.float64), boxes[0][r].double())).view(1, 5)
+        torch.testing.assert_close(out[r:r + 1], roi_pool(feats[str(lvl)], roi, 2, 0.25 / 2 ** lvl), rtol=0, atol=0)
