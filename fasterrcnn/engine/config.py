@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..files import atomic_write_text
+from ..model.loss_names import LOSS_NAMES
 
 
 class ConfigError(ValueError):
@@ -68,8 +69,7 @@ class SolverConfig:
     gamma: float = 0.1
     clip_grad_norm: float = 0.0  # 0: off
     accumulate: int = 1  # gradient accumulation steps per optimizer step
-    loss_weights: dict = field(default_factory=lambda: {
-        "loss_objectness": 1.0, "loss_rpn_box_reg": 1.0, "loss_classifier": 1.0, "loss_box_reg": 1.0})
+    loss_weights: dict = field(default_factory=lambda: dict.fromkeys(LOSS_NAMES, 1.0))
 
 
 @dataclass
@@ -95,7 +95,6 @@ class TrainConfig:
     # the default has the 2:1:2:1 proportions of the reference implementation (80k/40k/80k/40k on VOC)
     alternating_iterations: list[float] = field(default_factory=lambda: [0.333333, 0.166667, 0.333333, 0.166667])
     alternating_detector_init: str = "initial"  # step 2's backbone: initial (the paper) | rpn (step 1's)
-    alternating_step: int = 0  # set by the alternating schedule on the run of each step; 0: the whole schedule
 
 
 @dataclass
@@ -185,6 +184,19 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def upgrade_legacy(values: dict) -> dict:
+    """A config written by an older version, as this one reads it: ``train.alternating_step`` (an
+    alternating step's run recorded its step there; the step is now an entry of its checkpoints) is
+    dropped, and a step's config becomes the plain run of the trainer that it is."""
+    train = values.get("train") if isinstance(values, dict) else None
+    if not isinstance(train, dict) or "alternating_step" not in train:
+        return values
+    train = dict(train)
+    if train.pop("alternating_step"):
+        train["schedule"] = "joint"
+    return {**values, "train": train}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     cfg = Config()
     if base:
@@ -192,7 +204,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     if path:
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = upgrade_legacy(yaml.safe_load(path.read_text()) or {})
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
@@ -245,7 +257,6 @@ MODEL_OPTION_RANGES = {
     "roi_op": (lambda v: v in ("roi_pool", "roi_align"), "one of roi_pool, roi_align"),
     "roi_output_size": _int_at_least(1),
 }
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
 
 def _alternating_problem(t: TrainConfig) -> str | None:
@@ -264,10 +275,8 @@ def _alternating_problem(t: TrainConfig) -> str | None:
         return None
     if not all(x >= 1 and float(x).is_integer() for x in split):
         return "all fractions (below 1) or all whole iteration counts (from 1)"
-    expected = int(split[t.alternating_step - 1]) if t.alternating_step else int(sum(split))
-    if t.iterations not in (0, expected):
-        which = "step" if t.alternating_step else "sum"
-        return f"iteration counts whose {which} matches train.iterations={t.iterations}"
+    if t.iterations not in (0, int(sum(split))):
+        return f"iteration counts whose sum matches train.iterations={t.iterations}"
     return None
 
 
@@ -299,7 +308,6 @@ def validate(cfg: Config) -> None:
     need(t.schedule in ("joint", "alternating"), "train.schedule", t.schedule, "joint or alternating")
     need(t.alternating_detector_init in ("initial", "rpn"), "train.alternating_detector_init",
          t.alternating_detector_init, "initial or rpn")
-    need(0 <= t.alternating_step <= 4, "train.alternating_step", t.alternating_step, "in [0, 4] (set by the schedule)")
     if t.schedule == "alternating":
         problem = _alternating_problem(t)
         need(problem is None, "train.alternating_iterations", t.alternating_iterations, problem)
@@ -347,7 +355,7 @@ def validate(cfg: Config) -> None:
 def config_from_dict(values: dict) -> Config:
     """A Config from a (saved, resolved) dict, checked like a YAML file."""
     cfg = Config()
-    _apply(cfg, values, "")
+    _apply(cfg, upgrade_legacy(values), "")
     validate(cfg)
     return cfg
 

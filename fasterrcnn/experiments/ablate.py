@@ -25,6 +25,7 @@ import yaml
 
 from ..files import atomic_write_text
 from .alternating import AlternatingResult, latest_checkpoint
+from .schedules import train_schedule
 from ..engine.checkpoint import load_checkpoint
 from ..engine.config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, load_config
 from ..engine.evaluator import evaluate_model
@@ -221,8 +222,6 @@ def _eval_metrics(evaluation, run_dir: Path) -> dict[str, float]:
 
 
 def run_training_cell(cell: Cell, cfg: Config, digest: str, *, show_progress: bool) -> CellResult:
-    from ..engine.trainer import train  # the trainer imports this package's modules; import it when needed
-
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     checkpoint = latest_checkpoint(run_dir)
     notes = [f"continued from {checkpoint}"] if checkpoint else []
@@ -230,8 +229,8 @@ def run_training_cell(cell: Cell, cfg: Config, digest: str, *, show_progress: bo
                  (("data.workers", cfg.data.workers), ("train.threads", cfg.train.threads),
                   ("train.device", cfg.train.device), ("train.log_every", cfg.train.log_every))]
     start = time.perf_counter()
-    result = train(cfg, resume=str(checkpoint) if checkpoint else None,
-                   resume_overrides=execution if checkpoint else (), show_progress=show_progress)
+    result = train_schedule(cfg, resume=str(checkpoint) if checkpoint else None,
+                            resume_overrides=execution if checkpoint else (), show_progress=show_progress)
     wall = time.perf_counter() - start
     if isinstance(result, AlternatingResult):
         eval_s = result.eval_seconds
