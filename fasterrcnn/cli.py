@@ -113,7 +113,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="a YAML config (default: the built-in CPU demo recipe, configs/demo.yaml)")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue the run of this last.pt exactly as it was configured (overrides: only "
-                        "data.workers, train.threads, train.device, train.log_every)")
+                        "data.workers, train.threads, train.device, train.log_every, and the validation set: "
+                        "data.val, data.val_images)")
 
 
 def _run_train(args: argparse.Namespace) -> int:

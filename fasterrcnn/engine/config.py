@@ -293,6 +293,8 @@ def validate(cfg: Config) -> None:
     t, s, d, m = cfg.train, cfg.solver, cfg.data, cfg.model
     # train
     need(t.name.strip() != "", "train.name", t.name, "a non-empty folder name")
+    need(t.name not in (".", "..") and not re.search(r"[/\\]", t.name), "train.name", t.name,
+         "a plain folder name (no / or \\, not . or ..): the run folder is train.out_dir/train.name")
     need(t.out_dir.strip() != "", "train.out_dir", t.out_dir, "a non-empty folder")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     need(t.iterations >= 0, "train.iterations", t.iterations, ">= 0 (0: use train.epochs)")
@@ -362,7 +364,10 @@ def config_from_dict(values: dict) -> Config:
 
 # What --resume may change: how the run is executed, not what it computes. Everything else would make
 # the resumed run a different run from the one its checkpoint belongs to.
-RESUME_OVERRIDABLE = ("data.workers", "train.threads", "train.device", "train.log_every")
+EXECUTION_KEYS = ("data.workers", "train.threads", "train.device", "train.log_every")
+# The validation set (data.val, data.val_images) changes what is evaluated, not the weights: a wrong
+# validation image folder found by a run can be fixed on resume.
+RESUME_OVERRIDABLE = (*EXECUTION_KEYS, "data.val", "data.val_images")
 
 
 def apply_overrides(cfg: Config, overrides: list[str], *, allowed: tuple[str, ...] | None = None,

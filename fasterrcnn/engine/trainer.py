@@ -18,6 +18,7 @@ calls ``train`` once per step with a ``stage``.
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from ..viz.precision_recall import plot_precision_recall
 from . import distributed as dist
 from . import preflight
 from .batches import BatchStream, EpochBatches
-from .checkpoint import estimate_checkpoint_bytes, load_checkpoint
+from .checkpoint import CheckpointError, estimate_checkpoint_bytes, load_checkpoint
 from .config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, save_config
 from .evaluator import Evaluation, autocast, evaluate_model
 from .metrics import EVAL_COLUMNS, LossWindow, MetricsLog
@@ -129,6 +130,14 @@ def run_length(cfg: Config, batches: EpochBatches) -> int:
     return cfg.train.iterations or math.ceil(cfg.train.epochs * per_epoch / cfg.solver.accumulate)
 
 
+def load_resume_state(resume: str) -> dict:
+    """The training checkpoint given as --resume; an error names the option."""
+    try:
+        return load_checkpoint(resume)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume {resume}: {e}") from None
+
+
 def resumed_config(state: dict, resume: str, overrides) -> Config:
     """The config a checkpoint's run continues with: its own, with the few changes --resume allows."""
     cfg = config_from_dict(state["config"])
@@ -214,11 +223,26 @@ def announce_stop(signum: int, last_pt: Path) -> None:
                 "losing the work since the last checkpoint)", signal.Signals(signum).name, last_pt)
 
 
+def abort_message(last_pt: Path) -> str:
+    if last_pt.is_file():
+        return (f"second Ctrl-C: aborted without saving the current step; {last_pt} (the last checkpoint) is whole: "
+                f"continue with fasterrcnn train --resume {last_pt}")
+    return "second Ctrl-C: aborted before the run's first checkpoint; nothing to resume"
+
+
 def stopped(signum: int, last_pt: Path, iteration: int, total: int) -> TrainingInterrupted:
     stop = TrainingInterrupted(signum, last_pt, iteration, total)
     if dist.is_main():
         log.warning("%s", stop)
     return stop
+
+
+def remove_if_nothing_of_value(run_dir: Path) -> None:
+    """Remove the folder of a run that failed before writing a checkpoint (it was made by this run)."""
+    if (run_dir / "last.pt").exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("removed %s: the run failed before its first checkpoint", run_dir)
 
 
 def train(cfg: Config, *, resume: str | None = None, resume_overrides: list[str] | tuple = (),
@@ -231,7 +255,7 @@ def train(cfg: Config, *, resume: str | None = None, resume_overrides: list[str]
     adds entries to the checkpoints (``checkpoint_entries``).
 
     SIGINT/SIGTERM finish the current step, write last.pt and raise ``TrainingInterrupted``."""
-    state = load_checkpoint(resume) if resume else None
+    state = load_resume_state(resume) if resume else None
     if state is not None:
         cfg = resumed_config(state, resume, resume_overrides)  # the run continues as it was configured
     if stage is None and cfg.train.schedule != "joint":
@@ -247,14 +271,30 @@ def train(cfg: Config, *, resume: str | None = None, resume_overrides: list[str]
         device = torch.device("cuda", torch.cuda.current_device())
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    created = not (Path(cfg.train.out_dir) / cfg.train.name).exists()
     run_dir = prepare_run_dir(cfg, resume is not None)
     if resume and dist.is_main() and Path(resume).resolve().parent != run_dir.resolve():
         log.warning("%s is not in its run's folder %s (train.out_dir/train.name of its config, relative to the "
                     "current folder): the run continues there", resume, run_dir)
+    try:
+        return run_training(cfg, run_dir, state, resume=resume, device=device, distributed=distributed,
+                            show_progress=show_progress, stage=stage)
+    except BaseException:
+        if created and dist.is_main():
+            remove_if_nothing_of_value(run_dir)
+        raise
+
+
+def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str | None, device: torch.device,
+                 distributed: bool, show_progress: bool, stage) -> TrainResult:
+    """The run itself, in its prepared folder: the data, the model and the solver, then the loop."""
     seed_everything(cfg.train.seed)
 
     # The data, the model, the solver, and where the run is (from the checkpoint when resuming).
     data = build_data(cfg.data, seed=cfg.train.seed)
+    preflight.check_image_files(data.train, which="training", option="data.train_images")
+    preflight.check_image_files(data.val, which="validation", option="data.val_images (default: data.train_images)")
+    preflight.check_training_objects(data.train, voc_classes_option=bool(cfg.data.voc_classes))
     preflight.check_dataset_sizes(len(data.train), len(data.val), cfg.train.batch_size, dist.world_size())
     model = build_model(cfg.model, num_classes=len(data.class_names)).to(device)
     if cfg.train.channels_last:
@@ -310,7 +350,8 @@ def train(cfg: Config, *, resume: str | None = None, resume_overrides: list[str]
     saved_at = position.iteration if state is not None else None  # last.pt holds this iteration's weights
     stream = None
     try:
-        with StopRequest(on_request=lambda signum: announce_stop(signum, checkpoints.last)) as stop:
+        with StopRequest(on_request=lambda signum: announce_stop(signum, checkpoints.last),
+                         abort_message=lambda: abort_message(checkpoints.last)) as stop:
             if eval_pending:
                 evaluation = save_and_evaluate(checkpoints, position, window, evaluate) or evaluation
                 train_model.train()

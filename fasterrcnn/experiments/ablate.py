@@ -27,7 +27,7 @@ from ..files import atomic_write_text
 from .alternating import AlternatingResult, latest_checkpoint
 from .schedules import train_schedule
 from ..engine.checkpoint import load_checkpoint
-from ..engine.config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, load_config
+from ..engine.config import EXECUTION_KEYS, Config, ConfigError, apply_overrides, config_from_dict, load_config
 from ..engine.evaluator import evaluate_model
 from ..engine.setup import build_data, build_model, resolve_device
 
@@ -174,7 +174,7 @@ def cell_config(base: Config, cell: Cell, out: Path) -> Config:
 def config_hash(cfg: Config, *extra: str) -> str:
     """What a cell computes: the resolved config without where it runs or how it is executed."""
     values = cfg.to_dict()
-    for key in (*RESUME_OVERRIDABLE, "train.out_dir", "train.name"):
+    for key in (*EXECUTION_KEYS, "train.out_dir", "train.name"):
         section, name = key.split(".")
         values[section].pop(name, None)
     text = json.dumps([values, *extra], sort_keys=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from ..engine.config import (RESUME_OVERRIDABLE, Config, ConfigError, ModelConfi
                              config_from_dict, save_config)
 from ..engine.metrics import CSV_COLUMNS, read_metrics
 from ..engine.setup import build_model
-from ..engine.trainer import TrainResult, train
+from ..engine.trainer import TrainResult, load_resume_state, train
 from ..model.loss_names import DETECTOR_LOSSES, RPN_LOSSES
 from .stage_model import StageModel, freeze
 
@@ -82,7 +83,7 @@ def checkpoint_step(state: dict) -> int:
 def schedule_of_checkpoint(path: str | Path) -> Config | None:
     """The whole schedule's config if ``path`` is a checkpoint of an alternating schedule (one of its
     steps', or the schedule's result), read from the schedule's config.yaml; else None."""
-    state = load_checkpoint(path)
+    state = load_resume_state(path)
     step = checkpoint_step(state)
     if not step:
         return config_from_dict(state["config"]) if state["config"]["train"].get("schedule") == "alternating" else None
@@ -205,6 +206,16 @@ def train_alternating(cfg: Config, *, resume: str | None = None, resume_override
     if resume is None and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {latest_checkpoint(run_dir)}, "
                           "or choose another train.name")
+    created = not run_dir.exists()
+    try:
+        return _train_steps(cfg, run_dir, resume_overrides=resume_overrides, show_progress=show_progress)
+    except BaseException:
+        if created and dist.is_main() and latest_checkpoint(run_dir) is None:  # nothing of value written
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_steps(cfg: Config, run_dir: Path, *, resume_overrides, show_progress: bool) -> AlternatingResult:
     lengths = step_lengths(cfg.train)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
