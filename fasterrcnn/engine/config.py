@@ -16,7 +16,9 @@ from pathlib import Path
 import yaml
 
 from ..files import atomic_write_text
+from ..model import BUILDERS
 from ..model.loss_names import LOSS_NAMES
+from .model_options import option_problem
 
 
 class ConfigError(ValueError):
@@ -52,7 +54,8 @@ class ModelConfig:
     weights: str = ""  # a torchvision-format detector checkpoint (path or URL); fine-tunes when classes differ
     weights_backbone: str = ""  # an ImageNet ResNet checkpoint, or a detector checkpoint whose backbone.body is taken
     trainable_backbone_layers: int | None = None
-    # Keyword arguments for the builder / FasterRCNN (min_size, max_size, fpn_channels, rpn_*, box_*, ...)
+    # Keyword arguments for the builder / FasterRCNN (min_size, max_size, fpn_channels, rpn_*, box_*, ...),
+    # checked against their signatures (names and types) and engine/model_options.RANGES
     options: dict = field(default_factory=dict)
 
 
@@ -226,39 +229,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return cfg
 
 
-# model.options checked by name (the builder checks that it takes them): key -> (test, allowed range)
-def _int_at_least(n):
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n), f"an integer >= {n}"
-
-
-def _number_in(lo, hi, lo_open=False):
-    def test(v):
-        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                and (v > lo if lo_open else v >= lo) and v <= hi)
-    return test, f"a number in {'(' if lo_open else '['}{lo}, {hi}]"
-
-
-def _sizes(v):
-    values = v if isinstance(v, list) else [v]
-    return bool(values) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values)
-
-
-MODEL_OPTION_RANGES = {
-    **{k: _number_in(0, 1) for k in ("rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_score_thresh",
-                                     "box_score_thresh", "box_nms_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh")},
-    **{k: _number_in(0, 1, lo_open=True) for k in ("rpn_positive_fraction", "box_positive_fraction")},
-    **{k: _int_at_least(1) for k in ("max_size", "size_divisible", "fpn_channels", "representation_size",
-                                     "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
-                                     "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
-                                     "box_batch_size_per_image", "box_detections_per_img")},
-    "min_size": (_sizes, "an integer >= 1 or a list of them (multi-scale training)"),
-    "anchor_sizes": (lambda v: isinstance(v, list) and _sizes(v), "a list of integers >= 1"),
-    "fpn_norm": (lambda v: v in ("none", "bn", "gn"), "one of none, bn, gn"),
-    "roi_op": (lambda v: v in ("roi_pool", "roi_align"), "one of roi_pool, roi_align"),
-    "roi_output_size": _int_at_least(1),
-}
-
-
 def _alternating_problem(t: TrainConfig) -> str | None:
     """What is wrong with the four step lengths of an alternating run (None: nothing)."""
     split = t.alternating_iterations
@@ -344,14 +314,14 @@ def validate(cfg: Config) -> None:
     need(d.synth_seed >= 0, "data.synth_seed", d.synth_seed, ">= 0")
     need(0.0 <= d.hflip <= 1.0, "data.hflip", d.hflip, "a probability in [0, 1]")
     need(d.workers >= 0, "data.workers", d.workers, ">= 0 (0: load in the training process)")
-    # model (the arch and whether the builder takes an option are checked when the model is built)
-    need(m.arch.strip() != "", "model.arch", m.arch, "a builder name")
+    # model: the builder, and the options it takes, by its signature (engine/model_options.py)
+    need(m.arch in BUILDERS, "model.arch", m.arch, f"a builder name, one of {', '.join(sorted(BUILDERS))}")
     tbl = m.trainable_backbone_layers
     need(tbl is None or 0 <= tbl <= 5, "model.trainable_backbone_layers", tbl, "null or in [0, 5]")
     for key, value in m.options.items():
-        if key in MODEL_OPTION_RANGES:
-            test, allowed = MODEL_OPTION_RANGES[key]
-            need(test(value), f"model.options.{key}", value, allowed)
+        problem = option_problem(m.arch, key, value)
+        if problem:
+            raise ConfigError(problem)
 
 
 def config_from_dict(values: dict) -> Config:
