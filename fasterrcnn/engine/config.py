@@ -222,7 +222,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         except ConfigError as e:
             raise ConfigError(f"command line: {e}") from None
     try:
-        validate(cfg)
+        check_values(cfg)
     except ConfigError as e:
         source = f"{path}" + (" with command-line overrides" if overrides else "") if path else "command line"
         raise ConfigError(f"{source}: {e}") from None
@@ -250,7 +250,7 @@ def _alternating_problem(t: TrainConfig) -> str | None:
     return None
 
 
-def validate(cfg: Config) -> None:
+def check_values(cfg: Config) -> None:
     """Values out of range are refused before any work starts; each message names the key, the value
     and what is allowed."""
     def need(cond, key, value, allowed):
@@ -328,7 +328,7 @@ def config_from_dict(values: dict) -> Config:
     """A Config from a (saved, resolved) dict, checked like a YAML file."""
     cfg = Config()
     _apply(cfg, upgrade_legacy(values), "")
-    validate(cfg)
+    check_values(cfg)
     return cfg
 
 
@@ -349,7 +349,7 @@ def apply_overrides(cfg: Config, overrides: list[str], *, allowed: tuple[str, ..
         if allowed is not None and key not in allowed:
             raise ConfigError(f"{context}cannot change {key!r}: only {', '.join(allowed)} may be set")
         _apply(out, parse_override(text), "")
-    validate(out)
+    check_values(out)
     return out
 
 

@@ -1,6 +1,8 @@
-"""Checks that run before a training run spends any time: each failure says what to change.
+"""Checks before a run: what the machine, the files and the data hold, checked before a training run
+spends any time; each failure says what to change. (The config's own values are checked when it is
+read: ``config.check_values``, and ``model_options.option_problem`` for ``model.options``.)
 
-Order in ``train``: the config (``config.validate``, when it is read), the run length, the device,
+Order in ``train``: the config (``config.check_values``, when it is read), the run length, the device,
 the weights files, and the run folder -- all before any data is read; then, once the annotations
 are read, the image files (training and validation), the training objects and the dataset sizes,
 and once the model exists, the free disk space for checkpoints -- all before the first step.

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from ..files import atomic_write_text
+from ..viz.ablation import plot_ablation
 from .alternating import AlternatingResult, latest_checkpoint
 from .schedules import train_schedule
 from ..engine.checkpoint import load_checkpoint
@@ -271,8 +272,6 @@ def run_reevaluation_cell(cell: Cell, cfg: Config, reference: CellResult, *, sho
 def run_ablation(base: Config, *, out: str | Path, cells: list[Cell], command: str = "",
                  show_progress: bool = True) -> list[CellResult]:
     """Run (or re-use) every cell, then write <out>/ablation.md and <out>/ablation.png."""
-    from ..viz.ablation import plot_ablation
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, CellResult] = {}

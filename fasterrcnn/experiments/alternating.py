@@ -55,7 +55,7 @@ COPIED_OUTPUTS = ("best.pt", "predictions.json", "eval.json", "precision_recall.
 
 def step_lengths(t: TrainConfig) -> list[int]:
     """The four steps' iterations: fractions of train.iterations (the last step takes the rounding
-    remainder) or counts (see config.validate)."""
+    remainder) or counts (see config.check_values)."""
     split = t.alternating_iterations
     if all(x < 1 for x in split):
         first = [round(x * t.iterations) for x in split[:3]]
