@@ -8,7 +8,8 @@ from ..data.transforms import set_augmentation_epoch
 class EpochBatches:
     """Batches in a fixed, seeded order per epoch, resumable in the middle of an epoch."""
 
-    def __init__(self, dataset, *, batch_size: int, num_workers: int, seed: int, aspect_grouping: bool, distributed: bool):
+    def __init__(self, dataset, *, batch_size: int, num_workers: int, seed: int, aspect_grouping: bool,
+                 distributed: bool):
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.seed, self.aspect_grouping, self.distributed = seed, aspect_grouping, distributed
 

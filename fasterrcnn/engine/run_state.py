@@ -1,4 +1,5 @@
-"""What a run writes to continue exactly: its position, and last.pt / best.pt in its folder.
+"""What a run writes to continue exactly: its position, and last.pt / best.pt in its folder
+(``trainer.restore_training_state`` reads a checkpoint back).
 
 A checkpoint holds the model, optimizer, scheduler and scaler states, the position (iteration,
 epoch, batch in the epoch, best AP), the RNG states, the logging window, whether an evaluation of
@@ -76,14 +77,6 @@ class RunCheckpoints:
         self.run_dir, self.metrics, self.extra = run_dir, metrics, extra or {}
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.cfg, self.data = cfg, data
-
-    def restore(self, state: dict) -> None:
-        """The model, optimizer, scheduler and scaler states and the RNG states of ``state``."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
 
     def state(self, position: Position, log_window: dict, *, eval_pending: bool) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

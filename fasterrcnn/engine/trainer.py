@@ -15,6 +15,7 @@ The pieces around the loop: ``run_state`` (the position, last.pt and best.pt), `
 A multi-step schedule (``train.schedule=alternating``) is run by ``fasterrcnn.experiments``, which
 calls ``train`` once per step with a ``stage``.
 """
+import functools
 import logging
 import math
 import random
@@ -33,7 +34,7 @@ from ..viz.precision_recall import plot_precision_recall
 from . import distributed as dist
 from . import preflight
 from .batches import BatchStream, EpochBatches
-from .checkpoint import CheckpointError, estimate_checkpoint_bytes, load_checkpoint
+from .checkpoint import CheckpointError, estimate_checkpoint_bytes, load_checkpoint, set_rng_state
 from .config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, save_config
 from .evaluator import Evaluation, autocast, evaluate_model
 from .metrics import EVAL_COLUMNS, LossWindow, MetricsLog
@@ -122,6 +123,15 @@ def make_solver(cfg: Config, optimizer: torch.optim.Optimizer, params: list, *, 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, **schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     return Solver(optimizer, scheduler, scaler, params, s.clip_grad_norm)
+
+
+def restore_training_state(state: dict, *, model: torch.nn.Module, solver: Solver) -> None:
+    """The model, optimizer, scheduler and scaler states and the RNG states of a checkpoint."""
+    model.load_state_dict(state["model"])
+    solver.optimizer.load_state_dict(state["optimizer"])
+    solver.scheduler.load_state_dict(state["scheduler"])
+    solver.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
 
 
 def run_length(cfg: Config, batches: EpochBatches) -> int:
@@ -309,13 +319,9 @@ def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str 
                            seed=cfg.train.seed, aspect_grouping=cfg.data.aspect_grouping, distributed=distributed)
     total = run_length(cfg, batches)
     solver = make_solver(cfg, optimizer, params, total=total, device=device)
-    metrics = None  # rank 0's
-    checkpoints = RunCheckpoints(run_dir, model=model, optimizer=optimizer, scheduler=solver.scheduler,
-                                 scaler=solver.scaler, cfg=cfg, data=data, metrics=None,
-                                 extra=stage.checkpoint_entries() if stage is not None else None)
     position, window, eval_pending = Position(), LossWindow(), False
     if state is not None:
-        checkpoints.restore(state)
+        restore_training_state(state, model=model, solver=solver)
         position, window = Position.from_checkpoint(state), LossWindow.from_checkpoint(state)
         eval_pending = bool(state.get("eval_pending", False))
         log.info("resuming %s at iteration %d of %d", resume, position.iteration, total)
@@ -326,19 +332,21 @@ def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str 
                  "of batch %d x %d process(es)", run_dir, cfg.model.arch, device, len(data.train), len(data.val),
                  len(data.class_names) - 1, total, cfg.train.batch_size, dist.world_size())
         log.info("Ctrl-C stops after the current step and saves %s; continue a stopped or crashed run with: "
-                 "fasterrcnn train --resume %s", checkpoints.last, checkpoints.last)
-        metrics = MetricsLog(run_dir / "metrics.csv", position.iteration if state is not None else None)
-        checkpoints.metrics = metrics
+                 "fasterrcnn train --resume %s", run_dir / "last.pt", run_dir / "last.pt")
+    metrics = MetricsLog(run_dir / "metrics.csv", position.iteration if state is not None else None) \
+        if dist.is_main() else None
+    checkpoints = RunCheckpoints(run_dir, model=model, optimizer=optimizer, scheduler=solver.scheduler,
+                                 scaler=solver.scaler, cfg=cfg, data=data, metrics=metrics,
+                                 extra=stage.checkpoint_entries() if stage is not None else None)
     forward_model = stage.wrap(model) if stage is not None else model  # evaluated too
     # a stage trains part of the model, whose other parameters may get no gradient in a step
     train_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda" else None,
                                           find_unused_parameters=stage is not None) if distributed else forward_model
     weights = {k: float(cfg.solver.loss_weights.get(k, 1.0)) for k in LOSS_NAMES}
-    evaluate = None  # rank 0 evaluates (a stage may have nothing to evaluate)
-    if dist.is_main() and (stage is None or stage.evaluates):
-        def evaluate():
-            return evaluate_run(forward_model, data, cfg=cfg, device=device, run_dir=run_dir, position=position,
-                                metrics=metrics, show_progress=show_progress)
+    # rank 0 evaluates (a stage may have nothing to evaluate)
+    evaluate = functools.partial(evaluate_run, forward_model, data, cfg=cfg, device=device, run_dir=run_dir,
+                                 position=position, metrics=metrics, show_progress=show_progress) \
+        if dist.is_main() and (stage is None or stage.evaluates) else None
     evaluation = None
 
     # The loop: a step, a log row every train.log_every steps, an evaluation or a checkpoint when due,
@@ -353,8 +361,7 @@ def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str 
         with StopRequest(on_request=lambda signum: announce_stop(signum, checkpoints.last),
                          abort_message=lambda: abort_message(checkpoints.last)) as stop:
             if eval_pending:
-                evaluation = save_and_evaluate(checkpoints, position, window, evaluate) or evaluation
-                train_model.train()
+                evaluation = save_and_evaluate(checkpoints, position, window, evaluate)
             stream = BatchStream(batches, position)
             train_model.train()
             while position.iteration < total:

@@ -104,7 +104,8 @@ def test_every_out_of_range_value_names_the_key_the_value_and_the_range(override
 
 
 @pytest.mark.parametrize("options, message", [
-    ("{nms_thresh: 0.5}", r"model.options.nms_thresh: not an option of fasterrcnn_resnet50_fpn \(it takes .*rpn_nms_thresh"),
+    ("{nms_thresh: 0.5}",
+     r"model.options.nms_thresh: not an option of fasterrcnn_resnet50_fpn \(it takes .*rpn_nms_thresh"),
     ("{fpn_channels: 64}", "model.options.fpn_channels: not an option of fasterrcnn_resnet50_c4"),
     ("{max_size: big}", "model.options.max_size must be an integer >= 1, got 'big'"),
     ("{rpn_nms_thresh: '0.7'}", r"model.options.rpn_nms_thresh must be a number in \[0, 1\], got '0.7'"),
@@ -125,7 +126,8 @@ def test_model_options_are_checked_against_the_builder_signature_naming_the_file
 
 
 def test_model_options_of_the_builders_are_accepted():
-    cfg = load_config(overrides=["model.options.min_size=[600, 800]", "model.options.anchor_sizes=[16, 32, 64, 128, 256]",
+    cfg = load_config(overrides=["model.options.min_size=[600, 800]",
+                                 "model.options.anchor_sizes=[16, 32, 64, 128, 256]",
                                  "model.options.bbox_reg_weights=[10, 10, 5, 5]", "model.options.fpn_norm=gn",
                                  "model.options.box_head_convs=[256, 256]", "model.options.image_mean=[0.5, 0.5, 0.5]"])
     assert cfg.model.options["bbox_reg_weights"] == [10, 10, 5, 5]
