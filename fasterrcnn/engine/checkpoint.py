@@ -105,8 +105,8 @@ def read_file(path: str | Path):
         return load_data_only(path)
     except Exception as e:
         raise CheckpointError(unsafe_pickle_message(path, e) or (
-            f"{path} is not a checkpoint PyTorch can read ({type(e).__name__}: {e}; a .pt file written by "
-            "torch.save is a zip archive): give a run's last.pt or best.pt")) from e
+            f"cannot read checkpoint {path}: {type(e).__name__}: {e}; it is not a file torch.save wrote, or it is "
+            "damaged (cut short): give a run's last.pt or best.pt")) from e
 
 
 def is_training_state(obj) -> bool:

@@ -152,7 +152,7 @@ def test_resume_of_a_text_file_or_a_folder_names_the_option_and_what_to_give(tmp
     text.write_text("hello\n")
     assert main(["train", "--resume", str(text)]) == 2
     err = capsys.readouterr().err
-    assert f"--resume {text}" in err and "is not a checkpoint PyTorch can read" in err and "last.pt" in err
+    assert f"--resume {text}" in err and "it is not a file torch.save wrote" in err and "last.pt" in err
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes(b"")
