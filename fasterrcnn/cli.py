@@ -113,7 +113,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="a YAML config (default: the built-in CPU demo recipe, configs/demo.yaml)")
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue the run of this last.pt exactly as it was configured (overrides: only "
-                        "data.workers, train.threads, train.device, train.log_every)")
+                        "data.workers, train.threads, train.device, train.log_every, and the validation set: "
+                        "data.val, data.val_images)")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -122,7 +123,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from fasterrcnn.engine import distributed as dist
     from fasterrcnn.engine.config import ConfigError, load_config
     from fasterrcnn.engine.signals import TrainingInterrupted
-    from fasterrcnn.engine.trainer import train
+    from fasterrcnn.experiments.schedules import train_schedule
 
     _setup_logging()
     if args.resume and args.config:
@@ -132,7 +133,7 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg = None if args.resume else load_config(args.config or DEMO_CONFIG, overrides=args.overrides)
     try:
         with logging_redirect_tqdm():  # log lines go above a progress bar, not into it
-            result = train(cfg, resume=args.resume, resume_overrides=args.overrides if args.resume else ())
+            result = train_schedule(cfg, resume=args.resume, resume_overrides=args.overrides if args.resume else ())
     except TrainingInterrupted as stop:  # SIGINT/SIGTERM: last.pt saved; 128 + the signal, as a shell reports
         if dist.is_main():
             print(f"stopped: {stop}", file=sys.stderr)

@@ -49,9 +49,29 @@ def all_finite(state_dict: dict) -> bool:
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    """``torch.save`` through ``atomic_open``: ``path`` is either the old file or the new one, never half."""
+    """``torch.save`` through ``atomic_open``: ``path`` is either the old file or the new one, never half.
+
+    A KeyboardInterrupt (a second Ctrl-C) inside torch.save's writes surfaces as the zip writer's
+    ``RuntimeError`` raised while it unwinds; the interrupt is re-raised instead, so that the run
+    aborts as interrupted (the temporary file is removed, the previous file stays whole)."""
     with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            interrupt = _interrupt_behind(e)
+            if interrupt is None:
+                raise
+            raise interrupt from None
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer_slots: int) -> int:
@@ -75,13 +95,18 @@ TRAINING_KEYS = ("model", "config", "class_names")
 def read_file(path: str | Path):
     """Whatever a .pt/.pth file holds, read as data only (weights_only=True)."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "last.pt"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: give a .pt file"
+                              + (f", e.g. the run's {inside}" if inside.is_file() else ""))
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return load_data_only(path)
     except Exception as e:
-        raise CheckpointError(unsafe_pickle_message(path, e)
-                              or f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(unsafe_pickle_message(path, e) or (
+            f"cannot read checkpoint {path}: {type(e).__name__}: {e}; it is not a file torch.save wrote, or it is "
+            "damaged (cut short): give a run's last.pt or best.pt")) from e
 
 
 def is_training_state(obj) -> bool:

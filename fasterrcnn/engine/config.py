@@ -16,6 +16,9 @@ from pathlib import Path
 import yaml
 
 from ..files import atomic_write_text
+from ..model import BUILDERS
+from ..model.loss_names import LOSS_NAMES
+from .model_options import option_problem
 
 
 class ConfigError(ValueError):
@@ -51,7 +54,8 @@ class ModelConfig:
     weights: str = ""  # a torchvision-format detector checkpoint (path or URL); fine-tunes when classes differ
     weights_backbone: str = ""  # an ImageNet ResNet checkpoint, or a detector checkpoint whose backbone.body is taken
     trainable_backbone_layers: int | None = None
-    # Keyword arguments for the builder / FasterRCNN (min_size, max_size, fpn_channels, rpn_*, box_*, ...)
+    # Keyword arguments for the builder / FasterRCNN (min_size, max_size, fpn_channels, rpn_*, box_*, ...),
+    # checked against their signatures (names and types) and engine/model_options.RANGES
     options: dict = field(default_factory=dict)
 
 
@@ -68,8 +72,7 @@ class SolverConfig:
     gamma: float = 0.1
     clip_grad_norm: float = 0.0  # 0: off
     accumulate: int = 1  # gradient accumulation steps per optimizer step
-    loss_weights: dict = field(default_factory=lambda: {
-        "loss_objectness": 1.0, "loss_rpn_box_reg": 1.0, "loss_classifier": 1.0, "loss_box_reg": 1.0})
+    loss_weights: dict = field(default_factory=lambda: dict.fromkeys(LOSS_NAMES, 1.0))
 
 
 @dataclass
@@ -95,7 +98,6 @@ class TrainConfig:
     # the default has the 2:1:2:1 proportions of the reference implementation (80k/40k/80k/40k on VOC)
     alternating_iterations: list[float] = field(default_factory=lambda: [0.333333, 0.166667, 0.333333, 0.166667])
     alternating_detector_init: str = "initial"  # step 2's backbone: initial (the paper) | rpn (step 1's)
-    alternating_step: int = 0  # set by the alternating schedule on the run of each step; 0: the whole schedule
 
 
 @dataclass
@@ -185,6 +187,19 @@ def parse_override(text: str) -> dict:
     return out
 
 
+def upgrade_legacy(values: dict) -> dict:
+    """A config written by an older version, as this one reads it: ``train.alternating_step`` (an
+    alternating step's run recorded its step there; the step is now an entry of its checkpoints) is
+    dropped, and a step's config becomes the plain run of the trainer that it is."""
+    train = values.get("train") if isinstance(values, dict) else None
+    if not isinstance(train, dict) or "alternating_step" not in train:
+        return values
+    train = dict(train)
+    if train.pop("alternating_step"):
+        train["schedule"] = "joint"
+    return {**values, "train": train}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     cfg = Config()
     if base:
@@ -192,7 +207,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     if path:
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = upgrade_legacy(yaml.safe_load(path.read_text()) or {})
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
@@ -207,45 +222,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         except ConfigError as e:
             raise ConfigError(f"command line: {e}") from None
     try:
-        validate(cfg)
+        check_values(cfg)
     except ConfigError as e:
         source = f"{path}" + (" with command-line overrides" if overrides else "") if path else "command line"
         raise ConfigError(f"{source}: {e}") from None
     return cfg
-
-
-# model.options checked by name (the builder checks that it takes them): key -> (test, allowed range)
-def _int_at_least(n):
-    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n), f"an integer >= {n}"
-
-
-def _number_in(lo, hi, lo_open=False):
-    def test(v):
-        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                and (v > lo if lo_open else v >= lo) and v <= hi)
-    return test, f"a number in {'(' if lo_open else '['}{lo}, {hi}]"
-
-
-def _sizes(v):
-    values = v if isinstance(v, list) else [v]
-    return bool(values) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values)
-
-
-MODEL_OPTION_RANGES = {
-    **{k: _number_in(0, 1) for k in ("rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_score_thresh",
-                                     "box_score_thresh", "box_nms_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh")},
-    **{k: _number_in(0, 1, lo_open=True) for k in ("rpn_positive_fraction", "box_positive_fraction")},
-    **{k: _int_at_least(1) for k in ("max_size", "size_divisible", "fpn_channels", "representation_size",
-                                     "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
-                                     "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
-                                     "box_batch_size_per_image", "box_detections_per_img")},
-    "min_size": (_sizes, "an integer >= 1 or a list of them (multi-scale training)"),
-    "anchor_sizes": (lambda v: isinstance(v, list) and _sizes(v), "a list of integers >= 1"),
-    "fpn_norm": (lambda v: v in ("none", "bn", "gn"), "one of none, bn, gn"),
-    "roi_op": (lambda v: v in ("roi_pool", "roi_align"), "one of roi_pool, roi_align"),
-    "roi_output_size": _int_at_least(1),
-}
-LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
 
 def _alternating_problem(t: TrainConfig) -> str | None:
@@ -264,14 +245,12 @@ def _alternating_problem(t: TrainConfig) -> str | None:
         return None
     if not all(x >= 1 and float(x).is_integer() for x in split):
         return "all fractions (below 1) or all whole iteration counts (from 1)"
-    expected = int(split[t.alternating_step - 1]) if t.alternating_step else int(sum(split))
-    if t.iterations not in (0, expected):
-        which = "step" if t.alternating_step else "sum"
-        return f"iteration counts whose {which} matches train.iterations={t.iterations}"
+    if t.iterations not in (0, int(sum(split))):
+        return f"iteration counts whose sum matches train.iterations={t.iterations}"
     return None
 
 
-def validate(cfg: Config) -> None:
+def check_values(cfg: Config) -> None:
     """Values out of range are refused before any work starts; each message names the key, the value
     and what is allowed."""
     def need(cond, key, value, allowed):
@@ -284,6 +263,8 @@ def validate(cfg: Config) -> None:
     t, s, d, m = cfg.train, cfg.solver, cfg.data, cfg.model
     # train
     need(t.name.strip() != "", "train.name", t.name, "a non-empty folder name")
+    need(t.name not in (".", "..") and not re.search(r"[/\\]", t.name), "train.name", t.name,
+         "a plain folder name (no / or \\, not . or ..): the run folder is train.out_dir/train.name")
     need(t.out_dir.strip() != "", "train.out_dir", t.out_dir, "a non-empty folder")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     need(t.iterations >= 0, "train.iterations", t.iterations, ">= 0 (0: use train.epochs)")
@@ -299,7 +280,6 @@ def validate(cfg: Config) -> None:
     need(t.schedule in ("joint", "alternating"), "train.schedule", t.schedule, "joint or alternating")
     need(t.alternating_detector_init in ("initial", "rpn"), "train.alternating_detector_init",
          t.alternating_detector_init, "initial or rpn")
-    need(0 <= t.alternating_step <= 4, "train.alternating_step", t.alternating_step, "in [0, 4] (set by the schedule)")
     if t.schedule == "alternating":
         problem = _alternating_problem(t)
         need(problem is None, "train.alternating_iterations", t.alternating_iterations, problem)
@@ -334,27 +314,30 @@ def validate(cfg: Config) -> None:
     need(d.synth_seed >= 0, "data.synth_seed", d.synth_seed, ">= 0")
     need(0.0 <= d.hflip <= 1.0, "data.hflip", d.hflip, "a probability in [0, 1]")
     need(d.workers >= 0, "data.workers", d.workers, ">= 0 (0: load in the training process)")
-    # model (the arch and whether the builder takes an option are checked when the model is built)
-    need(m.arch.strip() != "", "model.arch", m.arch, "a builder name")
+    # model: the builder, and the options it takes, by its signature (engine/model_options.py)
+    need(m.arch in BUILDERS, "model.arch", m.arch, f"a builder name, one of {', '.join(sorted(BUILDERS))}")
     tbl = m.trainable_backbone_layers
     need(tbl is None or 0 <= tbl <= 5, "model.trainable_backbone_layers", tbl, "null or in [0, 5]")
     for key, value in m.options.items():
-        if key in MODEL_OPTION_RANGES:
-            test, allowed = MODEL_OPTION_RANGES[key]
-            need(test(value), f"model.options.{key}", value, allowed)
+        problem = option_problem(m.arch, key, value)
+        if problem:
+            raise ConfigError(problem)
 
 
 def config_from_dict(values: dict) -> Config:
     """A Config from a (saved, resolved) dict, checked like a YAML file."""
     cfg = Config()
-    _apply(cfg, values, "")
-    validate(cfg)
+    _apply(cfg, upgrade_legacy(values), "")
+    check_values(cfg)
     return cfg
 
 
 # What --resume may change: how the run is executed, not what it computes. Everything else would make
 # the resumed run a different run from the one its checkpoint belongs to.
-RESUME_OVERRIDABLE = ("data.workers", "train.threads", "train.device", "train.log_every")
+EXECUTION_KEYS = ("data.workers", "train.threads", "train.device", "train.log_every")
+# The validation set (data.val, data.val_images) changes what is evaluated, not the weights: a wrong
+# validation image folder found by a run can be fixed on resume.
+RESUME_OVERRIDABLE = (*EXECUTION_KEYS, "data.val", "data.val_images")
 
 
 def apply_overrides(cfg: Config, overrides: list[str], *, allowed: tuple[str, ...] | None = None,
@@ -366,7 +349,7 @@ def apply_overrides(cfg: Config, overrides: list[str], *, allowed: tuple[str, ..
         if allowed is not None and key not in allowed:
             raise ConfigError(f"{context}cannot change {key!r}: only {', '.join(allowed)} may be set")
         _apply(out, parse_override(text), "")
-    validate(out)
+    check_values(out)
     return out
 
 

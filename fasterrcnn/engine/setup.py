@@ -76,8 +76,12 @@ def build_data(cfg: DataConfig, *, train: bool = True, seed: int = 0) -> Data:
     else:
         train_path, train_images, fmt = cfg.train, cfg.train_images, cfg.format
         val_path, val_images = cfg.val or cfg.train, cfg.val_images or cfg.train_images
-        if not cfg.val:
-            log.warning("data.val is not set: evaluating on the training data, which says little about generalisation")
+        if not cfg.val and data_format(cfg.train, fmt) == "voc" and cfg.voc_val_split != cfg.voc_train_split:
+            log.info("data.val is not set: evaluating on the split %r (data.voc_val_split) of the VOC root %s",
+                     cfg.voc_val_split, cfg.train)
+        elif not cfg.val:
+            log.warning("data.val is not set: evaluating on the training data (%s), which says little about "
+                        "generalisation; set data.val to a validation set", cfg.train)
     transforms = SeededAugmentation(Compose([RandomHorizontalFlip(cfg.hflip)]), seed) if cfg.hflip > 0 else None
     train_ds = open_dataset(train_path, train_images, fmt, cfg.voc_train_split, cfg.voc_classes, transforms,
                             cfg.drop_empty) if train else None

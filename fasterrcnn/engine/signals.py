@@ -4,7 +4,8 @@ The first signal only asks: the trainer finishes the step it is in, writes ``las
 ``TrainingInterrupted``, whose message says how to resume; the command line exits with 128 + the
 signal number (130 for SIGINT, 143 for SIGTERM), as a shell reports a process killed by that signal.
 A second SIGINT aborts at once (``KeyboardInterrupt`` where the process is), losing the work since
-the last checkpoint, which stays whole (every checkpoint write is atomic). A SIGTERM while a stop is
+the last checkpoint, which stays whole (every checkpoint write is atomic; one cut short by the
+interrupt leaves no temporary file, and the command exits 130 with the interrupt's message). A SIGTERM while a stop is
 already pending is ignored: torchrun and schedulers follow SIGINT with SIGTERM to every process, and
 that must not cut short the checkpoint being written.
 
@@ -53,9 +54,10 @@ class StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, on_request=None):
+    def __init__(self, on_request=None, abort_message=None):
         self.signum: int | None = None
         self.on_request = on_request  # called with the signal number on the first signal (e.g. to log)
+        self.abort_message = abort_message  # () -> the message of the second Ctrl-C's KeyboardInterrupt
         self._previous: dict[int, object] = {}
 
     @property
@@ -68,7 +70,8 @@ class StopRequest:
             if self.on_request is not None:
                 self.on_request(signum)
         elif signum == signal.SIGINT:
-            raise KeyboardInterrupt("second Ctrl-C: aborted without saving; the last checkpoint is whole")
+            raise KeyboardInterrupt(self.abort_message() if self.abort_message is not None
+                                    else "second Ctrl-C: aborted without saving; the last checkpoint is whole")
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

@@ -24,9 +24,11 @@ import torch
 import yaml
 
 from ..files import atomic_write_text
+from ..viz.ablation import plot_ablation
 from .alternating import AlternatingResult, latest_checkpoint
+from .schedules import train_schedule
 from ..engine.checkpoint import load_checkpoint
-from ..engine.config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, load_config
+from ..engine.config import EXECUTION_KEYS, Config, ConfigError, apply_overrides, config_from_dict, load_config
 from ..engine.evaluator import evaluate_model
 from ..engine.setup import build_data, build_model, resolve_device
 
@@ -173,7 +175,7 @@ def cell_config(base: Config, cell: Cell, out: Path) -> Config:
 def config_hash(cfg: Config, *extra: str) -> str:
     """What a cell computes: the resolved config without where it runs or how it is executed."""
     values = cfg.to_dict()
-    for key in (*RESUME_OVERRIDABLE, "train.out_dir", "train.name"):
+    for key in (*EXECUTION_KEYS, "train.out_dir", "train.name"):
         section, name = key.split(".")
         values[section].pop(name, None)
     text = json.dumps([values, *extra], sort_keys=True)
@@ -221,8 +223,6 @@ def _eval_metrics(evaluation, run_dir: Path) -> dict[str, float]:
 
 
 def run_training_cell(cell: Cell, cfg: Config, digest: str, *, show_progress: bool) -> CellResult:
-    from ..engine.trainer import train  # the trainer imports this package's modules; import it when needed
-
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     checkpoint = latest_checkpoint(run_dir)
     notes = [f"continued from {checkpoint}"] if checkpoint else []
@@ -230,8 +230,8 @@ def run_training_cell(cell: Cell, cfg: Config, digest: str, *, show_progress: bo
                  (("data.workers", cfg.data.workers), ("train.threads", cfg.train.threads),
                   ("train.device", cfg.train.device), ("train.log_every", cfg.train.log_every))]
     start = time.perf_counter()
-    result = train(cfg, resume=str(checkpoint) if checkpoint else None,
-                   resume_overrides=execution if checkpoint else (), show_progress=show_progress)
+    result = train_schedule(cfg, resume=str(checkpoint) if checkpoint else None,
+                            resume_overrides=execution if checkpoint else (), show_progress=show_progress)
     wall = time.perf_counter() - start
     if isinstance(result, AlternatingResult):
         eval_s = result.eval_seconds
@@ -272,8 +272,6 @@ def run_reevaluation_cell(cell: Cell, cfg: Config, reference: CellResult, *, sho
 def run_ablation(base: Config, *, out: str | Path, cells: list[Cell], command: str = "",
                  show_progress: bool = True) -> list[CellResult]:
     """Run (or re-use) every cell, then write <out>/ablation.md and <out>/ablation.png."""
-    from ..viz.ablation import plot_ablation
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, CellResult] = {}

@@ -11,7 +11,10 @@ The result is one network with shared convolutions: step 4's checkpoint, a norma
 (from scratch: a random init; with model.weights_backbone: ImageNet's), the same in steps 1 and 2.
 Each step is a run of ``trainer.train`` in <run>/step<k>/ (its own config.yaml, last.pt,
 metrics.csv, solver schedule with warmup and decay), so a stopped schedule resumes inside the step
-it was in: ``fasterrcnn train --resume`` with any of its last.pt files. Frozen parts get no
+it was in: ``fasterrcnn train --resume`` with any of its last.pt files. A step's config is that of
+a plain run (``train.schedule=joint``, the step's length); which step it is belongs to the schedule,
+not to the user's config: the step's checkpoints record it (``alternating_step``), and the
+schedule's own config is <run>/config.yaml. Frozen parts get no
 gradient and no optimizer state, and stay in eval mode. <run>/metrics.csv gathers the steps' rows
 with a ``step`` column and iterations counted over the whole schedule.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +37,12 @@ from ..viz.training import plot_ap_history, plot_losses
 from ..engine import distributed as dist
 from ..engine.checkpoint import load_checkpoint
 from ..engine.config import (RESUME_OVERRIDABLE, Config, ConfigError, ModelConfig, TrainConfig, apply_overrides,
-                     config_from_dict, save_config)
+                             config_from_dict, save_config)
+from ..engine.metrics import CSV_COLUMNS, read_metrics
 from ..engine.setup import build_model
-from .stage_model import DETECTOR_LOSSES, RPN_LOSSES, StageModel, freeze
-from ..engine.trainer import CSV_COLUMNS, TrainResult, read_metrics, train
+from ..engine.trainer import TrainResult, load_resume_state, train
+from ..model.loss_names import DETECTOR_LOSSES, RPN_LOSSES
+from .stage_model import StageModel, freeze
 
 log = logging.getLogger("fasterrcnn")
 
@@ -49,7 +55,7 @@ COPIED_OUTPUTS = ("best.pt", "predictions.json", "eval.json", "precision_recall.
 
 def step_lengths(t: TrainConfig) -> list[int]:
     """The four steps' iterations: fractions of train.iterations (the last step takes the rounding
-    remainder) or counts (see config.validate)."""
+    remainder) or counts (see config.check_values)."""
     split = t.alternating_iterations
     if all(x < 1 for x in split):
         first = [round(x * t.iterations) for x in split[:3]]
@@ -64,22 +70,29 @@ def step_config(cfg: Config, step: int) -> Config:
     lengths = step_lengths(cfg.train)
     values["solver"]["warmup_iters"] = round(cfg.solver.warmup_iters * lengths[step - 1] / sum(lengths))
     values["train"].update(name=f"step{step}", out_dir=str(Path(cfg.train.out_dir) / cfg.train.name),
-                           iterations=lengths[step - 1], epochs=0, alternating_iterations=lengths,
-                           alternating_step=step)
+                           iterations=lengths[step - 1], epochs=0, schedule="joint", alternating_iterations=lengths)
     return config_from_dict(values)
 
 
-def schedule_config(cfg: Config) -> Config:
-    """The whole schedule's config, from its own or from one of its steps' (read from the
-    schedule's config.yaml, which the step's run folder sits in)."""
-    if not cfg.train.alternating_step:
-        return cfg
-    path = Path(cfg.train.out_dir) / "config.yaml"
+def checkpoint_step(state: dict) -> int:
+    """The alternating step whose run wrote the checkpoint ``state`` (0: none), also from a checkpoint
+    written when the step was kept in the config (``train.alternating_step``)."""
+    return int(state.get("alternating_step") or state["config"].get("train", {}).get("alternating_step") or 0)
+
+
+def schedule_of_checkpoint(path: str | Path) -> Config | None:
+    """The whole schedule's config if ``path`` is a checkpoint of an alternating schedule (one of its
+    steps', or the schedule's result), read from the schedule's config.yaml; else None."""
+    state = load_resume_state(path)
+    step = checkpoint_step(state)
+    if not step:
+        return config_from_dict(state["config"]) if state["config"]["train"].get("schedule") == "alternating" else None
+    schedule_yaml = Path(state["config"]["train"]["out_dir"]) / "config.yaml"
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(schedule_yaml.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read the alternating schedule's config ({e}); the checkpoint is "
-                          f"step {cfg.train.alternating_step} of a schedule that ran in {cfg.train.out_dir}") from None
+        raise ConfigError(f"{schedule_yaml}: cannot read the alternating schedule's config ({e}); {path} is step "
+                          f"{step} of a schedule that ran in {schedule_yaml.parent}") from None
     return config_from_dict(values)
 
 
@@ -160,6 +173,10 @@ class AlternatingStep:
                 proposal_model.to_channels_last()
         return StageModel(model, trains=self.trains, frozen=self.frozen, proposal_model=proposal_model)
 
+    def checkpoint_entries(self) -> dict:
+        """What the step's checkpoints record besides the trainer's state: which step they belong to."""
+        return {"alternating_step": self.step}
+
     def describe(self) -> str:
         what = {1: "the RPN, from the initial weights",
                 2: "the detector on step 1's proposals, its backbone from "
@@ -181,15 +198,24 @@ class AlternatingResult(TrainResult):
 
 def train_alternating(cfg: Config, *, resume: str | None = None, resume_overrides: list[str] | tuple = (),
                       show_progress: bool = True) -> AlternatingResult:
-    """Run (or, with ``resume``, continue) the four steps of ``cfg``'s alternating schedule; ``cfg``
-    may be the schedule's config or one of its steps' (as read from a checkpoint)."""
-    cfg = schedule_config(cfg)
+    """Run (or, with ``resume``, continue) the four steps of the alternating schedule ``cfg`` (the
+    schedule's config: see ``schedule_of_checkpoint`` for the one of a checkpoint)."""
     if resume_overrides:
         cfg = apply_overrides(cfg, list(resume_overrides), allowed=RESUME_OVERRIDABLE, context=f"--resume {resume}: ")
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     if resume is None and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {latest_checkpoint(run_dir)}, "
                           "or choose another train.name")
+    created = not run_dir.exists()
+    try:
+        return _train_steps(cfg, run_dir, resume_overrides=resume_overrides, show_progress=show_progress)
+    except BaseException:
+        if created and dist.is_main() and latest_checkpoint(run_dir) is None:  # nothing of value written
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _train_steps(cfg: Config, run_dir: Path, *, resume_overrides, show_progress: bool) -> AlternatingResult:
     lengths = step_lengths(cfg.train)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)

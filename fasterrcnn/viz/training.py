@@ -6,9 +6,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..model.loss_names import LOSS_NAMES  # noqa: E402
 from ._save import save_png  # noqa: E402
-
-LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 
 
 def _series(rows, kind, key):
@@ -18,7 +17,7 @@ def _series(rows, kind, key):
 
 def plot_losses(rows: list[dict], path: str | Path) -> Path:
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    for key in ("loss", *LOSSES):
+    for key in ("loss", *LOSS_NAMES):
         x, y = _series(rows, "train", key)
         if x:
             ax.plot(x, y, label=key, linewidth=2.0 if key == "loss" else 1.0)

@@ -1,6 +1,6 @@
 import pytest
 
-from fasterrcnn.engine.config import ConfigError, load_config, parse_override
+from fasterrcnn.engine.config import ConfigError, config_from_dict, load_config, parse_override
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -101,3 +101,44 @@ def test_every_out_of_range_value_names_the_key_the_value_and_the_range(override
     with pytest.raises(ConfigError, match=message) as e:
         load_config(overrides=["train.iterations=10", override])
     assert "command line" in str(e.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ("{nms_thresh: 0.5}",
+     r"model.options.nms_thresh: not an option of fasterrcnn_resnet50_fpn \(it takes .*rpn_nms_thresh"),
+    ("{fpn_channels: 64}", "model.options.fpn_channels: not an option of fasterrcnn_resnet50_c4"),
+    ("{max_size: big}", "model.options.max_size must be an integer >= 1, got 'big'"),
+    ("{rpn_nms_thresh: '0.7'}", r"model.options.rpn_nms_thresh must be a number in \[0, 1\], got '0.7'"),
+    ("{box_head_convs: [256, x]}", r"model.options.box_head_convs must be a list of int, got \[256, 'x'\]"),
+    ("{bbox_reg_weights: [10, 10, 5]}", "model.options.bbox_reg_weights must be a list of 4 float"),
+    ("{size_divisible: true}", "model.options.size_divisible must be an integer >= 1, got True"),
+])
+def test_model_options_are_checked_against_the_builder_signature_naming_the_file(tmp_path, options, message):
+    """Issue 21: model.options were an untyped dict (an unknown option failed only when the model was
+    built; a wrong type not at all). Now names and types come from the builder's and FasterRCNN's
+    signatures, the ranges from one table; the error names the option and the config file."""
+    arch = "fasterrcnn_resnet50_c4" if "fpn_channels" in options else "fasterrcnn_resnet50_fpn"
+    path = tmp_path / "my.yaml"
+    path.write_text(f"model:\n  arch: {arch}\n  options: {options}\n")
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path)
+    assert str(e.value).startswith(str(path))
+
+
+def test_model_options_of_the_builders_are_accepted():
+    cfg = load_config(overrides=["model.options.min_size=[600, 800]",
+                                 "model.options.anchor_sizes=[16, 32, 64, 128, 256]",
+                                 "model.options.bbox_reg_weights=[10, 10, 5, 5]", "model.options.fpn_norm=gn",
+                                 "model.options.box_head_convs=[256, 256]", "model.options.image_mean=[0.5, 0.5, 0.5]"])
+    assert cfg.model.options["bbox_reg_weights"] == [10, 10, 5, 5]
+
+
+def test_a_config_written_with_train_alternating_step_still_loads(tmp_path):
+    """train.alternating_step left the config (the step's checkpoints record it): an older schedule's
+    config.yaml (alternating_step: 0) loads as it was, and an older step's config becomes a plain run."""
+    path = tmp_path / "old.yaml"
+    path.write_text("train: {schedule: alternating, iterations: 8, alternating_step: 0}\n")
+    assert load_config(path).train.schedule == "alternating"
+    old_step = {"train": {"schedule": "alternating", "iterations": 3, "alternating_iterations": [3, 1, 3, 1],
+                          "alternating_step": 3, "name": "step3"}}
+    assert config_from_dict(old_step).train.schedule == "joint"

@@ -21,7 +21,8 @@ import yaml
 
 from fasterrcnn.cli import main
 from fasterrcnn.engine.checkpoint import load_checkpoint
-from fasterrcnn.engine.trainer import MetricsLog, read_metrics, train
+from fasterrcnn.engine.metrics import MetricsLog, read_metrics
+from fasterrcnn.engine.trainer import train
 from fasterrcnn.files import stale_temps
 
 from .helpers import tiny_config
@@ -195,17 +196,17 @@ def test_an_image_that_breaks_mid_run_names_the_file_and_keeps_the_checkpoint(tm
     the file, last.pt of step 1 is whole, and the log says how to continue once the file is fixed."""
     import logging
 
-    import fasterrcnn.engine.trainer as trainer
+    import fasterrcnn.engine.checkpoint as checkpoint
 
     synth = tmp_path / "synth"
-    real_save = trainer.save_checkpoint
+    real_save = checkpoint.save_checkpoint
 
     def save_then_break_the_images(path, state):
         real_save(path, state)
         for image in (synth / "train").glob("*.jpg"):
             image.write_bytes(b"not a jpeg any more")
 
-    monkeypatch.setattr(trainer, "save_checkpoint", save_then_break_the_images)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_break_the_images)
     config = _write_config(tmp_path, synth, "train.iterations=3", "train.checkpoint_every=1")
     with caplog.at_level(logging.INFO, logger="fasterrcnn"):
         rc = main(["train", "--config", str(config)])

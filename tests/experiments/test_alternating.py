@@ -8,7 +8,7 @@ from fasterrcnn.experiments.alternating import AlternatingStep, step_config, ste
 from fasterrcnn.engine.checkpoint import load_checkpoint
 from fasterrcnn.engine.config import ConfigError, apply_overrides
 from fasterrcnn.engine.setup import build_model, load_model_for_inference
-from fasterrcnn.engine.trainer import train
+from fasterrcnn.experiments.schedules import train_schedule as train
 
 from ..engine.helpers import tiny_config
 
@@ -142,7 +142,8 @@ def test_step_lengths(tmp_path):
                       "train.alternating_iterations=[0.2, 0.5, 0.15, 0.15]")
     assert step_lengths(cfg.train) == [120, 300, 90, 90]
     step2 = step_config(apply_overrides(cfg, ["solver.warmup_iters=60"]), 2)  # warmup scaled with the step
-    assert (step2.train.iterations, step2.solver.warmup_iters, step2.train.alternating_step) == (300, 30, 2)
+    assert (step2.train.iterations, step2.solver.warmup_iters, step2.train.name) == (300, 30, "step2")
+    assert step2.train.schedule == "joint"  # a plain run of the trainer: the step is the schedule's state
     cfg = tiny_config(tmp_path, tmp_path, "train.schedule=alternating", "train.iterations=0",
                       "train.alternating_iterations=[1, 2, 3, 4]")
     assert step_lengths(cfg.train) == [1, 2, 3, 4]
