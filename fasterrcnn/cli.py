@@ -186,9 +186,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
     is_coco = data_format(args.data) == "coco"  # the model's labels meet the data's through the category ids
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args.out, "--out") if args.out else None
     result = evaluate_model(model, dataset, class_names=class_names, label_to_cat_id=label_to_cat_id,
                             ann_file=args.data if is_coco else None, batch_size=args.batch_size, device=device,
                             amp=args.amp, results_path=out / "predictions.json" if out else None,
@@ -205,6 +203,26 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 # ---- predict ------------------------------------------------------------------------------------
+
+
+def _output_folder(path, option: str):
+    """Create the folder ``option`` names (a ConfigError naming it, not a raw [Errno ...], when it cannot be)."""
+    from pathlib import Path
+
+    from fasterrcnn.engine.config import ConfigError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder}: this is a file, and {option} names a folder for the results; "
+                          "give a new or existing folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {folder}: cannot create this folder ({e.strerror or e}); "
+                          f"give a folder you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {folder}: this folder is not writable; give a folder you can write to")
+    return folder
 
 
 def _fraction(text: str) -> float:
@@ -247,6 +265,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     _setup_logging()
     paths = collect_images(args.sources, recursive=args.recursive)
+    _output_folder(args.out, "--out")
     detector = Detector.load(args.weights, arch=args.arch, device=args.device, score_threshold=args.score_threshold,
                              bf16=args.bf16)
     summary = predict_files(detector, paths, args.out, batch_size=args.batch_size, workers=args.workers,

@@ -25,11 +25,12 @@ class ImageRecord:
 
     ``boxes`` float32 [N,4] xyxy 0-based pixels; ``labels`` int64 [N] in 1..C; ``area`` float32 [N];
     ``iscrowd`` int64 [N]; ``difficult`` bool [N] (VOC only, else None). ``source`` is the annotation
-    file and ``record`` names the image inside it, for messages.
+    file and ``record`` names the image inside it, for messages. ``path`` is a str (COCO: no Path
+    object per image while loading) or a Path.
     """
 
     image_id: int
-    path: Path
+    path: Path | str
     width: int
     height: int
     boxes: np.ndarray

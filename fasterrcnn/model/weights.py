@@ -33,6 +33,11 @@ def local_weights_file(source: str | os.PathLike, *, progress: bool = False) -> 
     if source.startswith("file://"):  # already local: read in place, no copy in the cache
         source = unquote(urlparse(source).path)
     if not is_url(source):
+        if os.path.isdir(source):
+            found = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(source, n))]
+            hint = f" (this one holds {' and '.join(found)})" if found else ""
+            raise WeightsError(f"{source}: a folder, not a weights file; give the file itself, e.g. a run's "
+                               f"best.pt or last.pt{hint}")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"weights file not found: {source}")
         return source
@@ -68,8 +73,28 @@ def unsafe_pickle_message(source, error: BaseException) -> str | None:
             "this file yourself, save its tensors alone, e.g. torch.save(model.state_dict(), path)")
 
 
+def not_a_torch_file_message(source: str | os.PathLike) -> str | None:
+    """The message for a file that is neither a zip (torch.save's format) nor a pickle (the legacy one),
+    e.g. a JSON or text file given as weights; None when it may be one."""
+    try:
+        with open(source, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if head.startswith(b"PK") or head[:1] == b"\x80" or not head:
+        return None
+    kind = "a JSON or text file" if head.lstrip()[:1] in (b"{", b"[", b'"') or head.isascii() else "another kind"
+    return (f"{os.fspath(source)} is not a PyTorch weights file (those are zip archives written by torch.save; "
+            f"this one starts with {head!r}, {kind}); give a training checkpoint (last.pt/best.pt) or "
+            "torchvision detector weights")
+
+
 def load_data_only(source: str | os.PathLike):
-    """``torch.load(source, weights_only=True)`` on the CPU: a file of tensors and plain data, never code."""
+    """``torch.load(source, weights_only=True)`` on the CPU: a file of tensors and plain data, never code.
+    A file that is no PyTorch file at all (JSON, text) is a WeightsError saying so."""
+    message = not_a_torch_file_message(source)
+    if message is not None:
+        raise WeightsError(message)
     return torch.load(source, map_location="cpu", weights_only=True)
 
 
@@ -79,6 +104,8 @@ def read_state_dict(source: str | os.PathLike, *, key: str = "model") -> "Ordere
     path = local_weights_file(source)
     try:
         obj = load_data_only(path)
+    except WeightsError:
+        raise
     except Exception as e:  # an unpickling refusal, a corrupt zip: say which file
         where = source if path == source else f"{source} (cached as {path})"
         raise WeightsError(unsafe_pickle_message(where, e)
