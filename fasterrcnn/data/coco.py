@@ -55,6 +55,11 @@ def _no_gc():
 def load_json(path) -> dict:
     """Read a json object, turning every failure into a ``DataError`` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        voc = (path / "Annotations").is_dir()
+        raise DataError(f"{path}: a folder, and COCO data is one instances json file"
+                        + (" (this folder looks like a Pascal VOC root: set data.format=voc, or leave it auto)"
+                           if voc else "; give the json file itself (e.g. annotations/instances_train.json)"))
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
     try:
@@ -147,6 +152,10 @@ class CocoDetection(DetectionDataset):
             cat, cid = _unique_record(cat, path, "categories", i, "category", first_at)
             if not isinstance(cat.get("name"), str) or not cat["name"]:
                 raise DataError(f"{where(path, f'category id {cid}', 'name')}: expected a non-empty string")
+            same = [other for other, name in names.items() if name == cat["name"]]
+            if same:  # labels are matched by name (evaluation, class lists): one name, one category
+                raise DataError(f"{where(path, f'category id {cid}', 'name')}: duplicate category name "
+                                f"{cat['name']!r}, also category id {same[0]}; give each category its own name")
             names[cid] = cat["name"]
         ids = sorted(names)
         self.cat_id_to_label = {cid: label for label, cid in enumerate(ids, start=1)}

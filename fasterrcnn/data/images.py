@@ -62,6 +62,25 @@ def _to_rgb(img: Image.Image, path) -> Image.Image:
         raise _fail(path, f"unsupported image mode {mode!r} ({e})") from None
 
 
+DEGENERATE_SIZE = "degenerate image size"
+MIN_IMAGE_SIDE = 2  # pixels
+MAX_ASPECT_RATIO = 100  # long side / short side
+
+
+def degenerate_size(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` is no training or evaluation image, or None: a side under
+    ``MIN_IMAGE_SIDE`` pixels, or a long side over ``MAX_ASPECT_RATIO`` times the short one (the model's
+    resize leaves such a sliver a few pixels across at most, under one cell of the coarsest feature map;
+    the model runs on it, resized to at least one pixel per side, but there is nothing to learn there)."""
+    short, long = min(width, height), max(width, height)
+    if short < MIN_IMAGE_SIDE:
+        return f"{width}x{height} (width x height): a side under {MIN_IMAGE_SIDE} pixels"
+    if long > MAX_ASPECT_RATIO * short:
+        return (f"{width}x{height} (width x height): one side is {long / short:.0f} times the other "
+                f"(more than {MAX_ASPECT_RATIO})")
+    return None
+
+
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 Tensor[3,H,W] in [0,1] (a new tensor, owning its memory)."""
     if img.mode != "RGB":
