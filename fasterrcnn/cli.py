@@ -170,7 +170,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from fasterrcnn.engine.evaluator import evaluate_model
+    from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
     from fasterrcnn.engine.setup import data_format, load_model_for_inference, open_dataset, resolve_device
 
     from fasterrcnn.engine.config import ConfigError
@@ -186,6 +186,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
     is_coco = data_format(args.data) == "coco"  # the model's labels meet the data's through the category ids
+    if is_coco:  # matched by name, before any inference: a DataError when the names differ
+        label_to_cat_id, notes = match_categories_by_name(
+            class_names, label_to_cat_id, dataset.class_names, dataset.label_to_cat_id,
+            data_source=args.data, model_source=args.weights)
+        for note in notes:
+            print(f"note: {note}")
     out = _output_folder(args.out, "--out") if args.out else None
     result = evaluate_model(model, dataset, class_names=class_names, label_to_cat_id=label_to_cat_id,
                             ann_file=args.data if is_coco else None, batch_size=args.batch_size, device=device,
