@@ -185,6 +185,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
+    if len(dataset.report):  # skipped or fixed images and boxes: counted, and check-data lists them
+        print(f"note: {dataset.report.summary()} (fasterrcnn check-data {args.data} lists them)")
     is_coco = data_format(args.data) == "coco"  # the model's labels meet the data's through the category ids
     if is_coco:  # matched by name, before any inference: a DataError when the names differ
         label_to_cat_id, notes = match_categories_by_name(

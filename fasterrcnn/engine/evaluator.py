@@ -6,6 +6,7 @@ expects); any other set (VOC) is turned into an in-memory COCO ground truth from
 import contextlib
 import copy
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,10 @@ from ..data import make_data_loader
 from ..data.report import DataError
 from ..evaluation import COCO_STAT_NAMES, CocoEvaluator, CocoMetrics, VocMetrics, evaluate_voc
 from ..files import atomic_open
+from ..model.input_checks import image_problem
 from .progress import Progress
+
+log = logging.getLogger("fasterrcnn")
 
 
 @dataclass
@@ -50,17 +54,26 @@ def predict_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 4, dev
     was_training = model.training
     model.eval()
     loader = make_data_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, aspect_grouping=False)
-    ids, dets = [], []
+    ids, dets, skipped = [], [], []
     progress = Progress(total=len(dataset), desc="evaluate", unit="img", enabled=show_progress)
     for images, targets in loader:
+        usable = [i for i, im in enumerate(images) if image_problem(im) is None]
         with autocast(device, amp):
-            out = model([im.to(device, non_blocking=True) for im in images])
-        for t, d in zip(targets, out):
+            found = model([images[i].to(device, non_blocking=True) for i in usable]) if usable else []
+        out = dict(zip(usable, found))
+        for i, t in enumerate(targets):
             ids.append(int(t["image_id"]))
-            dets.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()})
+            if i not in out:  # an image the model cannot use: scored with no detections, named and counted
+                skipped.append(f"image id {int(t['image_id'])}: {image_problem(images[i])}")
+                out[i] = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                          "labels": torch.zeros(0, dtype=torch.int64)}
+            dets.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out[i].items()})
         progress.update(len(images))
     progress.close()
     model.train(was_training)
+    if skipped:
+        log.warning("evaluate: %d image(s) the model cannot use were scored with no detections: %s",
+                    len(skipped), "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     return ids, dets
 
 
