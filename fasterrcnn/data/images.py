@@ -1,7 +1,8 @@
 """Image decoding: any file Pillow reads -> RGB, EXIF orientation applied -> Tensor[3,H,W] in [0,1].
 
 Modes are converted to RGB: L/1/P/PA/LA/RGBA/CMYK/YCbCr/... through Pillow; 16-bit (I;16*, I)
-is scaled from 0..65535 to 0..255 (not clipped); float images (F) are clipped to 0..255. Alpha is
+is scaled from 0..65535 to 0..255 (not clipped); float images (F) are clipped to 0..255, and one
+with NaN or infinite pixels raises ``DataError`` (counted skips in predict and check-data). Alpha is
 dropped. A missing, unreadable or truncated file raises ``DataError`` naming the file; Pillow's
 global ``LOAD_TRUNCATED_IMAGES`` is left alone.
 """
@@ -52,7 +53,11 @@ def _to_rgb(img: Image.Image, path) -> Image.Image:
         a8 = ((a * 255 + 32767) // 65535).astype(np.uint8)  # 65535 -> 255, rounded
         return Image.fromarray(np.repeat(a8[:, :, None], 3, axis=2), "RGB")
     if mode == "F":
-        a8 = np.clip(np.asarray(img), 0, 255).round().astype(np.uint8)
+        a = np.asarray(img)
+        bad = int((~np.isfinite(a)).sum())
+        if bad:  # no pixel value to give them: a named image problem, not an arbitrary cast
+            raise _fail(path, f"{bad} of its {a.size} pixel values are NaN or infinite")
+        a8 = np.clip(a, 0, 255).round().astype(np.uint8)
         return Image.fromarray(np.repeat(a8[:, :, None], 3, axis=2), "RGB")
     try:
         if mode in ("P", "PA") and ("transparency" in img.info or mode == "PA"):
