@@ -234,3 +234,27 @@ def test_out_that_is_a_file_or_cannot_be_made_names_the_option(short_run, tmp_pa
                    "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out)])
         err = capsys.readouterr().err
         assert rc == 2 and f"--out {out}" in err and needle in err and "[Errno" not in err
+
+
+def test_an_image_the_model_cannot_use_is_scored_empty_named_and_counted(caplog):
+    """Issue 20 #1 (evaluate side): one unusable image (NaN pixels here) must not stop the evaluation."""
+    from fasterrcnn.engine.evaluator import predict_dataset
+
+    from ..model.helpers import tiny_model
+
+    nan = torch.rand(3, 40, 50)
+    nan[0, 1, 2] = float("nan")
+    items = [(torch.rand(3, 40, 50), {"image_id": torch.tensor(1)}), (nan, {"image_id": torch.tensor(2)}),
+             (torch.rand(3, 1, 400), {"image_id": torch.tensor(3)})]
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    model = tiny_model(box_score_thresh=0.0)
+    ids, dets = predict_dataset(model, Items(), batch_size=3, show_progress=False)
+    assert ids == [1, 2, 3] and len(dets[1]["boxes"]) == 0 and len(dets[0]["boxes"]) > 0
+    assert "1 image(s) the model cannot use" in caplog.text and "image id 2: 1 of its 6000 pixel values" in caplog.text
