@@ -66,6 +66,10 @@ def unsafe_pickle_message(source, error: BaseException) -> str | None:
     detail = found.group(1).strip() if found else "not readable as data"
     if "Unsupported global" in detail:
         what = f"it holds Python objects ({detail}) that only full unpickling could rebuild"
+    elif not_a_torch_file(source) is not None:  # JSON, text: no unpickling would help, and no code is at stake
+        return (f"refusing to load {os.fspath(source)}: it is not a file of tensors and plain data, it is "
+                f"{not_a_torch_file(source)}; give a training checkpoint (last.pt/best.pt) or torchvision "
+                "detector weights")
     else:
         what = f"it is not a file of tensors and plain data ({detail}): it is damaged, or needs full unpickling"
     return (f"refusing to load {os.fspath(source)}: {what}, and unpickling a file can run any code on this machine. "
@@ -73,9 +77,9 @@ def unsafe_pickle_message(source, error: BaseException) -> str | None:
             "this file yourself, save its tensors alone, e.g. torch.save(model.state_dict(), path)")
 
 
-def not_a_torch_file_message(source: str | os.PathLike) -> str | None:
-    """The message for a file that is neither a zip (torch.save's format) nor a pickle (the legacy one),
-    e.g. a JSON or text file given as weights; None when it may be one."""
+def not_a_torch_file(source: str | os.PathLike) -> str | None:
+    """What a file is when it is neither a zip (torch.save's format) nor a pickle (the legacy one), e.g.
+    a JSON or text file given as weights; None when it may be one (or cannot be read)."""
     try:
         with open(source, "rb") as f:
             head = f.read(8)
@@ -83,18 +87,13 @@ def not_a_torch_file_message(source: str | os.PathLike) -> str | None:
         return None
     if head.startswith(b"PK") or head[:1] == b"\x80" or not head:
         return None
-    kind = "a JSON or text file" if head.lstrip()[:1] in (b"{", b"[", b'"') or head.isascii() else "another kind"
-    return (f"{os.fspath(source)} is not a PyTorch weights file (those are zip archives written by torch.save; "
-            f"this one starts with {head!r}, {kind}); give a training checkpoint (last.pt/best.pt) or "
-            "torchvision detector weights")
+    kind = "a JSON or text file" if head.isascii() else "some other kind of file"
+    return f"not a PyTorch weights file at all: those are zip archives written by torch.save, this one starts " \
+           f"with {head!r} ({kind})"
 
 
 def load_data_only(source: str | os.PathLike):
-    """``torch.load(source, weights_only=True)`` on the CPU: a file of tensors and plain data, never code.
-    A file that is no PyTorch file at all (JSON, text) is a WeightsError saying so."""
-    message = not_a_torch_file_message(source)
-    if message is not None:
-        raise WeightsError(message)
+    """``torch.load(source, weights_only=True)`` on the CPU: a file of tensors and plain data, never code."""
     return torch.load(source, map_location="cpu", weights_only=True)
 
 
@@ -104,8 +103,6 @@ def read_state_dict(source: str | os.PathLike, *, key: str = "model") -> "Ordere
     path = local_weights_file(source)
     try:
         obj = load_data_only(path)
-    except WeightsError:
-        raise
     except Exception as e:  # an unpickling refusal, a corrupt zip: say which file
         where = source if path == source else f"{source} (cached as {path})"
         raise WeightsError(unsafe_pickle_message(where, e)

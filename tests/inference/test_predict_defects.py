@@ -169,7 +169,7 @@ def test_weights_messages_say_what_the_file_is(tiny_checkpoint, thin_folder, tmp
     (tmp_path / "w.json").write_text('{"model": {}}')
     rc = main(["predict", str(thin_folder), "--weights", str(tmp_path / "w.json"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "not a PyTorch weights file" in err and "JSON" in err and "any code" not in err
+    assert rc == 2 and "not a PyTorch weights file at all" in err and "JSON" in err and "any code" not in err
     torch.save(tiny_model().state_dict(), tmp_path / "bare.pt")
     rc = main(["predict", str(thin_folder), "--weights", str(tmp_path / "bare.pt"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
