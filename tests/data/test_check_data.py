@@ -3,7 +3,6 @@ import pytest
 from fasterrcnn.data import DataError, check_dataset
 from fasterrcnn.data.check_data import size_bucket
 from fasterrcnn.data.synth import generate
-
 from fasterrcnn.data.voc import UNKNOWN_CLASS, VOC_CLASSES, scan_class_names
 
 from .helpers import make_voc, simple_coco

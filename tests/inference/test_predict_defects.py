@@ -11,7 +11,6 @@ from PIL import Image
 
 from fasterrcnn import Detector
 from fasterrcnn.cli import main
-from fasterrcnn.inference import predict_files as pf
 from fasterrcnn.inference.predict_files import collect_images, output_names
 
 from ..model.helpers import tiny_model
