@@ -171,7 +171,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from fasterrcnn.engine.evaluator import evaluate_model
+    from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
     from fasterrcnn.engine.setup import data_format, load_model_for_inference, open_dataset, resolve_device
 
     from fasterrcnn.engine.config import ConfigError
@@ -186,10 +186,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
+    if len(dataset.report):  # skipped or fixed images and boxes: counted, and check-data lists them
+        print(f"note: {dataset.report.summary()} (fasterrcnn check-data {args.data} lists them)")
     is_coco = data_format(args.data) == "coco"  # the model's labels meet the data's through the category ids
-    out = Path(args.out) if args.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
+    if is_coco:  # matched by name, before any inference: a DataError when the names differ
+        label_to_cat_id, notes = match_categories_by_name(
+            class_names, label_to_cat_id, dataset.class_names, dataset.label_to_cat_id,
+            data_source=args.data, model_source=args.weights)
+        for note in notes:
+            print(f"note: {note}")
+    out = _output_folder(args.out, "--out") if args.out else None
     result = evaluate_model(model, dataset, class_names=class_names, label_to_cat_id=label_to_cat_id,
                             ann_file=args.data if is_coco else None, batch_size=args.batch_size, device=device,
                             amp=args.amp, results_path=out / "predictions.json" if out else None,
@@ -206,6 +212,26 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 # ---- predict ------------------------------------------------------------------------------------
+
+
+def _output_folder(path, option: str):
+    """Create the folder ``option`` names (a ConfigError naming it, not a raw [Errno ...], when it cannot be)."""
+    from pathlib import Path
+
+    from fasterrcnn.engine.config import ConfigError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder}: this is a file, and {option} names a folder for the results; "
+                          "give a new or existing folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {folder}: cannot create this folder ({e.strerror or e}); "
+                          f"give a folder you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {folder}: this folder is not writable; give a folder you can write to")
+    return folder
 
 
 def _fraction(text: str) -> float:
@@ -248,6 +274,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     _setup_logging()
     paths = collect_images(args.sources, recursive=args.recursive)
+    _output_folder(args.out, "--out")
     detector = Detector.load(args.weights, arch=args.arch, device=args.device, score_threshold=args.score_threshold,
                              bf16=args.bf16)
     summary = predict_files(detector, paths, args.out, batch_size=args.batch_size, workers=args.workers,

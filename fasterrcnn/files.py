@@ -73,6 +73,12 @@ def _open_temp(path: Path, mode: str, **kwargs):
     return os.fdopen(fd, mode, **kwargs), tmp
 
 
+def open_temp(path: str | os.PathLike, mode: str = "w", **kwargs):
+    """-> (file object, temporary path) next to ``path`` with the mode a plain open() gives (umask), for
+    a writer that renames it over ``path`` itself (a file streamed over a whole run)."""
+    return _open_temp(Path(path), mode, **kwargs)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs):
     """A file object for writing ``path`` in one piece: the target changes only if the block succeeds."""

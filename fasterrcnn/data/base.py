@@ -6,6 +6,8 @@ for that); this class then serves items, aspect ratios and the problem report.
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +15,34 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import check_image, image_size, read_image, size_mismatch_detail
+from .images import DEGENERATE_SIZE, check_image, degenerate_size, image_size, read_image, size_mismatch_detail
 from .report import SKIPPED_IMAGE, DataError, Report, where
 
 ON_BAD_IMAGE = ("error", "skip")
+PROGRESS_EVERY_S = 10.0  # seconds between progress lines when stderr is not a terminal
+
+
+def progress_lines(items: list, desc: str, *, every_s: float = PROGRESS_EVERY_S, stream=None):
+    """Iterate ``items`` showing progress on stderr: a bar on a terminal; otherwise (a log file, a
+    pipe, a batch job) a plain line every ``every_s`` seconds and one at the end, so that a long
+    check is never silent."""
+    from tqdm import tqdm
+
+    stream = sys.stderr if stream is None else stream
+    if stream.isatty():
+        yield from tqdm(items, desc=desc, unit="img", leave=False, file=stream)
+        return
+    start = last = time.monotonic()
+    total = len(items)
+    for i, item in enumerate(items):
+        yield item
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            print(f"{desc}: {i + 1}/{total} ({100 * (i + 1) // max(total, 1)}%), {now - start:.0f} s",
+                  file=stream, flush=True)
+    if last != start or time.monotonic() - start >= every_s:
+        print(f"{desc}: {total}/{total} done, {time.monotonic() - start:.0f} s", file=stream, flush=True)
 
 
 @dataclass
@@ -25,11 +51,12 @@ class ImageRecord:
 
     ``boxes`` float32 [N,4] xyxy 0-based pixels; ``labels`` int64 [N] in 1..C; ``area`` float32 [N];
     ``iscrowd`` int64 [N]; ``difficult`` bool [N] (VOC only, else None). ``source`` is the annotation
-    file and ``record`` names the image inside it, for messages.
+    file and ``record`` names the image inside it, for messages. ``path`` is a str (COCO: no Path
+    object per image while loading) or a Path.
     """
 
     image_id: int
-    path: Path
+    path: Path | str
     width: int
     height: int
     boxes: np.ndarray
@@ -77,17 +104,30 @@ class DetectionDataset(Dataset):
 
     def _finish(self, records: list[ImageRecord], transforms, drop_empty: bool):
         self.transforms = transforms
+        records = self._drop_degenerate(records)
         if self.on_bad_image == "skip":
             records = self._drop_bad_images(records)
         if drop_empty:
             records = [r for r in records if len(r.boxes) > 0 and not r.iscrowd.all()]
         self.records = records
 
-    def _drop_bad_images(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        from tqdm import tqdm
-
+    def _drop_degenerate(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        """Images of a degenerate size (``images.degenerate_size``, from the annotated size) are skipped
+        and reported, whatever ``on_bad_image`` says: they can be read, there is just nothing to learn
+        or score in them. Training and ``check-data`` both see them in the report."""
         kept = []
-        for r in tqdm(records, desc="checking images", unit="img", disable=None, leave=False):
+        for r in records:
+            problem = degenerate_size(r.width, r.height)
+            if problem is None:
+                kept.append(r)
+            else:
+                self.report.add(SKIPPED_IMAGE, DEGENERATE_SIZE, r.source, r.record, "width/height",
+                                f"{r.path}: {problem}")
+        return kept
+
+    def _drop_bad_images(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        kept = []
+        for r in progress_lines(records, "checking images"):
             problem = check_image(r.path, (r.width, r.height))
             if problem is None:
                 kept.append(r)

@@ -54,6 +54,37 @@ def check_box(x1, y1, x2, y2, width: int, height: int) -> BoxCheck:
     return BoxCheck((float(x1), float(y1), float(x2), float(y2)))
 
 
+def boxes_needing_checks(x1, y1, x2, y2, width, height):
+    """The rows of xyxy float64 arrays (images ``width`` x ``height``, arrays too) that ``check_box``
+    would not pass through unchanged: non-finite, zero or negative size, outside or to be clipped.
+    The same comparisons as ``check_box``, on whole arrays; those rows go through ``check_box`` itself
+    for the outcome and its message."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(x1) & np.isfinite(y1) & np.isfinite(x2) & np.isfinite(y2)
+        ok = finite & (x2 - x1 > 0) & (y2 - y1 > 0) & (x1 >= 0) & (y1 >= 0) & (x2 <= width) & (y2 <= height)
+    return ~ok
+
+
+def inside_resolver(root: Path):
+    """``resolve_inside`` for many names under one ``root``: ``fn(name, file, record, field_name)`` -> the
+    path as a str (no Path object each: 150k of them cost a second). A plain relative name (no ``..``)
+    is joined directly; anything else takes ``resolve_inside``'s path."""
+    base = os.path.normpath(os.path.abspath(root))
+    sep = os.sep
+
+    def resolve(name, file, record: str, field_name: str) -> str:
+        if type(name) is str and name and not name.startswith(("/", sep)) and ".." not in name \
+                and not os.path.isabs(name):
+            full = base + sep + name
+            if sep == "/" and "/." not in "/" + name and "//" not in name and not name.endswith("/"):
+                return full  # normal already: what normpath would return
+            return os.path.normpath(full)
+        return str(resolve_inside(root, name, file, record, field_name))
+    return resolve
+
+
 def resolve_inside(root: Path, name: str, file, record: str, field_name: str) -> Path:
     """``root / name``, refusing names that are absolute or escape ``root`` (``../``).
 

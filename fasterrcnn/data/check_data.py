@@ -69,7 +69,8 @@ class DataCheck:
 def check_dataset(path_or_json, image_root=None, voc_split: str | None = None, classes=None) -> DataCheck:
     """Check a COCO instances json (images under ``image_root``, guessed when None) or a VOC root
     (split ``voc_split``: default the first of trainval/train/val/test present; ``classes``: default
-    the 20 VOC classes, or the names found in the XML files when they are not VOC's)."""
+    the 20 VOC classes, as training uses without ``data.voc_classes``: objects of other names are then
+    reported as skipped, and a note names the ``data.voc_classes`` setting that would keep them)."""
     path = Path(path_or_json)
     notes: list[str] = []
     if path.is_dir():
@@ -79,13 +80,15 @@ def check_dataset(path_or_json, image_root=None, voc_split: str | None = None, c
         if voc_split is None:
             voc_split = next((s for s in ("trainval", "train", "val", "test")
                               if (path / "ImageSets" / "Main" / f"{s}.txt").is_file()), "train")
-        if classes is None:
+        if classes is None:  # as training does without data.voc_classes: the 20 VOC classes
+            classes = VOC_CLASSES
             found = scan_class_names(path, voc_split)
-            if set(found) <= set(VOC_CLASSES):
-                classes = VOC_CLASSES
-            else:
-                classes = found
-                notes.append(f"classes taken from the annotations: {', '.join(found)}")
+            others = [name for name in found if name not in VOC_CLASSES]
+            if others:
+                notes.append(f"{len(others)} class name(s) in the XML files are not VOC classes ({', '.join(others)}): "
+                             "with the 20 VOC classes (data.voc_classes unset) their objects are dropped, as listed "
+                             f"below; to train on them set data.voc_classes=[{','.join(found)}] "
+                             f"(check here with --classes {','.join(found)})")
         ds = VocDetection(path, voc_split, classes=classes, on_bad_image="skip")
         fmt, extra, names = "VOC", "difficult", ds.image_names
         notes.insert(0, f"split {voc_split}")

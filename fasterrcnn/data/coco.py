@@ -8,6 +8,8 @@ evaluation, flagged ``iscrowd=1``). Images without annotations are kept unless `
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import re
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 
 from .base import DetectionDataset, ImageRecord, empty_arrays
 from .report import FIXED, SKIPPED_ANNOTATION, DataError, where
-from .box_checks import MALFORMED_BOX, check_box, is_int, is_number, resolve_inside
+from .box_checks import MALFORMED_BOX, boxes_needing_checks, check_box, inside_resolver, is_int, is_number
 
 UNKNOWN_CATEGORY = "unknown category id"
 UNKNOWN_IMAGE = "unknown image id"
@@ -38,9 +40,26 @@ def default_image_root(ann_file) -> Path:
     return ann_file.parent
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """The cyclic garbage collector paused for a block (as it was before, after)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def load_json(path) -> dict:
     """Read a json object, turning every failure into a ``DataError`` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        voc = (path / "Annotations").is_dir()
+        raise DataError(f"{path}: a folder, and COCO data is one instances json file"
+                        + (" (this folder looks like a Pascal VOC root: set data.format=voc, or leave it auto)"
+                           if voc else "; give the json file itself (e.g. annotations/instances_train.json)"))
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
     try:
@@ -112,11 +131,13 @@ class CocoDetection(DetectionDataset):
         self.image_root = Path(image_root) if image_root is not None else default_image_root(ann_file)
         self.include_crowd = include_crowd
         self._start(on_bad_image, self.ann_file)
-        data = load_json(self.ann_file)
-        self._parse_categories(_list_field(data, "categories", self.ann_file, required=True))
-        images = self._parse_images(_list_field(data, "images", self.ann_file, required=True))
-        self._parse_annotations(_list_field(data, "annotations", self.ann_file, required=False), images)
-        records = [self._to_record(*item) for item in images.values() if item[0] is not None]
+        with _no_gc():  # millions of small objects, none of them cyclic: collecting would rescan them all, often
+            data = load_json(self.ann_file)
+            self._parse_categories(_list_field(data, "categories", self.ann_file, required=True))
+            images = self._parse_images(_list_field(data, "images", self.ann_file, required=True))
+            self._parse_annotations(_list_field(data, "annotations", self.ann_file, required=False), images)
+            records = self._to_records(images)
+            del data, images
         self._finish(records, transforms, drop_empty)
 
     # ---- parsing --------------------------------------------------------------------------------
@@ -131,6 +152,10 @@ class CocoDetection(DetectionDataset):
             cat, cid = _unique_record(cat, path, "categories", i, "category", first_at)
             if not isinstance(cat.get("name"), str) or not cat["name"]:
                 raise DataError(f"{where(path, f'category id {cid}', 'name')}: expected a non-empty string")
+            same = [other for other, name in names.items() if name == cat["name"]]
+            if same:  # labels are matched by name (evaluation, class lists): one name, one category
+                raise DataError(f"{where(path, f'category id {cid}', 'name')}: duplicate category name "
+                                f"{cat['name']!r}, also category id {same[0]}; give each category its own name")
             names[cid] = cat["name"]
         ids = sorted(names)
         self.cat_id_to_label = {cid: label for label, cid in enumerate(ids, start=1)}
@@ -140,72 +165,125 @@ class CocoDetection(DetectionDataset):
     def _parse_images(self, images: list) -> dict:
         """``{image_id: (info, annotations)}`` in file order."""
         path = self.ann_file
+        resolve = inside_resolver(self.image_root)
         out: dict[int, tuple[dict, list]] = {}
         first_at: dict[int, int] = {}
         for i, img in enumerate(images):
-            img, iid = _unique_record(img, path, "images", i, "image", first_at)
+            iid = img.get("id") if type(img) is dict else None
+            if type(iid) is not int or iid in first_at:  # the checks, and their messages, of the general path
+                img, iid = _unique_record(img, path, "images", i, "image", first_at)
+            else:
+                first_at[iid] = i
             rec = f"image id {iid}"
-            file = resolve_inside(self.image_root, img.get("file_name"), path, rec, "file_name")
+            file = resolve(img.get("file_name"), path, rec, "file_name")
             if "width" in img or "height" in img:
-                width = _int_field(img, "width", path, rec, positive=True)
-                height = _int_field(img, "height", path, rec, positive=True)
+                width, height = img.get("width"), img.get("height")
+                if not (type(width) is int and type(height) is int and width > 0 and height > 0):
+                    width = _int_field(img, "width", path, rec, positive=True)
+                    height = _int_field(img, "height", path, rec, positive=True)
             else:  # not required by the format; read it from the file header (no decoding)
-                size = self._header_size(file, path, rec, "width/height")
+                size = self._header_size(Path(file), path, rec, "width/height")
                 if size is None:
                     out[iid] = (None, [])  # skipped (reported); its annotations go with it
                     continue
                 width, height = size
-            out[iid] = ({"id": iid, "path": file, "width": width, "height": height, "record": rec}, [])
+            out[iid] = ({"id": iid, "path": file, "width": width, "height": height, "record": rec, "n": len(out)}, [])
         return out
 
     def _parse_annotations(self, annotations: list, images: dict) -> None:
+        """Each annotation's fields are checked one by one; its box against its image in one pass over
+        all boxes (``boxes_needing_checks``), and only the boxes it flags go through ``check_box``.
+        Problems are reported in annotation order."""
         path = self.ann_file
         first_at: dict[int, int] = {}
+        problems: list[tuple[int, tuple]] = []  # (annotation index, report.add arguments)
+        # the annotations whose fields are fine, column by column: index, id, bbox, label, area, crowd, image
+        rows_i, rows_id, rows_box, rows_label, rows_area, rows_crowd, rows_image = [], [], [], [], [], [], []
+        nan = float("nan")
+        numbers = (int, float)
+        cat_to_label = self.cat_id_to_label
         for i, ann in enumerate(annotations):
-            ann, aid = _unique_record(ann, path, "annotations", i, "annotation", first_at)
-            rec = f"annotation id {aid}"
+            aid = ann.get("id") if type(ann) is dict else None
+            if type(aid) is not int or aid in first_at:
+                ann, aid = _unique_record(ann, path, "annotations", i, "annotation", first_at)
+            else:
+                first_at[aid] = i
             iid = ann.get("image_id")
             if not is_int(iid) or iid not in images:
-                self.report.add(SKIPPED_ANNOTATION, UNKNOWN_IMAGE, path, rec, "image_id",
-                                f"image_id {iid!r} is not in 'images'")
+                problems.append((i, (SKIPPED_ANNOTATION, UNKNOWN_IMAGE, path, f"annotation id {aid}", "image_id",
+                                     f"image_id {iid!r} is not in 'images'")))
                 continue
-            info, kept = images[iid]
+            info = images[iid][0]
             if info is None:
                 continue  # the image was skipped and reported
             cid = ann.get("category_id")
-            if not is_int(cid) or cid not in self.cat_id_to_label:
-                self.report.add(SKIPPED_ANNOTATION, UNKNOWN_CATEGORY, path, rec, "category_id",
-                                f"category_id {cid!r} is not in 'categories'")
+            if not is_int(cid) or cid not in cat_to_label:
+                problems.append((i, (SKIPPED_ANNOTATION, UNKNOWN_CATEGORY, path, f"annotation id {aid}", "category_id",
+                                     f"category_id {cid!r} is not in 'categories'")))
                 continue
             bbox = ann.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
-                self.report.add(SKIPPED_ANNOTATION, MALFORMED_BOX, path, rec, "bbox",
-                                f"expected [x, y, width, height] numbers, got {bbox!r}")
+            if not (type(bbox) is list and len(bbox) == 4 and (
+                    (type(bbox[0]) in numbers and type(bbox[1]) in numbers and type(bbox[2]) in numbers
+                     and type(bbox[3]) in numbers) or all(is_number(v) for v in bbox))):
+                problems.append((i, (SKIPPED_ANNOTATION, MALFORMED_BOX, path, f"annotation id {aid}", "bbox",
+                                     f"expected [x, y, width, height] numbers, got {bbox!r}")))
                 continue
-            x, y, w, h = (float(v) for v in bbox)
-            result = check_box(x, y, x + w, y + h, info["width"], info["height"])
+            area = ann.get("area")
+            rows_i.append(i)
+            rows_id.append(aid)
+            rows_box.append(bbox)
+            rows_label.append(cat_to_label[cid])
+            rows_area.append(area if type(area) in numbers or is_number(area) else nan)
+            rows_crowd.append(1 if ann.get("iscrowd", 0) else 0)
+            rows_image.append(info)
+        xywh = np.array(rows_box, dtype=np.float64).reshape(-1, 4)
+        x1, y1 = xywh[:, 0], xywh[:, 1]
+        x2, y2 = x1 + xywh[:, 2], y1 + xywh[:, 3]  # the same float64 sums as x + w in Python
+        boxes = np.stack([x1, y1, x2, y2], axis=1)
+        width = np.array([info["width"] for info in rows_image], dtype=np.float64)
+        height = np.array([info["height"] for info in rows_image], dtype=np.float64)
+        keep = np.ones(len(rows_i), dtype=bool)
+        for k in np.flatnonzero(boxes_needing_checks(x1, y1, x2, y2, width, height)).tolist():
+            info, rec = rows_image[k], f"annotation id {rows_id[k]}"
+            result = check_box(*boxes[k].tolist(), info["width"], info["height"])
             if result.box is None:
-                self.report.add(SKIPPED_ANNOTATION, result.kind, path, rec, "bbox",
-                                f"{result.detail} (xywh {bbox})")
+                keep[k] = False
+                problems.append((rows_i[k], (SKIPPED_ANNOTATION, result.kind, path, rec, "bbox",
+                                             f"{result.detail} (xywh {rows_box[k]})")))
                 continue
             if result.kind is not None:
-                self.report.add(FIXED, result.kind, path, rec, "bbox", result.detail)
-            box = result.box
-            area = ann.get("area")
-            if not (is_number(area) and np.isfinite(area) and area > 0):
-                area = (box[2] - box[0]) * (box[3] - box[1])
-            crowd = ann.get("iscrowd", 0)
-            kept.append((box, self.cat_id_to_label[cid], float(area), 1 if crowd else 0))
+                problems.append((rows_i[k], (FIXED, result.kind, path, rec, "bbox", result.detail)))
+            boxes[k] = result.box
+        with np.errstate(invalid="ignore", over="ignore"):
+            area = np.array(rows_area, dtype=np.float64)
+            computed = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            area = np.where(np.isfinite(area) & (area > 0), area, computed)
+        self._kept = {"image": np.array([info["n"] for info in rows_image], np.int64)[keep],
+                      "boxes": boxes[keep].astype(np.float32), "labels": np.array(rows_label, np.int64)[keep],
+                      "area": area[keep].astype(np.float32), "iscrowd": np.array(rows_crowd, np.int64)[keep]}
+        problems.sort(key=lambda p: p[0])  # stable: a fix and its record stay in the order found
+        for _, args in problems:
+            self.report.add(*args)
 
-    def _to_record(self, info: dict, anns: list) -> ImageRecord:
+    def _to_records(self, images: dict) -> list[ImageRecord]:
+        """One record per image kept, its objects in annotation order: the kept annotations sorted by
+        image once, each image's arrays a slice of the whole."""
+        kept = self._kept
+        del self._kept
         if not self.include_crowd:
-            anns = [a for a in anns if a[3] == 0]
-        if anns:
-            boxes = np.array([a[0] for a in anns], np.float32).reshape(-1, 4)
-            labels = np.array([a[1] for a in anns], np.int64)
-            area = np.array([a[2] for a in anns], np.float32)
-            iscrowd = np.array([a[3] for a in anns], np.int64)
-        else:
-            boxes, labels, area, iscrowd = empty_arrays()
-        return ImageRecord(info["id"], info["path"], info["width"], info["height"], boxes, labels,
-                           area, iscrowd, None, str(self.ann_file), info["record"])
+            kept = {k: v[kept["iscrowd"] == 0] for k, v in kept.items()}
+        n = kept["image"]
+        order = np.argsort(n, kind="stable")
+        boxes, labels, area, iscrowd = (kept[k][order] for k in ("boxes", "labels", "area", "iscrowd"))
+        ends = np.cumsum(np.bincount(n, minlength=len(images))).tolist()
+        source = str(self.ann_file)
+        records = []
+        for info, _ in images.values():
+            if info is None:
+                continue
+            k = info["n"]
+            s, e = (ends[k - 1] if k else 0), ends[k]
+            arrays = (boxes[s:e], labels[s:e], area[s:e], iscrowd[s:e]) if e > s else empty_arrays()
+            records.append(ImageRecord(info["id"], info["path"], info["width"], info["height"], *arrays,
+                                       None, source, info["record"]))
+        return records

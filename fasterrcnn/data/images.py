@@ -1,7 +1,8 @@
 """Image decoding: any file Pillow reads -> RGB, EXIF orientation applied -> Tensor[3,H,W] in [0,1].
 
 Modes are converted to RGB: L/1/P/PA/LA/RGBA/CMYK/YCbCr/... through Pillow; 16-bit (I;16*, I)
-is scaled from 0..65535 to 0..255 (not clipped); float images (F) are clipped to 0..255. Alpha is
+is scaled from 0..65535 to 0..255 (not clipped); float images (F) are clipped to 0..255, and one
+with NaN or infinite pixels raises ``DataError`` (counted skips in predict and check-data). Alpha is
 dropped. A missing, unreadable or truncated file raises ``DataError`` naming the file; Pillow's
 global ``LOAD_TRUNCATED_IMAGES`` is left alone.
 """
@@ -52,7 +53,11 @@ def _to_rgb(img: Image.Image, path) -> Image.Image:
         a8 = ((a * 255 + 32767) // 65535).astype(np.uint8)  # 65535 -> 255, rounded
         return Image.fromarray(np.repeat(a8[:, :, None], 3, axis=2), "RGB")
     if mode == "F":
-        a8 = np.clip(np.asarray(img), 0, 255).round().astype(np.uint8)
+        a = np.asarray(img)
+        bad = int((~np.isfinite(a)).sum())
+        if bad:  # no pixel value to give them: a named image problem, not an arbitrary cast
+            raise _fail(path, f"{bad} of its {a.size} pixel values are NaN or infinite")
+        a8 = np.clip(a, 0, 255).round().astype(np.uint8)
         return Image.fromarray(np.repeat(a8[:, :, None], 3, axis=2), "RGB")
     try:
         if mode in ("P", "PA") and ("transparency" in img.info or mode == "PA"):
@@ -60,6 +65,25 @@ def _to_rgb(img: Image.Image, path) -> Image.Image:
         return img.convert("RGB")
     except Exception as e:
         raise _fail(path, f"unsupported image mode {mode!r} ({e})") from None
+
+
+DEGENERATE_SIZE = "degenerate image size"
+MIN_IMAGE_SIDE = 2  # pixels
+MAX_ASPECT_RATIO = 100  # long side / short side
+
+
+def degenerate_size(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` is no training or evaluation image, or None: a side under
+    ``MIN_IMAGE_SIDE`` pixels, or a long side over ``MAX_ASPECT_RATIO`` times the short one (the model's
+    resize leaves such a sliver a few pixels across at most, under one cell of the coarsest feature map;
+    the model runs on it, resized to at least one pixel per side, but there is nothing to learn there)."""
+    short, long = min(width, height), max(width, height)
+    if short < MIN_IMAGE_SIDE:
+        return f"{width}x{height} (width x height): a side under {MIN_IMAGE_SIDE} pixels"
+    if long > MAX_ASPECT_RATIO * short:
+        return (f"{width}x{height} (width x height): one side is {long / short:.0f} times the other "
+                f"(more than {MAX_ASPECT_RATIO})")
+    return None
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:

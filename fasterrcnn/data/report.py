@@ -89,7 +89,8 @@ class Report:
         per_action = Counter(p.action for p in self.problems)
         kinds = ", ".join(f"{kind}: {n}" for (_, kind), n in self.counts().items())
         actions = ", ".join(f"{n} {action}" for action, n in per_action.items())
-        return f"{self.source}: {len(self.problems)} problems: {actions} ({kinds})"
+        n = len(self.problems)
+        return f"{self.source}: {n} problem{'' if n == 1 else 's'}: {actions} ({kinds})"
 
     def __str__(self) -> str:
         lines = [self.summary()]

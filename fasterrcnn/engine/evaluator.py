@@ -6,6 +6,7 @@ expects); any other set (VOC) is turned into an in-memory COCO ground truth from
 import contextlib
 import copy
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,13 @@ from pycocotools.coco import COCO
 
 from ..data import make_data_loader
 from ..data.annotations import targets_in_model_labels
+from ..data.report import DataError
 from ..evaluation import COCO_STAT_NAMES, CocoEvaluator, CocoMetrics, VocMetrics, evaluate_voc
 from ..files import atomic_open
+from ..model.input_checks import image_problem
 from .progress import Progress
+
+log = logging.getLogger("fasterrcnn")
 
 
 @dataclass
@@ -50,17 +55,26 @@ def predict_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 4, dev
     was_training = model.training
     model.eval()
     loader = make_data_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, aspect_grouping=False)
-    ids, dets = [], []
+    ids, dets, skipped = [], [], []
     progress = Progress(total=len(dataset), desc="evaluate", unit="img", enabled=show_progress)
     for images, targets in loader:
+        usable = [i for i, im in enumerate(images) if image_problem(im) is None]
         with autocast(device, amp):
-            out = model([im.to(device, non_blocking=True) for im in images])
-        for t, d in zip(targets, out):
+            found = model([images[i].to(device, non_blocking=True) for i in usable]) if usable else []
+        out = dict(zip(usable, found))
+        for i, t in enumerate(targets):
             ids.append(int(t["image_id"]))
-            dets.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()})
+            if i not in out:  # an image the model cannot use: scored with no detections, named and counted
+                skipped.append(f"image id {int(t['image_id'])}: {image_problem(images[i])}")
+                out[i] = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                          "labels": torch.zeros(0, dtype=torch.int64)}
+            dets.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out[i].items()})
         progress.update(len(images))
     progress.close()
     model.train(was_training)
+    if skipped:
+        log.warning("evaluate: %d image(s) the model cannot use were scored with no detections: %s",
+                    len(skipped), "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     return ids, dets
 
 
@@ -85,9 +99,57 @@ def coco_from_targets(image_ids, targets, sizes, class_names) -> COCO:
     return gt
 
 
+def match_categories_by_name(class_names: list[str], label_to_cat_id: dict[int, int], data_names: list[str],
+                             data_label_to_cat_id: dict[int, int], *, data_source, model_source
+                             ) -> tuple[dict[int, int], list[str]]:
+    """The model's labels mapped to the data's category ids through the class names.
+
+    ``class_names``/``label_to_cat_id``: the model's (``class_names[label]``, label 1..C); ``data_names``/
+    ``data_label_to_cat_id``: the dataset's. Every category of the data must be a class of the model,
+    under the same name: else a ``DataError`` naming both lists, before any inference. Where the ids
+    differ (the json numbered its categories in another order), the names decide, and a note says so;
+    a class of the model the data does not have is left out of the map (its detections are not scored).
+    -> (model label -> data category id, notes)."""
+    counts: dict[str, int] = {}
+    for name in class_names[1:]:
+        counts[name] = counts.get(name, 0) + 1
+    model_label = {name: label for label, name in enumerate(class_names) if label > 0 and counts[name] == 1}
+    data = [(data_label_to_cat_id.get(label, label), name) for label, name in enumerate(data_names) if label > 0]
+    missing = [f"{name!r} (id {cid})" for cid, name in data if name not in model_label]
+    if missing:
+        theirs = ", ".join(f"{name!r}" for name in class_names[1:])
+        raise DataError(f"{data_source}: categories {', '.join(missing)} are not classes of the model in "
+                        f"{model_source} (its classes: {theirs}). Evaluation matches categories by name: evaluate "
+                        "on data with the model's class names, or with the checkpoint trained on this data")
+    mapping = {model_label[name]: cid for cid, name in data}
+    notes = []
+    moved = [f"{name!r} (model id {label_to_cat_id.get(model_label[name], model_label[name])}, data id {cid})"
+             for cid, name in data if label_to_cat_id.get(model_label[name], model_label[name]) != cid]
+    if moved:
+        notes.append(f"categories matched by name, their ids differ between the model and {data_source}: "
+                     + ", ".join(moved))
+    unused = [class_names[label] for label in range(1, len(class_names)) if label not in mapping]
+    if unused:
+        notes.append(f"{len(unused)} class(es) of the model are not categories of {data_source}; their "
+                     "detections are not scored: " + ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""))
+    return mapping, notes
+
+
+def _known_labels(detections: list[dict], labels: set[int]) -> list[dict]:
+    """Each image's detections without those whose label ``labels`` does not hold."""
+    out = []
+    for d in detections:
+        keep = torch.tensor([int(lb) in labels for lb in d["labels"].tolist()], dtype=torch.bool)
+        out.append({k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(keep) else v)
+                    for k, v in d.items()})
+    return out
+
+
 def evaluate_detections(dataset, image_ids, detections, *, class_names, label_to_cat_id, ann_file=None) -> tuple[CocoMetrics, VocMetrics, list[dict]]:
     """Score detections (labels in the model's space, mapped to category ids by ``label_to_cat_id``)."""
     targets = targets_in_model_labels(dataset, label_to_cat_id)
+    if any(label not in label_to_cat_id for label in range(1, len(class_names))):
+        detections = _known_labels(detections, set(label_to_cat_id))  # classes the data does not have
     if ann_file:
         evaluator = CocoEvaluator(ann_file, label_to_cat_id)
     else:

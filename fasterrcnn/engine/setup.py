@@ -92,7 +92,8 @@ def build_data(cfg: DataConfig, *, train: bool = True, seed: int = 0) -> Data:
                           f"{val_ds.class_names[1:]}")
     for ds in (train_ds, val_ds):
         if ds is not None and len(ds.report):
-            log.warning("%s: %s", getattr(ds, "ann_file", getattr(ds, "root", "")), ds.report.summary())
+            log.warning("%s (fasterrcnn check-data %s lists them)", ds.report.summary(),
+                        getattr(ds, "ann_file", getattr(ds, "root", "")))
     label_to_cat_id = dict(getattr(reference, "label_to_cat_id", None) or
                            {i: i for i in range(1, len(reference.class_names))})
     return Data(train_ds, val_ds, list(reference.class_names), label_to_cat_id,
@@ -153,7 +154,12 @@ def load_model_for_inference(weights: str | Path, *, arch: str = "fasterrcnn_res
     else:
         if arch not in BUILDERS:
             raise ConfigError(f"arch {arch!r} is not one of {sorted(BUILDERS)}")
-        model = BUILDERS[arch](weights=path)
+        try:
+            model = BUILDERS[arch](weights=path)
+        except WeightsError as e:  # a bare state_dict names no architecture: say which one was assumed
+            raise WeightsError(f"{e}\n  {weights} holds a bare state_dict (no architecture recorded), so the model "
+                               f"was built as --arch {arch}; pass the --arch it was trained with "
+                               f"(one of {', '.join(sorted(BUILDERS))})") from None
         class_names = ["__background__"] + [COCO_CATEGORY_NAMES.get(i, f"class_{i}") for i in range(1, model.num_classes)]
         label_to_cat_id = {i: i for i in range(1, model.num_classes)}
     return model.to(device).eval(), class_names, label_to_cat_id

@@ -23,6 +23,7 @@ from PIL import Image
 from ..data.images import load_image
 from ..engine.evaluator import autocast, optimized_for_inference
 from ..engine.setup import load_model_for_inference, resolve_device
+from ..model.input_checks import image_problem
 
 
 @dataclass
@@ -66,10 +67,13 @@ def to_image_tensor(image, *, name: str = "image") -> torch.Tensor:
     else:
         raise TypeError(f"{name}: expected a path, a PIL image, a NumPy array or a tensor, got {type(image).__name__}")
     if tensor.dtype == torch.uint8:
-        return tensor.float().div_(255)
-    if not tensor.is_floating_point():
+        tensor = tensor.float().div_(255)
+    elif not tensor.is_floating_point():
         raise ValueError(f"{name}: expected uint8 (0..255) or float (0..1) pixels, got {tensor.dtype}")
     tensor = tensor.float()
+    problem = image_problem(tensor)  # a side of 0 pixels, NaN or infinite pixels
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}; the detector cannot use this image")
     if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
         raise ValueError(f"{name}: float pixels must lie in [0, 1] (got {float(tensor.min()):.3g}.."
                          f"{float(tensor.max()):.3g}); pass uint8 for 0..255")
@@ -115,6 +119,8 @@ class Detector:
                    bf16=bf16, optimize=optimize)
 
     def __call__(self, images, *, batch_size: int = 1) -> Detections | list[Detections]:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1 (images per forward pass), got {batch_size!r}")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         out: list[Detections] = []
@@ -126,9 +132,14 @@ class Detector:
 
     @torch.inference_mode()
     def detect(self, images: list[torch.Tensor]) -> list[Detections]:
-        """Tensors [3, H, W] in [0, 1] -> one Detections each (scores >= the threshold)."""
+        """Tensors [3, H, W] in [0, 1] -> one Detections each (scores >= the threshold). An image the
+        model cannot use (a side of 0 pixels, NaN or infinite pixels) is a ValueError naming its index."""
         if not images:
             return []
+        for i, im in enumerate(images):
+            problem = image_problem(im)
+            if problem is not None:
+                raise ValueError(f"image {i}: {problem}; the detector cannot use this image")
         with autocast(self.device, self.amp):
             raw = self.model([im.to(self.device, non_blocking=True) for im in images])
         results = []

@@ -6,10 +6,14 @@ Writes, under the output folder:
                          and the categories, so the results can be scored once boxes are drawn
     images/<name>        a copy of each image with its detections drawn (unless draw=False)
 Image ids are those of a COCO ground truth when one is given (matched by file name), else 1..N
-in the order the files were found. Images are decoded by background workers and handed to the
+in the order the files were found. A symlink is an image under its own name (never its target's):
+two links to one file are two images. Images are decoded by background workers and handed to the
 model in batches; results and records are streamed to temporary files, renamed into place at the
 end, so memory stays flat over any number of images and no half-written json is ever left.
-An image that cannot be read is skipped, counted and reported by name.
+An image that cannot be read or used (a side of 0 pixels, NaN pixels) is skipped, counted and
+reported by name. A run that stops early (Ctrl-C, an error) still writes the results it has, and
+images.json then says ``"partial": true`` (``false`` for a whole run). Drawings a previous run left
+in ``images/`` (those its images.json lists) are removed first, so the folder shows this run only.
 """
 from __future__ import annotations
 
@@ -17,7 +21,6 @@ import glob
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import load_image
 from ..data.report import DataError
+from ..files import open_temp
 from ..viz.detections import draw_detections
 from .detector import Detector, to_image_tensor
 from ..engine.progress import Progress
@@ -58,8 +62,8 @@ def collect_images(sources: list[str], *, recursive: bool = False) -> list[Path]
         else:
             raise DataError(f"{source}: no such file or folder")
         found.extend(files)
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique
+    # absolute, but links not followed: a link keeps its own name, and two links to one file are two images
+    return list(dict.fromkeys(Path(os.path.abspath(p)) for p in found))
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -102,16 +106,15 @@ class JsonArrayWriter:
 
     def __init__(self, path: Path, *, prefix: str = "[", suffix: str = "]"):
         self.path, self.suffix, self.count = path, suffix, 0
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        self.file = os.fdopen(fd, "w")
+        self.file, self.tmp = open_temp(path, "w", encoding="utf-8")  # the mode a plain open() gives (umask)
         self.file.write(prefix + "\n")
 
     def write(self, item) -> None:
         self.file.write((",\n" if self.count else "") + json.dumps(item))
         self.count += 1
 
-    def close(self) -> None:
-        self.file.write("\n" + self.suffix + "\n")
+    def close(self, suffix: str | None = None) -> None:
+        self.file.write("\n" + (self.suffix if suffix is None else suffix) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -144,7 +147,7 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             return i, to_image_tensor(load_image(self.paths[i]), name=str(self.paths[i])), None
-        except DataError as e:
+        except (DataError, ValueError) as e:  # unreadable, or no image the model can use: named
             return i, None, str(e)
 
 
@@ -159,6 +162,8 @@ class PredictSummary:
     num_detections: int
     skipped: list[str] = field(default_factory=list)  # "path: reason" per image that could not be read
     seconds: float = 0.0
+    num_requested: int = 0  # images asked for: more than num_images + skipped only in a partial run
+    partial: bool = False
 
 
 def predict_files(detector: Detector, paths: list[Path], out_dir: str | os.PathLike, *, batch_size: int = 1,
@@ -177,10 +182,13 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: str | os.PathL
                         every=max(1, len(paths) // 20))
     categories = [{"id": detector.label_to_cat_id.get(label, label), "name": name}
                   for label, name in enumerate(detector.class_names) if label > 0]
-    # images.json is {"categories": [...], "images": [...]}, its images streamed like the results
+    remove_previous_drawings(out_dir)
+    # images.json is {"categories": [...], "images": [...], "partial": ...}, its images streamed like the results
     images_head = '{"categories": ' + json.dumps(categories) + ', "images": ['
-    with JsonArrayWriter(out_dir / "predictions.json") as results, \
-            JsonArrayWriter(out_dir / "images.json", prefix=images_head, suffix="]}") as records:
+    results = JsonArrayWriter(out_dir / "predictions.json")
+    records = JsonArrayWriter(out_dir / "images.json", prefix=images_head, suffix='], "partial": false}')
+    done = 0
+    try:
         for batch in loader:
             good = [(i, t) for i, t, _ in batch if t is not None]
             skipped += [err for _, t, err in batch if t is None]
@@ -192,18 +200,55 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: str | os.PathL
                                "height": int(tensor.shape[1])})
                 if draw:
                     _write_drawing(tensor, dets, out_dir / "images" / names[i])
+            done += len(batch)
             progress.update(len(batch), detections=results.count)
+    except BaseException as e:  # Ctrl-C or a failure: keep what is done, marked partial, then stop as asked
+        progress.close()
+        results.close()
+        records.close(suffix='], "partial": true}')
+        log.warning("predict stopped after %d of %d images (%s): the results for %d images are in %s and %s, "
+                    'which says "partial": true', done, len(paths), type(e).__name__, records.count,
+                    results.path, records.path)
+        raise
+    results.close()
+    records.close()
     progress.close()
     for err in skipped:
         log.warning("skipped %s", err)
-    return PredictSummary(out_dir, records.count, results.count, skipped, time.perf_counter() - start)
+    return PredictSummary(out_dir, records.count, results.count, skipped, time.perf_counter() - start,
+                          num_requested=len(paths))
+
+
+def remove_previous_drawings(out_dir: Path) -> list[Path]:
+    """Delete the drawings an earlier run wrote in ``out_dir/images`` (the images its images.json lists,
+    under the name ``_write_drawing`` gives them); other files there are left alone."""
+    try:
+        previous = json.loads((out_dir / "images.json").read_text(encoding="utf-8"))["images"]
+        names = [str(r["file_name"]) for r in previous]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    base = os.path.abspath(out_dir / "images")
+    removed = []
+    for name in names:
+        path = Path(os.path.normpath(os.path.join(base, name)))
+        if os.path.commonpath([base, str(path)]) != base:
+            continue  # not ours to delete
+        for candidate in (drawing_path(path),):
+            if candidate.is_file():
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
+def drawing_path(path: Path) -> Path:
+    """Where the drawing of an image named ``path`` goes: the same name, or .png for other formats."""
+    return path if path.suffix.lower() in (".jpg", ".jpeg", ".png") else path.with_suffix(".png")
 
 
 def _write_drawing(tensor: torch.Tensor, dets, path: Path) -> None:
     image = Image.fromarray(tensor.mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
     drawn = draw_detections(image, dets.boxes, dets.labels, dets.names, dets.scores)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() not in (".jpg", ".jpeg", ".png"):
-        path = path.with_suffix(".png")  # a lossless copy for other formats (tiff, bmp, ...)
+    path = drawing_path(path)  # a lossless copy for other formats (tiff, bmp, ...)
     options = {"quality": 92} if path.suffix.lower() in (".jpg", ".jpeg") else {}
     drawn.save(path, **options)

@@ -12,6 +12,20 @@ def _describe(x) -> str:
     return f"a {type(x).__name__}"
 
 
+def image_problem(image: torch.Tensor) -> str | None:
+    """Why a Tensor[3, H, W] is no image to detect in (a side of 0 pixels, NaN or infinite pixels), or None.
+    Any size from 1x1 up is usable: the resize keeps every side at least one pixel. The model itself
+    refuses only the empty image (NaN pixels give it NaN scores, so no detections); the callers that
+    read images for a user (Detector, predict, evaluate) check this first and name the image."""
+    if image.shape[-2] == 0 or image.shape[-1] == 0:
+        return f"empty image of shape {tuple(image.shape)}"
+    if image.is_floating_point():
+        bad = int((~torch.isfinite(image)).sum())
+        if bad:
+            return f"{bad} of its {image.numel()} pixel values are NaN or infinite"
+    return None
+
+
 def check_images(images) -> None:
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         raise TypeError("images must be a list of Tensor[3, H, W] (one per image, each of its own size), "

@@ -3,7 +3,9 @@
 Shapes: B images of their own sizes [3, H_i, W_i] in [0, 1]
     normalize:  (x - mean) / std per channel
     resize:     scale = min(min_size / min(H, W), max_size / max(H, W)); bilinear;
-                new size floor(H * scale) x floor(W * scale); target boxes scale with it
+                new size max(1, floor(H * scale)) x max(1, floor(W * scale)); target boxes scale with it
+                (a very thin image, 1x4000 say, keeps a side of one pixel rather than none: the model
+                runs on it, its anchors clipped to that pixel, and usually finds nothing)
     batch:      zero-pad into [B, 3, Hp, Wp], Hp and Wp the largest sizes rounded up to size_divisible
     postprocess: detected boxes scaled from the resized size back to the original size
 The output keeps each image's resized (unpadded) size: boxes are clipped to it, not to the padding.
@@ -31,6 +33,11 @@ def resize_boxes(boxes: torch.Tensor, original_size: tuple[int, int], new_size: 
     ratio_w = torch.tensor(new_size[1], dtype=torch.float32) / torch.tensor(original_size[1], dtype=torch.float32)
     scale = torch.stack([ratio_w, ratio_h, ratio_w, ratio_h]).to(device=boxes.device, dtype=boxes.dtype)
     return boxes * scale
+
+
+def resized_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """(floor(H * scale), floor(W * scale)) in double precision, each side at least one pixel."""
+    return max(1, math.floor(int(h) * scale)), max(1, math.floor(int(w) * scale))
 
 
 class DetectionTransform(nn.Module):
@@ -67,8 +74,7 @@ class DetectionTransform(nn.Module):
         # In double precision, then floor(H * scale): the sizes torchvision's eager model uses, so
         # that its checkpoints see the same pixels (a side of 427 becomes 800, not 799).
         scale = min(self.choose_min_size(generator) / min(h, w), self.max_size / max(h, w))
-        image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
-                              recompute_scale_factor=True, align_corners=False)[0]
+        image = F.interpolate(image[None], size=resized_size(h, w, scale), mode="bilinear", align_corners=False)[0]
         if target is not None and "boxes" in target:
             target = dict(target)
             target["boxes"] = resize_boxes(target["boxes"], (h, w), tuple(image.shape[-2:]))

@@ -33,6 +33,11 @@ def local_weights_file(source: str | os.PathLike, *, progress: bool = False) -> 
     if source.startswith("file://"):  # already local: read in place, no copy in the cache
         source = unquote(urlparse(source).path)
     if not is_url(source):
+        if os.path.isdir(source):
+            found = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(source, n))]
+            hint = f" (this one holds {' and '.join(found)})" if found else ""
+            raise WeightsError(f"{source}: a folder, not a weights file; give the file itself, e.g. a run's "
+                               f"best.pt or last.pt{hint}")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"weights file not found: {source}")
         return source
@@ -61,11 +66,30 @@ def unsafe_pickle_message(source, error: BaseException) -> str | None:
     detail = found.group(1).strip() if found else "not readable as data"
     if "Unsupported global" in detail:
         what = f"it holds Python objects ({detail}) that only full unpickling could rebuild"
+    elif not_a_torch_file(source) is not None:  # JSON, text: no unpickling would help, and no code is at stake
+        return (f"refusing to load {os.fspath(source)}: it is not a file of tensors and plain data, it is "
+                f"{not_a_torch_file(source)}; give a training checkpoint (last.pt/best.pt) or torchvision "
+                "detector weights")
     else:
         what = f"it is not a file of tensors and plain data ({detail}): it is damaged, or needs full unpickling"
     return (f"refusing to load {os.fspath(source)}: {what}, and unpickling a file can run any code on this machine. "
             "Checkpoints and weights are read as data only (tensors, dicts, lists, numbers, strings); if you made "
             "this file yourself, save its tensors alone, e.g. torch.save(model.state_dict(), path)")
+
+
+def not_a_torch_file(source: str | os.PathLike) -> str | None:
+    """What a file is when it is neither a zip (torch.save's format) nor a pickle (the legacy one), e.g.
+    a JSON or text file given as weights; None when it may be one (or cannot be read)."""
+    try:
+        with open(source, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if head.startswith(b"PK") or head[:1] == b"\x80" or not head:
+        return None
+    kind = "a JSON or text file" if head.isascii() else "some other kind of file"
+    return f"not a PyTorch weights file at all: those are zip archives written by torch.save, this one starts " \
+           f"with {head!r} ({kind})"
 
 
 def load_data_only(source: str | os.PathLike):

@@ -3,6 +3,7 @@ import pytest
 from fasterrcnn.data import DataError, check_dataset
 from fasterrcnn.data.check_data import size_bucket
 from fasterrcnn.data.synth import generate
+from fasterrcnn.data.voc import UNKNOWN_CLASS, VOC_CLASSES, scan_class_names
 
 from .helpers import make_voc, simple_coco
 
@@ -47,14 +48,27 @@ def test_clean_synth_check_agrees_between_coco_and_voc(tmp_path):
     paths = generate(tmp_path / "s", num_train=12, num_val=4, image_size=(96, 128), voc=True, seed=2)
     coco = check_dataset(paths.train_json)
     assert coco.ok and coco.num_images == 12
-    voc = check_dataset(paths.voc_root)  # split: train (no trainval); classes found in the XML
+    voc = check_dataset(paths.voc_root, classes=coco.class_names[1:])  # split: train (no trainval)
     assert voc.ok and voc.format == "VOC" and voc.num_images == 12
-    assert any("classes taken from the annotations" in n for n in voc.notes)
     for name, stats in coco.per_class.items():
         assert {k: v for k, v in stats.items() if k != "crowd"} == \
                {k: v for k, v in voc.per_class[name].items() if k != "difficult"}
     assert coco.sizes == voc.sizes and len(coco.empty_images) == len(voc.empty_images)
     assert check_dataset(paths.voc_root, voc_split="val").num_images == 4
+
+
+def test_voc_root_with_its_own_class_names_is_checked_as_training_reads_it(tmp_path):
+    """Issue 20 #3: check-data said "no problems" on a VOC root whose names are not VOC's, where
+    training (data.voc_classes unset) uses the 20 VOC classes and drops every object."""
+    paths = generate(tmp_path / "s", num_train=6, num_val=2, image_size=(64, 80), voc=True, seed=2)
+    check = check_dataset(paths.voc_root)
+    found = scan_class_names(paths.voc_root, "train")
+    assert not check.ok and check.num_objects == 0
+    assert check.class_names[1:] == list(VOC_CLASSES)
+    assert check.report.count(kind=UNKNOWN_CLASS) == sum(1 for p in check.report)  # every object, by name
+    note = next(n for n in check.notes if "not VOC classes" in n)
+    assert f"data.voc_classes=[{','.join(found)}]" in note and f"--classes {','.join(found)}" in note
+    assert check_dataset(paths.voc_root, classes=found).ok  # the setting the note names makes it whole
 
 
 def test_voc_check_with_voc_classes_and_difficult(tmp_path):

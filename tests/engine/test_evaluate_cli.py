@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fasterrcnn.cli import main
+from fasterrcnn.data.coco import default_image_root
 from fasterrcnn.engine.trainer import train
 
 from .helpers import tiny_config
@@ -144,3 +145,116 @@ def test_evaluate_in_bf16_runs_the_network_in_bf16(short_run, tmp_path, capsys, 
     # the optimised copy is cast to bfloat16 (no autocast on top), and the detections come back as usual
     assert seen == [(torch.bfloat16, "none")]
     assert len(json.loads((out / "predictions.json").read_text())) > 10
+
+
+def _renumbered(src, dst, new_ids):
+    """The json at ``src`` with its categories renumbered ``{old id: new id}`` (or renamed, for str values)."""
+    data = json.loads(src.read_text())
+    for cat in data["categories"]:
+        new = new_ids[cat["id"]]
+        if isinstance(new, str):
+            cat["name"] = new
+        else:
+            cat["id"] = new
+    for ann in data["annotations"]:
+        new = new_ids[ann["category_id"]]
+        ann["category_id"] = ann["category_id"] if isinstance(new, str) else new
+    dst.write_text(json.dumps(data))
+    return dst, data["categories"]
+
+
+@pytest.mark.parametrize("kind", ["swapped", "far"])
+def test_categories_are_matched_by_name_not_id(short_run, tmp_path, capsys, kind):
+    """Issue 20 #2: ids assigned in another order (names swapped between two ids) scored under the
+    wrong names; the same names under ids 7/42/1000 raised after the whole inference."""
+    result, synth = short_run
+    val = synth / "annotations" / "instances_val.json"
+    ids = sorted(c["id"] for c in json.loads(val.read_text())["categories"])
+    new_ids = dict(zip(ids, list(reversed(ids)) if kind == "swapped" else [7, 42, 1000, 5000][:len(ids)]))
+    other, _ = _renumbered(val, tmp_path / "instances_val.json", new_ids)
+    weights = str(result.run_dir / "last.pt")
+    assert main(["evaluate", "--weights", weights, "--data", str(val), "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--weights", weights, "--data", str(other), "--images", str(default_image_root(val)),
+                 "--out", str(tmp_path / "b")]) == 0
+    text = capsys.readouterr().out
+    assert "categories matched by name" in text
+    assert json.loads((tmp_path / "a" / "summary.json").read_text()) == \
+        json.loads((tmp_path / "b" / "summary.json").read_text())
+    # every detection lands in the category of the same name as before
+    for folder, ann in (("a", val), ("b", other)):
+        names = {c["id"]: c["name"] for c in json.loads(ann.read_text())["categories"]}
+        found = [(r["image_id"], names[r["category_id"]], r["score"])
+                 for r in json.loads((tmp_path / folder / "predictions.json").read_text())]
+        if folder == "a":
+            expected = sorted(found)
+        else:
+            assert sorted(found) == expected and found
+
+
+def test_match_categories_by_name_unit():
+    from fasterrcnn.data.report import DataError
+    from fasterrcnn.engine.evaluator import match_categories_by_name
+
+    model = ["__background__", "triangle", "star", "moon"]  # checkpoint: triangle=3, star=4, moon=9
+    mapping, notes = match_categories_by_name(model, {1: 3, 2: 4, 3: 9}, ["__background__", "star", "triangle"],
+                                              {1: 3, 2: 4}, data_source="val.json", model_source="w.pt")
+    assert mapping == {1: 4, 2: 3}  # triangle -> the json's 4, star -> its 3; moon not in the data
+    assert "'star' (model id 4, data id 3)" in notes[0] and "moon" in notes[1]
+    with pytest.raises(DataError, match=r"val.json: categories 'sun' \(id 5\) are not classes of the model in w.pt"):
+        match_categories_by_name(model, {1: 3, 2: 4, 3: 9}, ["__background__", "sun"], {1: 5},
+                                 data_source="val.json", model_source="w.pt")
+
+
+def test_other_category_names_are_refused_before_inference(short_run, tmp_path, capsys, monkeypatch):
+    import fasterrcnn.engine.evaluator as evaluator
+
+    result, synth = short_run
+    val = synth / "annotations" / "instances_val.json"
+    ids = [c["id"] for c in json.loads(val.read_text())["categories"]]
+    other, _ = _renumbered(val, tmp_path / "instances_val.json", {i: f"thing{i}" for i in ids})
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran")
+
+    monkeypatch.setattr(evaluator, "predict_dataset", no_inference)
+    rc = main(["evaluate", "--weights", str(result.run_dir / "last.pt"), "--data", str(other),
+               "--images", str(default_image_root(val))])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'thing" in err and "not classes of the model" in err and "Traceback" not in err
+
+
+def test_out_that_is_a_file_or_cannot_be_made_names_the_option(short_run, tmp_path, capsys):
+    """Issue 20 #8: --out on an existing file or an unwritable place printed a raw [Errno 17]/[Errno 2]."""
+    result, synth = short_run
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((tmp_path / "file", "this is a file"), (tmp_path / "file" / "sub", "cannot create")):
+        rc = main(["evaluate", "--weights", str(result.run_dir / "last.pt"),
+                   "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"--out {out}" in err and needle in err and "[Errno" not in err
+
+
+def test_an_image_the_model_cannot_use_is_scored_empty_named_and_counted(caplog):
+    """Issue 20 #1 (evaluate side): one unusable image (NaN pixels here) must not stop the evaluation."""
+    from fasterrcnn.engine.evaluator import predict_dataset
+
+    from ..model.helpers import tiny_model
+
+    nan = torch.rand(3, 40, 50)
+    nan[0, 1, 2] = float("nan")
+    items = [(torch.rand(3, 40, 50), {"image_id": torch.tensor(1)}), (nan, {"image_id": torch.tensor(2)}),
+             (torch.rand(3, 1, 400), {"image_id": torch.tensor(3)})]
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    model = tiny_model(box_score_thresh=0.0)
+    ids, dets = predict_dataset(model, Items(), batch_size=3, show_progress=False)
+    assert ids == [1, 2, 3] and len(dets[1]["boxes"]) == 0 and len(dets[0]["boxes"]) > 0
+    assert "1 image(s) the model cannot use" in caplog.text and "image id 2: 1 of its 6000 pixel values" in caplog.text
