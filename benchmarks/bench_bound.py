@@ -22,6 +22,7 @@ a layer's pre-hook and its hook is the layer's own time):
 Medians over --repeats hooked runs after one warm-up; the end-to-end time without hooks is reported too
 (the hooks cost a few microseconds each, ~100 layers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,10 +37,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import bf16_supported, detecting_checkpoint, structured_images  # noqa: E402
+from bench_inference import bf16_supported, detecting_checkpoint, structured_images
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fasterrcnn import fasterrcnn_resnet50_fpn  # noqa: E402
+from fasterrcnn import fasterrcnn_resnet50_fpn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,7 +54,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         torch.mm(a, b)
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def layer_flops(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -90,8 +91,7 @@ class Timer:
         self.stage_seconds: dict[str, float] = defaultdict(float)
         self.handles = []
         for name, m in self.layers.items():
-            self._hook(m, lambda t, name=name: self.seconds.__setitem__(name, self.seconds[name] + t),
-                       flops_key=name)
+            self._hook(m, lambda t, name=name: self.seconds.__setitem__(name, self.seconds[name] + t), flops_key=name)
         for name, m in stages.items():
             self._hook(m, lambda t, name=name: self.stage_seconds.__setitem__(name, self.stage_seconds[name] + t))
 
@@ -128,10 +128,17 @@ def measure(model, images, repeats: int) -> dict:
             t0 = time.perf_counter()
             model(images)
             plain.append(time.perf_counter() - t0)
-        stages = {"transform": model.transform, "backbone": model.backbone, "rpn": model.rpn,
-                  "rpn head": model.rpn.head, "anchors": model.rpn.anchor_generator,
-                  "roi_heads": model.roi_heads, "roi pool": model.roi_heads.box_roi_pool,
-                  "box head": model.roi_heads.box_head, "box predictor": model.roi_heads.box_predictor}
+        stages = {
+            "transform": model.transform,
+            "backbone": model.backbone,
+            "rpn": model.rpn,
+            "rpn head": model.rpn.head,
+            "anchors": model.rpn.anchor_generator,
+            "roi_heads": model.roi_heads,
+            "roi pool": model.roi_heads.box_roi_pool,
+            "box head": model.roi_heads.box_head,
+            "box predictor": model.roi_heads.box_predictor,
+        }
         timer = Timer(model, stages)
         runs = []
         try:
@@ -161,13 +168,17 @@ def report(label: str, r: dict, peak: float) -> None:
         g[1] += seconds[name]
         g[2] += 1
     conv_t, conv_f = sum(seconds.values()), sum(flops.values())
-    print(f"\n{label}: end to end {r['plain']:.3f} s (hooked run {total:.3f} s); "
-          f"{peak:.0f} GFLOP/s for a 4096^3 matmul in this dtype")
+    print(
+        f"\n{label}: end to end {r['plain']:.3f} s (hooked run {total:.3f} s); "
+        f"{peak:.0f} GFLOP/s for a 4096^3 matmul in this dtype"
+    )
     print(f"  {'layers':22s} {'n':>4s} {'GFLOP':>8s} {'time s':>8s} {'GFLOP/s':>8s} {'of matmul':>9s}")
     for name, (f, t, n) in groups.items():
         print(f"  {name:22s} {n:4d} {f / 1e9:8.1f} {t:8.3f} {f / t / 1e9:8.1f} {f / t / 1e9 / peak:9.0%}")
-    print(f"  {'all conv/linear':22s} {len(seconds):4d} {conv_f / 1e9:8.1f} {conv_t:8.3f} "
-          f"{conv_f / conv_t / 1e9:8.1f} {conv_f / conv_t / 1e9 / peak:9.0%}")
+    print(
+        f"  {'all conv/linear':22s} {len(seconds):4d} {conv_f / 1e9:8.1f} {conv_t:8.3f} "
+        f"{conv_f / conv_t / 1e9:8.1f} {conv_f / conv_t / 1e9 / peak:9.0%}"
+    )
     rest = total - conv_t
     print(f"  outside conv/linear: {rest:.3f} s = {rest / total:.1%} of the hooked run (target < 10%), of which")
     parts = {
@@ -177,9 +188,12 @@ def report(label: str, r: dict, peak: float) -> None:
         "RPN: flatten, decode, top-k, NMS": stage["rpn"] - stage["rpn head"] - stage["anchors"],
         "RPN head: ReLU, output views": stage["rpn head"] - layer_time_in(seconds, "rpn.head."),
         "RoI pooling (MultiScaleRoIAlign)": stage["roi pool"],
-        "box head/predictor: flatten, ReLU": stage["box head"] + stage["box predictor"]
+        "box head/predictor: flatten, ReLU": stage["box head"]
+        + stage["box predictor"]
         - layer_time_in(seconds, "roi_heads."),
-        "box post-processing (decode, NMS)": stage["roi_heads"] - stage["roi pool"] - stage["box head"]
+        "box post-processing (decode, NMS)": stage["roi_heads"]
+        - stage["roi pool"]
+        - stage["box head"]
         - stage["box predictor"],
     }
     parts["the rest (forward glue, box rescale)"] = rest - sum(parts.values())
@@ -195,8 +209,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, one 480x640 image -> 800x1066, "
-          f"median of {args.repeats} after one warm-up")
+    print(
+        f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads, one 480x640 image -> 800x1066, "
+        f"median of {args.repeats} after one warm-up"
+    )
     images = structured_images(1, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "r50fpn_detecting.pth"

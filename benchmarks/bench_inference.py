@@ -28,6 +28,7 @@ With bf16, a control: the float32 model on the images rounded once to bfloat16. 
 detections are fragile (near-flat scores), so even that one rounding of the input loses some of them;
 the bf16 figure is to be read against it, and against --trained on a trained detector.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fasterrcnn import fasterrcnn_resnet50_fpn  # noqa: E402
-from fasterrcnn.ops import box_iou  # noqa: E402
+from fasterrcnn import fasterrcnn_resnet50_fpn
+from fasterrcnn.ops import box_iou
 
 try:
     import torchvision
@@ -73,8 +74,11 @@ def structured_images(count: int, seed: int, size: tuple[int, int] = IMAGE_SIZE)
             cy, cx = int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))
             r = int(torch.randint(10, min(h, w) // 3, (1,), generator=g))
             colour = torch.rand(3, 1, 1, generator=g)
-            mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) if torch.rand(1, generator=g) < 0.5 else \
-                ((yy - cy).abs() < r) & ((xx - cx).abs() < r * 0.6)
+            mask = (
+                ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+                if torch.rand(1, generator=g) < 0.5
+                else ((yy - cy).abs() < r) & ((xx - cx).abs() < r * 0.6)
+            )
             im = torch.where(mask, colour, im)
         images.append((im + 0.03 * torch.randn(im.shape, generator=g)).clamp(0, 1))
     return images
@@ -95,9 +99,12 @@ def detecting_checkpoint(path: str | os.PathLike, seed: int = 0) -> None:
         for im in structured_images(2, seed + 100):
             model.backbone(model.transform([im])[0].tensors)
     sd = {k: v for k, v in model.state_dict().items() if "num_batches_tracked" not in k}
-    for key, factor in (("rpn.head.cls_logits.weight", 7.0), ("rpn.head.bbox_pred.weight", 3.0),
-                        ("roi_heads.box_predictor.cls_score.weight", 6.0),
-                        ("roi_heads.box_predictor.bbox_pred.weight", 3.0)):
+    for key, factor in (
+        ("rpn.head.cls_logits.weight", 7.0),
+        ("rpn.head.bbox_pred.weight", 3.0),
+        ("roi_heads.box_predictor.cls_score.weight", 6.0),
+        ("roi_heads.box_predictor.bbox_pred.weight", 3.0),
+    ):
         sd[key] = sd[key] * factor
     torch.save(sd, path)
 
@@ -142,8 +149,9 @@ def time_interleaved(fns: dict, repeats: int, device: torch.device) -> dict[str,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def reproduced(ref: list[dict], other: list[dict], *, iou_min: float = 0.9, score_tol: float | None = None,
-               min_score: float = 0.0) -> tuple[float, int]:
+def reproduced(
+    ref: list[dict], other: list[dict], *, iou_min: float = 0.9, score_tol: float | None = None, min_score: float = 0.0
+) -> tuple[float, int]:
     """Share of ``ref``'s detections (score >= min_score) that ``other`` has with the same label and
     IoU >= iou_min (and |score difference| <= score_tol when given), over all images."""
     hit = total = 0
@@ -170,8 +178,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--unoptimised", action="store_true", help="also time our model without the fast path")
     parser.add_argument("--no-bf16", action="store_true")
-    parser.add_argument("--trained", metavar="CHECKPOINT",
-                        help="also measure bf16 agreement with a trained checkpoint (ours or torchvision-format) ...")
+    parser.add_argument(
+        "--trained",
+        metavar="CHECKPOINT",
+        help="also measure bf16 agreement with a trained checkpoint (ours or torchvision-format) ...",
+    )
     parser.add_argument("--trained-images", metavar="GLOB", help="... on these images (e.g. the synthetic val set)")
     parser.add_argument("--trained-only", action="store_true", help="only the --trained agreement, no timing")
     args = parser.parse_args()
@@ -193,11 +204,14 @@ def main() -> None:
             models["ours fp32 (plain)"] = fasterrcnn_resnet50_fpn(weights=str(path)).eval().to(device)
         models["ours fp32"] = fasterrcnn_resnet50_fpn(weights=str(path)).to(device).optimize_for_inference()
         if use_bf16:
-            models["ours bf16"] = fasterrcnn_resnet50_fpn(weights=str(path)).to(device).optimize_for_inference(
-                dtype=torch.bfloat16)
+            models["ours bf16"] = (
+                fasterrcnn_resnet50_fpn(weights=str(path)).to(device).optimize_for_inference(dtype=torch.bfloat16)
+            )
 
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} after one warm-up, images {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} -> 800x1066")
+    print(
+        f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} after one warm-up, images {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} -> 800x1066"
+    )
     if torchvision is None:
         print("torchvision not importable: its baseline is skipped (run with the reference environment)")
     else:
@@ -220,24 +234,32 @@ def main() -> None:
             print(line)
         if base is not None:
             rate, n = reproduced(outs[base], outs["ours fp32"], score_tol=0.01)
-            print(f"  agreement: ours fp32 reproduces {rate:.1%} of torchvision's {n} detections "
-                  "(same label, IoU >= 0.9, score within 0.01)")
+            print(
+                f"  agreement: ours fp32 reproduces {rate:.1%} of torchvision's {n} detections "
+                "(same label, IoU >= 0.9, score within 0.01)"
+            )
         if "ours fp32 (plain)" in outs:
             rate, n = reproduced(outs["ours fp32 (plain)"], outs["ours fp32"], iou_min=0.99, score_tol=1e-3)
-            print(f"  agreement: optimised fp32 reproduces {rate:.1%} of the plain model's {n} detections "
-                  "(IoU >= 0.99, score within 0.001)")
+            print(
+                f"  agreement: optimised fp32 reproduces {rate:.1%} of the plain model's {n} detections "
+                "(IoU >= 0.99, score within 0.001)"
+            )
         if "ours bf16" in outs:
             rate, n = reproduced(outs["ours fp32"], outs["ours bf16"])
             rate5, n5 = reproduced(outs["ours fp32"], outs["ours bf16"], min_score=0.5)
-            print(f"  agreement: ours bf16 reproduces {rate:.1%} of ours fp32's {n} detections "
-                  f"(same label, IoU >= 0.9); {rate5:.1%} of the {n5} with score >= 0.5")
+            print(
+                f"  agreement: ours bf16 reproduces {rate:.1%} of ours fp32's {n} detections "
+                f"(same label, IoU >= 0.9); {rate5:.1%} of the {n5} with score >= 0.5"
+            )
             # the control: how much of that is the random network's sensitivity to any perturbation? The
             # same float32 model on the images rounded once to bfloat16 (a change in the input alone)
             with torch.inference_mode():
                 control = models["ours fp32"]([im.to(torch.bfloat16).to(im.dtype) for im in batch])
             rate, n = reproduced(outs["ours fp32"], control)
-            print(f"  control: ours fp32 on the images rounded to bf16 reproduces {rate:.1%} of its own {n} "
-                  "detections on the exact images")
+            print(
+                f"  control: ours fp32 on the images rounded to bf16 reproduces {rate:.1%} of its own {n} "
+                "detections on the exact images"
+            )
 
     if args.trained and use_bf16:
         trained_agreement(args.trained, args.trained_images, device)
@@ -248,8 +270,8 @@ def trained_agreement(checkpoint: str, pattern: str | None, device: torch.device
     import glob
 
     try:  # the engine needs the project's own dependencies (tqdm, ...), not the reference environment's
-        from fasterrcnn.inference.detector import to_image_tensor
         from fasterrcnn.engine.setup import load_model_for_inference
+        from fasterrcnn.inference.detector import to_image_tensor
     except ImportError as e:
         print(f"\n--trained needs the project's environment ({e}): run .venv/bin/python {__file__} --trained-only ...")
         return
@@ -270,8 +292,10 @@ def trained_agreement(checkpoint: str, pattern: str | None, device: torch.device
                 outs[name].extend(model([image]))
     rate, n = reproduced(outs["fp32"], outs["bf16"])
     rate5, n5 = reproduced(outs["fp32"], outs["bf16"], min_score=0.5)
-    print(f"\ntrained checkpoint {checkpoint}, {len(paths)} images: ours bf16 reproduces {rate:.1%} of ours fp32's "
-          f"{n} detections (same label, IoU >= 0.9); {rate5:.1%} of the {n5} with score >= 0.5")
+    print(
+        f"\ntrained checkpoint {checkpoint}, {len(paths)} images: ours bf16 reproduces {rate:.1%} of ours fp32's "
+        f"{n} detections (same label, IoU >= 0.9); {rate5:.1%} of the {n5} with score >= 0.5"
+    )
 
 
 if __name__ == "__main__":

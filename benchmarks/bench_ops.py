@@ -17,12 +17,13 @@ Cases (an 800 x 1344 image; the stride-4 map is [1, 256, 200, 336]; 1000 RoIs; 7
 Without torchvision (or with ``--plain``) the baselines are plain PyTorch: the classic loop NMS, RoIAlign by
 ``F.grid_sample`` plus average pooling, RoIPool by a Python loop of ``adaptive_max_pool2d``.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,7 @@ def random_rois(k: int, img_h: float, img_w: float, min_side: float, max_side: f
 
 # --- plain-PyTorch baselines ---------------------------------------------------------------------------------
 
+
 def grid_sample_roi_align(x: torch.Tensor, rois: torch.Tensor, out: int, scale: float, sr: int) -> torch.Tensor:
     """Naive baseline: one sampling grid per RoI, bilinear grid_sample, mean over each bin's sr x sr samples."""
     _, _, h, w = x.shape
@@ -91,8 +93,9 @@ def grid_sample_roi_align(x: torch.Tensor, rois: torch.Tensor, out: int, scale: 
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # [K, out*sr, out*sr, 2]
     k = b.shape[0]
     # a batch of one image: put all RoIs side by side in one tall grid
-    samples = F.grid_sample(x, grid.reshape(1, k * out * sr, out * sr, 2), mode="bilinear",
-                            padding_mode="border", align_corners=True)  # [1, C, K*out*sr, out*sr]
+    samples = F.grid_sample(
+        x, grid.reshape(1, k * out * sr, out * sr, 2), mode="bilinear", padding_mode="border", align_corners=True
+    )  # [1, C, K*out*sr, out*sr]
     samples = samples.view(x.shape[1], k, out * sr, out * sr).transpose(0, 1)
     return F.avg_pool2d(samples, sr)
 
@@ -104,7 +107,7 @@ def loop_roi_pool(x: torch.Tensor, rois: torch.Tensor, out: int, scale: float) -
     for b in (rois[:, 1:] * scale).round().long().tolist():
         x1, y1 = min(max(b[0], 0), w - 1), min(max(b[1], 0), h - 1)
         x2, y2 = min(max(b[2], x1), w - 1), min(max(b[3], y1), h - 1)
-        res.append(F.adaptive_max_pool2d(x[:, :, y1:y2 + 1, x1:x2 + 1], out))
+        res.append(F.adaptive_max_pool2d(x[:, :, y1 : y2 + 1, x1 : x2 + 1], out))
     return torch.cat(res)
 
 
@@ -123,13 +126,16 @@ def loop_nms(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> torch.Ten
 
 
 def loop_batched_nms(boxes: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor, thr: float) -> torch.Tensor:
-    kept = [torch.nonzero(ids == c).flatten()[loop_nms(boxes[ids == c], scores[ids == c], thr)]
-            for c in ids.unique().tolist()]
+    kept = [
+        torch.nonzero(ids == c).flatten()[loop_nms(boxes[ids == c], scores[ids == c], thr)]
+        for c in ids.unique().tolist()
+    ]
     k = torch.sort(torch.cat(kept)).values  # ties in score: input order, as batched_nms
     return k[torch.sort(scores[k], descending=True, stable=True).indices]
 
 
 # --- checks ----------------------------------------------------------------------------------------------------
+
 
 def check_equal(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
     if not torch.equal(ours, theirs):
@@ -148,11 +154,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--plain", action="store_true",
-                        help="plain-PyTorch baselines even when torchvision is importable")
+    parser.add_argument(
+        "--plain", action="store_true", help="plain-PyTorch baselines even when torchvision is importable"
+    )
     parser.add_argument("--quick", action="store_true", help="skip the slowest plain baseline (20k-box loop NMS)")
-    parser.add_argument("--only", default="",
-                        help="comma-separated case prefixes (nms,batched,roi_align,msra,roi_pool)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated case prefixes (nms,batched,roi_align,msra,roi_pool)"
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -168,10 +176,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, median of {r} after warm-up")
     if use_tv:
         import torchvision
+
         print(f"baseline: torchvision {torchvision.__version__} (ratio ours/tv, below 1 is faster)")
     else:
-        print("torchvision " + ("not importable" if tv_ops is None else "not used (--plain)")
-              + ": torchvision baselines skipped, plain-PyTorch baselines instead")
+        print(
+            "torchvision "
+            + ("not importable" if tv_ops is None else "not used (--plain)")
+            + ": torchvision baselines skipped, plain-PyTorch baselines instead"
+        )
 
     # --- nms ---------------------------------------------------------------------------------------------------
     if want("nms"):
@@ -195,12 +207,18 @@ def main() -> None:
         name = "batched_nms 5000 boxes, 80 classes (thr 0.5)"
         if use_tv:
             check_equal(name, batched_nms(b, s, ids, 0.5), tv_ops.batched_nms(b, s, ids, 0.5))
-            report(name, *bench_many([lambda: batched_nms(b, s, ids, 0.5),
-                                      lambda: tv_ops.batched_nms(b, s, ids, 0.5)], r, dev), "tv")
+            report(
+                name,
+                *bench_many([lambda: batched_nms(b, s, ids, 0.5), lambda: tv_ops.batched_nms(b, s, ids, 0.5)], r, dev),
+                "tv",
+            )
         else:
             check_equal(name, batched_nms(b, s, ids, 0.5), loop_batched_nms(b, s, ids, 0.5))
-            report(name, *bench_many([lambda: batched_nms(b, s, ids, 0.5),
-                                      lambda: loop_batched_nms(b, s, ids, 0.5)], r, dev), "loop")
+            report(
+                name,
+                *bench_many([lambda: batched_nms(b, s, ids, 0.5), lambda: loop_batched_nms(b, s, ids, 0.5)], r, dev),
+                "loop",
+            )
 
     # --- roi_align / roi_pool on one stride-4 map --------------------------------------------------------------
     scale, out, sr = 0.25, 7, 2
@@ -214,13 +232,21 @@ def main() -> None:
             inp.grad = None
             fn(inp).backward(grad_out)
             return inp.grad
+
         return run
 
-    def pair_case(name: str, ours: Callable, tv: Callable | None, plain: Callable | None, plain_name: str,
-                  backward: bool, exact: bool) -> None:
+    def pair_case(
+        name: str,
+        ours: Callable,
+        tv: Callable | None,
+        plain: Callable | None,
+        plain_name: str,
+        backward: bool,
+        exact: bool,
+    ) -> None:
         """One case: check ours against torchvision, then time both interleaved (or ours against a plain one)."""
         check = check_equal if exact else check_close
-        wrap = fwd_bwd if backward else (lambda fn: (lambda: fn(x)))
+        wrap = fwd_bwd if backward else (lambda fn: lambda: fn(x))
         if use_tv and tv is not None:
             check(name, wrap(ours)().clone(), wrap(tv)().clone())
             report(name, *bench_many([wrap(ours), wrap(tv)], r, dev), "tv")
@@ -233,16 +259,35 @@ def main() -> None:
     tv_pool = (lambda t: tv_ops.roi_pool(t, rois, out, scale)) if tv_ops else None
     if want("roi_align"):
         for backward in (False, True):
-            pair_case("roi_align fwd" + ("+bwd" if backward else "") + " (1000 RoIs, 256x200x336)",
-                      lambda t: roi_align(t, rois, out, scale, sr), tv_align,
-                      lambda t: grid_sample_roi_align(t, rois, out, scale, sr), "grid_sample", backward, False)
-        pair_case("roi_align fwd, adaptive grid (sr 0)", lambda t: roi_align(t, rois, out, scale, 0),
-                  (lambda t: tv_ops.roi_align(t, rois, out, scale, 0)) if tv_ops else None, None, "", False, False)
+            pair_case(
+                "roi_align fwd" + ("+bwd" if backward else "") + " (1000 RoIs, 256x200x336)",
+                lambda t: roi_align(t, rois, out, scale, sr),
+                tv_align,
+                lambda t: grid_sample_roi_align(t, rois, out, scale, sr),
+                "grid_sample",
+                backward,
+                False,
+            )
+        pair_case(
+            "roi_align fwd, adaptive grid (sr 0)",
+            lambda t: roi_align(t, rois, out, scale, 0),
+            (lambda t: tv_ops.roi_align(t, rois, out, scale, 0)) if tv_ops else None,
+            None,
+            "",
+            False,
+            False,
+        )
     if want("roi_pool"):
         for backward in (False, True):
-            pair_case("roi_pool fwd" + ("+bwd" if backward else "") + " (1000 RoIs, 256x200x336)",
-                      lambda t: roi_pool(t, rois, out, scale), tv_pool,
-                      lambda t: loop_roi_pool(t, rois, out, scale), "loop", backward, True)
+            pair_case(
+                "roi_pool fwd" + ("+bwd" if backward else "") + " (1000 RoIs, 256x200x336)",
+                lambda t: roi_pool(t, rois, out, scale),
+                tv_pool,
+                lambda t: loop_roi_pool(t, rois, out, scale),
+                "loop",
+                backward,
+                True,
+            )
 
     # --- MultiScaleRoIAlign over P2..P5 -------------------------------------------------------------------------
     if want("msra"):
@@ -262,6 +307,7 @@ def main() -> None:
                     t.grad = None
                 y.backward(grad_out)
                 return torch.cat([t.grad.flatten() for t in levels])
+
             return run
 
         for backward in (False, True):

@@ -11,6 +11,7 @@ calling thread, the gather and the placement of the rows on N). ``--busy K`` sta
 spin on a core each for the duration, as other jobs on a shared machine would. Medians of interleaved
 repeats after a warm-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fasterrcnn.ops import MultiScaleRoIAlign  # noqa: E402
+from fasterrcnn.ops import MultiScaleRoIAlign
 
 
 def spin(seconds: float) -> None:
@@ -41,8 +42,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     sizes = [(200, 272), (100, 136), (50, 68), (25, 34)]
-    feats = {str(i): torch.randn(1, 256, h, w).contiguous(memory_format=torch.channels_last)
-             for i, (h, w) in enumerate(sizes)}
+    feats = {
+        str(i): torch.randn(1, 256, h, w).contiguous(memory_format=torch.channels_last)
+        for i, (h, w) in enumerate(sizes)
+    }
     wh = torch.exp(torch.empty(1000, 2).uniform_(2.5, 6.5))
     xy = torch.rand(1000, 2) * torch.tensor([1066.0, 800.0])
     boxes = [torch.cat([xy, xy + wh], 1).clamp(max=1066)]
@@ -71,13 +74,17 @@ def main() -> None:
     finally:
         for p in busy:
             p.terminate()
-    print(f"torch {torch.__version__}, MultiScaleRoIAlign forward, 1000 RoIs over P2..P5 (800x1088, 256 channels), "
-          f"{args.busy} spinning processes beside it, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, MultiScaleRoIAlign forward, 1000 RoIs over P2..P5 (800x1088, 256 channels), "
+        f"{args.busy} spinning processes beside it, median of {args.repeats}"
+    )
     one = statistics.median(times[1])
     for t, values in times.items():
         med = statistics.median(values)
-        print(f"  {t} thread{'s' if t > 1 else ' '}  {med * 1e3:7.1f} ms  (max {max(values) * 1e3:6.1f} ms)"
-              f"  ratio to 1 thread {med / one:.2f}")
+        print(
+            f"  {t} thread{'s' if t > 1 else ' '}  {med * 1e3:7.1f} ms  (max {max(values) * 1e3:6.1f} ms)"
+            f"  ratio to 1 thread {med / one:.2f}"
+        )
 
 
 if __name__ == "__main__":

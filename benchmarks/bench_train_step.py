@@ -24,6 +24,7 @@ resident set (ru_maxrss) and its RSS before the first step, so the difference is
 Without torchvision (the project's own environment), only ours is timed. Not a test: numbers depend on
 the machine and on anything else running on it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,7 @@ def build_ours(seed: int = 0) -> FasterRCNN:
     """R50-FPN as torchvision's builder makes it with ImageNet backbone weights: FrozenBatchNorm2d
     (eps 1e-5), conv1 and layer1 frozen. Random weights, frozen statistics calibrated on one image."""
     torch.manual_seed(seed)
-    backbone = resnet_fpn_backbone(50, norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5),
-                                   trainable_layers=3)
+    backbone = resnet_fpn_backbone(50, norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5), trainable_layers=3)
     model = FasterRCNN(backbone, NUM_CLASSES)
     calibrate_frozen_bn(model, seed)
     return model
@@ -110,8 +110,9 @@ def make_batch(seed: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
         images.append(torch.rand(3, h, w, generator=g))
         wh = 40 + torch.rand(n, 2, generator=g) * 360
         xy = torch.rand(n, 2, generator=g) * (torch.tensor([w, h]) - wh)
-        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1),
-                        "labels": torch.randint(1, NUM_CLASSES, (n,), generator=g)})
+        targets.append(
+            {"boxes": torch.cat([xy, xy + wh], dim=1), "labels": torch.randint(1, NUM_CLASSES, (n,), generator=g)}
+        )
     return images, targets
 
 
@@ -200,8 +201,9 @@ def run_timing(args) -> dict[str, float]:
         instrument_torchvision(tv, timer)
         contenders["torchvision"] = (tv, make_optimizer(tv), timer)
     else:
-        print("torchvision is not importable here: timing ours only (run in the reference environment "
-              "for the baseline)")
+        print(
+            "torchvision is not importable here: timing ours only (run in the reference environment for the baseline)"
+        )
     del ours
 
     torch.manual_seed(0)
@@ -248,8 +250,10 @@ def memory_child(which: str, weights: str, steps: int) -> None:
     if which == "torchvision":
         model = build_torchvision(state_dict)
     else:
-        model = FasterRCNN(resnet_fpn_backbone(50, norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5),
-                                               trainable_layers=3), NUM_CLASSES)
+        model = FasterRCNN(
+            resnet_fpn_backbone(50, norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5), trainable_layers=3),
+            NUM_CLASSES,
+        )
         model.load_state_dict(state_dict, strict=True)
         model.train()
         if which == "ours (channels_last)":
@@ -266,8 +270,11 @@ def memory_child(which: str, weights: str, steps: int) -> None:
 
 
 def run_memory(args) -> None:
-    names = {"both": ["ours (channels_last)", "ours (nchw)"], "nchw": ["ours (nchw)"],
-             "channels_last": ["ours (channels_last)"]}[args.layout]
+    names = {
+        "both": ["ours (channels_last)", "ours (nchw)"],
+        "nchw": ["ours (nchw)"],
+        "channels_last": ["ours (channels_last)"],
+    }[args.layout]
     if torchvision is not None:
         names.append("torchvision")
     with tempfile.TemporaryDirectory() as tmp:
@@ -275,26 +282,43 @@ def run_memory(args) -> None:
         torch.save(build_ours().state_dict(), weights)
         results = {}
         for name in names:
-            cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, "--weights", weights,
-                   "--threads", str(args.threads), "--memory-steps", str(args.memory_steps)]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--memory-child",
+                name,
+                "--weights",
+                weights,
+                "--threads",
+                str(args.threads),
+                "--memory-steps",
+                str(args.memory_steps),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[name] = json.loads(out.strip().splitlines()[-1])
     print()
     print(f"peak memory ({args.memory_steps} steps in a subprocess per model):")
     print(f"{'model':24s} {'peak RSS':>10s} {'RSS before':>11s} {'step adds':>10s} {'vs torchvision':>15s}")
     for name, r in results.items():
-        ratio = (f"x{r['peak_rss_mib'] / results['torchvision']['peak_rss_mib']:.3f}"
-                 if "torchvision" in results else "-")
-        print(f"{name:24s} {r['peak_rss_mib']:7.0f} MiB {r['rss_before_mib']:7.0f} MiB "
-              f"{r['peak_rss_mib'] - r['rss_before_mib']:6.0f} MiB {ratio:>15s}")
+        ratio = (
+            f"x{r['peak_rss_mib'] / results['torchvision']['peak_rss_mib']:.3f}" if "torchvision" in results else "-"
+        )
+        print(
+            f"{name:24s} {r['peak_rss_mib']:7.0f} MiB {r['rss_before_mib']:7.0f} MiB "
+            f"{r['peak_rss_mib'] - r['rss_before_mib']:6.0f} MiB {ratio:>15s}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per model after the warm-up")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--layout", choices=["both", "nchw", "channels_last"], default="channels_last",
-                        help="ours in channels-last (the trainer's default), NCHW, or both")
+    parser.add_argument(
+        "--layout",
+        choices=["both", "nchw", "channels_last"],
+        default="channels_last",
+        help="ours in channels-last (the trainer's default), NCHW, or both",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     parser.add_argument("--memory-steps", type=int, default=2)
@@ -305,10 +329,13 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, args.weights, args.memory_steps)
         return
-    print(f"torch {torch.__version__}"
-          + (f", torchvision {torchvision.__version__}" if torchvision is not None else "")
-          + f", {torch.get_num_threads()} threads; batch of 2 at {IMAGE_SIZES}, {NUM_BOXES} gt boxes; "
-          f"median of {args.repeats} steps after one warm-up step each, interleaved", flush=True)
+    print(
+        f"torch {torch.__version__}"
+        + (f", torchvision {torchvision.__version__}" if torchvision is not None else "")
+        + f", {torch.get_num_threads()} threads; batch of 2 at {IMAGE_SIZES}, {NUM_BOXES} gt boxes; "
+        f"median of {args.repeats} steps after one warm-up step each, interleaved",
+        flush=True,
+    )
     if not args.memory_only:
         run_timing(args)
     if not args.no_memory:

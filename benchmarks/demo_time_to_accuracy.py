@@ -4,6 +4,7 @@ budget and the AP against the targets (AP >= 0.60, AP50 >= 0.90 on the held-out 
 
     python benchmarks/demo_time_to_accuracy.py [--workdir /tmp/demo-bench] [overrides ...]
 """
+
 import argparse
 import json
 import os
@@ -25,8 +26,15 @@ def main() -> int:
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "fasterrcnn", "train", f"data.synth_dir={work / 'synth'}",
-           f"train.out_dir={work / 'runs'}", *args.overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fasterrcnn",
+        "train",
+        f"data.synth_dir={work / 'synth'}",
+        f"train.out_dir={work / 'runs'}",
+        *args.overrides,
+    ]
     print("command:", " ".join(cmd), f"(torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')})", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work)

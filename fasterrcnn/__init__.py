@@ -10,6 +10,7 @@
 The builders are imported on first use, so that ``fasterrcnn.data`` and the command line start
 without loading the model code.
 """
+
 import importlib
 
 __version__ = "0.1.0"

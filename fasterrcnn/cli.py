@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -41,16 +41,24 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-train", type=int, default=200, help="training images (default 200)")
     p.add_argument("--num-val", type=int, default=50, help="validation images (default 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--size", type=_image_size, default=(256, 320), metavar="HxW",
-                   help="image size, height x width (default 256x320)")
-    p.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
-                   help=f"comma-separated shapes from {','.join(SHAPES)} (default {','.join(DEFAULT_CLASSES)})")
+    p.add_argument(
+        "--size",
+        type=_image_size,
+        default=(256, 320),
+        metavar="HxW",
+        help="image size, height x width (default 256x320)",
+    )
+    p.add_argument(
+        "--classes",
+        default=",".join(DEFAULT_CLASSES),
+        help=f"comma-separated shapes from {','.join(SHAPES)} (default {','.join(DEFAULT_CLASSES)})",
+    )
     p.add_argument("--min-object-size", type=int, default=12, help="smallest object, pixels (default 12)")
-    p.add_argument("--max-object-size", type=int, default=None,
-                   help="largest object, pixels (default half the short side)")
+    p.add_argument(
+        "--max-object-size", type=int, default=None, help="largest object, pixels (default half the short side)"
+    )
     p.add_argument("--max-objects", type=int, default=6, help="most objects per image (default 6)")
-    p.add_argument("--empty-fraction", type=float, default=0.1,
-                   help="fraction of images without objects (default 0.1)")
+    p.add_argument("--empty-fraction", type=float, default=0.1, help="fraction of images without objects (default 0.1)")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image format (default jpg)")
     p.add_argument("--voc", action="store_true", help="also write a Pascal VOC layout under OUT/VOC")
     p.add_argument("--workers", type=int, default=None, help="drawing processes (default: CPUs, up to 8)")
@@ -62,11 +70,21 @@ def _run_synth(args: argparse.Namespace) -> int:
     from fasterrcnn.data.synth import generate
 
     start = time.perf_counter()
-    paths = generate(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-                     image_size=args.size, classes=[c.strip() for c in args.classes.split(",") if c.strip()],
-                     voc=args.voc, min_object_size=args.min_object_size,
-                     max_object_size=args.max_object_size, max_objects=args.max_objects,
-                     empty_fraction=args.empty_fraction, image_format=args.format, workers=args.workers)
+    paths = generate(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        seed=args.seed,
+        image_size=args.size,
+        classes=[c.strip() for c in args.classes.split(",") if c.strip()],
+        voc=args.voc,
+        min_object_size=args.min_object_size,
+        max_object_size=args.max_object_size,
+        max_objects=args.max_objects,
+        empty_fraction=args.empty_fraction,
+        image_format=args.format,
+        workers=args.workers,
+    )
     print(f"synthetic dataset in {paths.root} ({time.perf_counter() - start:.1f} s)")
     print(f"  train: {paths.train_json}  images: {paths.train_images}")
     print(f"  val:   {paths.val_json}  images: {paths.val_images}")
@@ -82,8 +100,9 @@ def _add_check_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a COCO instances json, or a Pascal VOC root")
     p.add_argument("--images", default=None, help="COCO image folder (default: guessed from the json's place)")
     p.add_argument("--split", default=None, help="VOC split (default: trainval, train, val or test, first found)")
-    p.add_argument("--classes", default=None,
-                   help="VOC class names, comma-separated (default: the 20 VOC classes, or those found)")
+    p.add_argument(
+        "--classes", default=None, help="VOC class names, comma-separated (default: the 20 VOC classes, or those found)"
+    )
 
 
 def _run_check_data(args: argparse.Namespace) -> int:
@@ -107,14 +126,23 @@ def _setup_logging() -> None:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                   help="config overrides, e.g. solver.lr=0.01 train.iterations=2000 data.train=ann.json")
-    p.add_argument("--config", default=None,
-                   help="a YAML config (default: the built-in CPU demo recipe, configs/demo.yaml)")
-    p.add_argument("--resume", default=None, metavar="CKPT",
-                   help="continue the run of this last.pt exactly as it was configured (overrides: only "
-                        "data.workers, train.threads, train.device, train.log_every, and the validation set: "
-                        "data.val, data.val_images)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="SECTION.KEY=VALUE",
+        help="config overrides, e.g. solver.lr=0.01 train.iterations=2000 data.train=ann.json",
+    )
+    p.add_argument(
+        "--config", default=None, help="a YAML config (default: the built-in CPU demo recipe, configs/demo.yaml)"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="CKPT",
+        help="continue the run of this last.pt exactly as it was configured (overrides: only "
+        "data.workers, train.threads, train.device, train.log_every, and the validation set: "
+        "data.val, data.val_images)",
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -127,8 +155,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     _setup_logging()
     if args.resume and args.config:
-        raise ConfigError(f"--resume {args.resume} continues the run with the config saved in the checkpoint; "
-                          f"drop --config {args.config}")
+        raise ConfigError(
+            f"--resume {args.resume} continues the run with the config saved in the checkpoint; "
+            f"drop --config {args.config}"
+        )
     # with --resume the checkpoint's config is used; the overrides go to train(), which allows a few
     cfg = None if args.resume else load_config(args.config or DEMO_CONFIG, overrides=args.overrides)
     try:
@@ -142,8 +172,10 @@ def _run_train(args: argparse.Namespace) -> int:
         dist.cleanup()
     if dist.is_main() and result.evaluation is not None:
         print(result.evaluation.format_table())
-        print(f"\nrun folder: {result.run_dir} ({result.seconds:.0f} s); plots: "
-              + ", ".join(str(result.run_dir / n) for n in ("losses.png", "ap.png", "precision_recall.png")))
+        print(
+            f"\nrun folder: {result.run_dir} ({result.seconds:.0f} s); plots: "
+            + ", ".join(str(result.run_dir / n) for n in ("losses.png", "ap.png", "precision_recall.png"))
+        )
     return 0
 
 
@@ -159,22 +191,28 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="bf16/fp16: the network in that dtype (boxes, scores and NMS stay float32)")
-    p.add_argument("--no-optimize", dest="optimize", action="store_false",
-                   help="run the model as trained (autocast for --amp) instead of the optimised inference copy "
-                        "(BatchNorm folded, channels-last)")
+    p.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="bf16/fp16: the network in that dtype (boxes, scores and NMS stay float32)",
+    )
+    p.add_argument(
+        "--no-optimize",
+        dest="optimize",
+        action="store_false",
+        help="run the model as trained (autocast for --amp) instead of the optimised inference copy "
+        "(BatchNorm folded, channels-last)",
+    )
     p.add_argument("--out", default=None, help="folder for eval.json, voc.json and predictions.json")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
-
-    from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
-    from fasterrcnn.engine.setup import data_format, load_model_for_inference, open_dataset, resolve_device
 
     from fasterrcnn.engine.config import ConfigError
+    from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
+    from fasterrcnn.engine.setup import data_format, load_model_for_inference, open_dataset, resolve_device
     from fasterrcnn.files import atomic_write_text
 
     _setup_logging()
@@ -191,15 +229,28 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     is_coco = data_format(args.data) == "coco"  # the model's labels meet the data's through the category ids
     if is_coco:  # matched by name, before any inference: a DataError when the names differ
         label_to_cat_id, notes = match_categories_by_name(
-            class_names, label_to_cat_id, dataset.class_names, dataset.label_to_cat_id,
-            data_source=args.data, model_source=args.weights)
+            class_names,
+            label_to_cat_id,
+            dataset.class_names,
+            dataset.label_to_cat_id,
+            data_source=args.data,
+            model_source=args.weights,
+        )
         for note in notes:
             print(f"note: {note}")
     out = _output_folder(args.out, "--out") if args.out else None
-    result = evaluate_model(model, dataset, class_names=class_names, label_to_cat_id=label_to_cat_id,
-                            ann_file=args.data if is_coco else None, batch_size=args.batch_size, device=device,
-                            amp=args.amp, results_path=out / "predictions.json" if out else None,
-                            optimize=args.optimize)
+    result = evaluate_model(
+        model,
+        dataset,
+        class_names=class_names,
+        label_to_cat_id=label_to_cat_id,
+        ann_file=args.data if is_coco else None,
+        batch_size=args.batch_size,
+        device=device,
+        amp=args.amp,
+        results_path=out / "predictions.json" if out else None,
+        optimize=args.optimize,
+    )
     if result.coco.message:
         print(f"note: {result.coco.message}")
     print(result.format_table())
@@ -222,13 +273,16 @@ def _output_folder(path, option: str):
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{option} {folder}: this is a file, and {option} names a folder for the results; "
-                          "give a new or existing folder")
+        raise ConfigError(
+            f"{option} {folder}: this is a file, and {option} names a folder for the results; "
+            "give a new or existing folder"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{option} {folder}: cannot create this folder ({e.strerror or e}); "
-                          f"give a folder you can write to") from None
+        raise ConfigError(
+            f"{option} {folder}: cannot create this folder ({e.strerror or e}); give a folder you can write to"
+        ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {folder}: this folder is not writable; give a folder you can write to")
     return folder
@@ -247,43 +301,74 @@ def _int_at_least(low: int):
         if value < low:
             raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text}")
         return value
+
     parse.__name__ = "int"  # argparse names the type in its message for non-numbers
     return parse
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders and glob patterns ('**' allowed)")
-    p.add_argument("--weights", required=True,
-                   help="a training checkpoint (last.pt/best.pt) or torchvision detector weights; a path or a URL")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="a training checkpoint (last.pt/best.pt) or torchvision detector weights; a path or a URL",
+    )
     p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
-    p.add_argument("--score-threshold", type=_fraction, default=0.5, help="keep detections scoring at least this (default 0.5)")
-    p.add_argument("--annotations", default=None,
-                   help="a COCO json whose images[].file_name match the images: its image ids go into the results")
+    p.add_argument(
+        "--score-threshold", type=_fraction, default=0.5, help="keep detections scoring at least this (default 0.5)"
+    )
+    p.add_argument(
+        "--annotations",
+        default=None,
+        help="a COCO json whose images[].file_name match the images: its image ids go into the results",
+    )
     p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="images per forward pass (default 1)")
-    p.add_argument("--workers", type=_int_at_least(0), default=1, help="image-decoding processes (default 1; 0: in the main process)")
+    p.add_argument(
+        "--workers",
+        type=_int_at_least(0),
+        default=1,
+        help="image-decoding processes (default 1; 0: in the main process)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--bf16", action="store_true", help="run the network in bfloat16 (boxes and scores in float32): about 2x faster on CPUs with AVX-512 BF16 or AMX, and on GPUs")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="run the network in bfloat16 (boxes and scores in float32): about 2x faster on CPUs with "
+        "AVX-512 BF16 or AMX, and on GPUs",
+    )
     p.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
     p.add_argument("--no-images", action="store_true", help="write the json only, no annotated copies")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from fasterrcnn.inference.predict_files import collect_images, predict_files
     from fasterrcnn.inference.detector import Detector
+    from fasterrcnn.inference.predict_files import collect_images, predict_files
 
     _setup_logging()
     paths = collect_images(args.sources, recursive=args.recursive)
     _output_folder(args.out, "--out")
-    detector = Detector.load(args.weights, arch=args.arch, device=args.device, score_threshold=args.score_threshold,
-                             bf16=args.bf16)
-    summary = predict_files(detector, paths, args.out, batch_size=args.batch_size, workers=args.workers,
-                            draw=not args.no_images, ann_file=args.annotations)
+    detector = Detector.load(
+        args.weights, arch=args.arch, device=args.device, score_threshold=args.score_threshold, bf16=args.bf16
+    )
+    summary = predict_files(
+        detector,
+        paths,
+        args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        draw=not args.no_images,
+        ann_file=args.annotations,
+    )
     rate = summary.num_images / max(summary.seconds, 1e-9)
-    print(f"{summary.num_detections} detections (score >= {args.score_threshold}) in {summary.num_images} images, "
-          f"{summary.seconds:.1f} s ({rate:.2f} img/s) on {detector.device}")
-    print(f"written: {summary.out_dir / 'predictions.json'}, {summary.out_dir / 'images.json'}"
-          + ("" if args.no_images else f", {summary.out_dir / 'images'}/"))
+    print(
+        f"{summary.num_detections} detections (score >= {args.score_threshold}) in {summary.num_images} images, "
+        f"{summary.seconds:.1f} s ({rate:.2f} img/s) on {detector.device}"
+    )
+    print(
+        f"written: {summary.out_dir / 'predictions.json'}, {summary.out_dir / 'images.json'}"
+        + ("" if args.no_images else f", {summary.out_dir / 'images'}/")
+    )
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} image(s) that could not be read:", file=sys.stderr)
         for err in summary.skipped:
@@ -295,21 +380,32 @@ def _run_predict(args: argparse.Namespace) -> int:
 # ---- explain ------------------------------------------------------------------------------------
 
 
-
 def _add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="the image to explain")
-    p.add_argument("--weights", required=True,
-                   help="a training checkpoint (last.pt/best.pt) or torchvision detector weights")
-    p.add_argument("--annotations", default=None, metavar="ANN",
-                   help="ground truth for the anchor labels: a COCO instances json (the record with the image's "
-                        "file name) or a Pascal VOC xml")
+    p.add_argument(
+        "--weights", required=True, help="a training checkpoint (last.pt/best.pt) or torchvision detector weights"
+    )
+    p.add_argument(
+        "--annotations",
+        default=None,
+        metavar="ANN",
+        help="ground truth for the anchor labels: a COCO instances json (the record with the image's "
+        "file name) or a Pascal VOC xml",
+    )
     p.add_argument("--out", default=None, help="output folder (default: explain/<image stem>)")
     p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--level", default=None,
-                   help="the level whose anchors anchors.png shows: a name (P4) or an index (default: the middle one)")
-    p.add_argument("--score-threshold", type=_fraction, default=0.5,
-                   help="detections drawn in two_stage.png and detections.png score at least this (default 0.5)")
+    p.add_argument(
+        "--level",
+        default=None,
+        help="the level whose anchors anchors.png shows: a name (P4) or an index (default: the middle one)",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=_fraction,
+        default=0.5,
+        help="detections drawn in two_stage.png and detections.png score at least this (default 0.5)",
+    )
 
 
 def _run_explain(args: argparse.Namespace) -> int:
@@ -317,19 +413,31 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     from fasterrcnn.data.annotations import load_annotations
     from fasterrcnn.data.images import read_image
-    from fasterrcnn.explain.trace import explain
     from fasterrcnn.engine.setup import load_model_for_inference, resolve_device
+    from fasterrcnn.explain.trace import explain
 
     device = resolve_device(args.device)
     image = read_image(args.image)
     model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
     target, notes = None, []
     if args.annotations:
-        target, notes = load_annotations(args.annotations, args.image, image_size=tuple(image.shape[-2:]),
-                                         class_names=class_names, label_to_cat_id=label_to_cat_id)
+        target, notes = load_annotations(
+            args.annotations,
+            args.image,
+            image_size=tuple(image.shape[-2:]),
+            class_names=class_names,
+            label_to_cat_id=label_to_cat_id,
+        )
     out = Path(args.out) if args.out else Path("explain") / Path(args.image).stem
-    result = explain(model, image, out, target=target, class_names=class_names, level=args.level,
-                     score_threshold=args.score_threshold)
+    result = explain(
+        model,
+        image,
+        out,
+        target=target,
+        class_names=class_names,
+        level=args.level,
+        score_threshold=args.score_threshold,
+    )
     print(result.summary, end="")
     for note in notes + result.trace.notes:
         print(f"note: {note}")
@@ -342,16 +450,30 @@ def _run_explain(args: argparse.Namespace) -> int:
 
 
 def _add_ablate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                   help="config overrides applied to every cell, e.g. train.batch_size=4 train.threads=2")
-    p.add_argument("--cells", default=None,
-                   help="comma-separated cell names (default: the whole grid; --list shows it)")
-    p.add_argument("--iterations", type=_int_at_least(1), default=None,
-                   help="training iterations per cell (default: the config's; the warmup is scaled with it)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="SECTION.KEY=VALUE",
+        help="config overrides applied to every cell, e.g. train.batch_size=4 train.threads=2",
+    )
+    p.add_argument(
+        "--cells", default=None, help="comma-separated cell names (default: the whole grid; --list shows it)"
+    )
+    p.add_argument(
+        "--iterations",
+        type=_int_at_least(1),
+        default=None,
+        help="training iterations per cell (default: the config's; the warmup is scaled with it)",
+    )
     p.add_argument("--out", default="runs/ablation", help="output folder (default: runs/ablation)")
-    p.add_argument("--data", nargs="+", default=(), metavar="PATH",
-                   help="a synthetic-data folder (made if missing), or COCO jsons: TRAIN [VAL] "
-                        "(default: the demo's synthetic data)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=(),
+        metavar="PATH",
+        help="a synthetic-data folder (made if missing), or COCO jsons: TRAIN [VAL] "
+        "(default: the demo's synthetic data)",
+    )
     p.add_argument("--config", default=None, help="the baseline's YAML config (default: the demo recipe)")
     p.add_argument("--list", action="store_true", help="list the cells and exit")
 
@@ -370,30 +492,56 @@ def _run_ablate(args: argparse.Namespace) -> int:
     _setup_logging()
     cells = select_cells([c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None)
     base = base_config(config=args.config, iterations=args.iterations, data=list(args.data), overrides=args.overrides)
-    argv = [*(["--config", args.config] if args.config else []), *(["--data", *args.data] if args.data else []),
-            *(["--cells", args.cells] if args.cells else []),
-            *(["--iterations", str(args.iterations)] if args.iterations else []), "--out", args.out, *args.overrides]
+    argv = [
+        *(["--config", args.config] if args.config else []),
+        *(["--data", *args.data] if args.data else []),
+        *(["--cells", args.cells] if args.cells else []),
+        *(["--iterations", str(args.iterations)] if args.iterations else []),
+        "--out",
+        args.out,
+        *args.overrides,
+    ]
     with logging_redirect_tqdm():
         results = run_ablation(base, out=args.out, cells=cells, command=command_line(argv))
     reused = sum(r.reused for r in results)
     print((Path(args.out) / "ablation.md").read_text())
-    print(f"{len(results)} cell(s), {reused} re-used from earlier runs; table and plot: "
-          f"{Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.png'}")
+    print(
+        f"{len(results)} cell(s), {reused} re-used from earlier runs; table and plot: "
+        f"{Path(args.out) / 'ablation.md'}, {Path(args.out) / 'ablation.png'}"
+    )
     return 0
 
 
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("train", "train a detector (no arguments: the built-in synthetic demo)", _add_train, _run_train),
     Subcommand("evaluate", "COCO and VOC metrics of a checkpoint on a dataset", _add_evaluate, _run_evaluate),
-    Subcommand("predict", "detect objects in image files, folders or globs: COCO results json and annotated "
-               "images (exit 1 when an image could not be read)", _add_predict, _run_predict),
-    Subcommand("explain", "run a detector on one image stage by stage: one figure per stage and a summary",
-               _add_explain, _run_explain),
-    Subcommand("ablate", "the paper's experiments: a grid of training runs, one change each against a baseline, "
-               "with a table and plots (finished cells are re-used)", _add_ablate, _run_ablate),
+    Subcommand(
+        "predict",
+        "detect objects in image files, folders or globs: COCO results json and annotated "
+        "images (exit 1 when an image could not be read)",
+        _add_predict,
+        _run_predict,
+    ),
+    Subcommand(
+        "explain",
+        "run a detector on one image stage by stage: one figure per stage and a summary",
+        _add_explain,
+        _run_explain,
+    ),
+    Subcommand(
+        "ablate",
+        "the paper's experiments: a grid of training runs, one change each against a baseline, "
+        "with a table and plots (finished cells are re-used)",
+        _add_ablate,
+        _run_ablate,
+    ),
     Subcommand("synth", "write the synthetic shapes dataset (COCO json, optionally VOC)", _add_synth, _run_synth),
-    Subcommand("check-data", "check a COCO json or VOC root: counts, box sizes, problems "
-               "(exit 0: clean, 1: problems listed, 2: unusable)", _add_check_data, _run_check_data),
+    Subcommand(
+        "check-data",
+        "check a COCO json or VOC root: counts, box sizes, problems (exit 0: clean, 1: problems listed, 2: unusable)",
+        _add_check_data,
+        _run_check_data,
+    ),
 ]
 
 

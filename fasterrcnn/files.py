@@ -10,6 +10,7 @@ removed; a write that fails because the disk is full raises ``DiskFullError`` na
 A process killed outright (SIGKILL) can leave a temporary file behind; ``remove_stale_temps``
 clears them. Standard library only, so every layer may use it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -108,8 +109,10 @@ def disk_full_error(path: Path, error: BaseException) -> DiskFullError:
     except OSError:
         free = "free space unknown"
     previous = f"the previous {path.name} is unchanged" if path.exists() else f"{path.name} was not written"
-    e = DiskFullError(f"the disk is full: writing {path.name} in {folder} failed ({free}); {previous}. "
-                      "Free some space there, or write elsewhere")
+    e = DiskFullError(
+        f"the disk is full: writing {path.name} in {folder} failed ({free}); {previous}. "
+        "Free some space there, or write elsewhere"
+    )
     e.errno = errno.ENOSPC
     return e
 
@@ -131,8 +134,11 @@ def stale_temps(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)
-                  and p.name.count(".") >= 3 and p.is_file())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX) and p.name.count(".") >= 3 and p.is_file()
+    )
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

@@ -5,7 +5,6 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    yield
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """docs/bad-input.md cannot rot: every row of its tables names at least one test, and every test
 it names exists (a test function pytest collects, in the file named)."""
+
 import ast
 import re
 from pathlib import Path
@@ -11,8 +12,13 @@ NODE_ID = re.compile(r"`(tests/[\w/]+\.py)::(\w+)`")
 
 def _table_rows(text: str) -> list[str]:
     rows = [line for line in text.splitlines() if line.startswith("|")]
-    return [r for r in rows if not re.fullmatch(r"\|[\s\-|]+\|", r) and not r.startswith("| what is wrong")
-            and not r.startswith("| subcommand:")]
+    return [
+        r
+        for r in rows
+        if not re.fullmatch(r"\|[\s\-|]+\|", r)
+        and not r.startswith("| what is wrong")
+        and not r.startswith("| subcommand:")
+    ]
 
 
 def _collected_tests(path: Path) -> set[str]:
@@ -24,8 +30,11 @@ def _collected_tests(path: Path) -> set[str]:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
             names.add(node.name)
         elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
-            names |= {f"{node.name}::{m.name}" for m in node.body
-                      if isinstance(m, ast.FunctionDef) and m.name.startswith("test")}
+            names |= {
+                f"{node.name}::{m.name}"
+                for m in node.body
+                if isinstance(m, ast.FunctionDef) and m.name.startswith("test")
+            }
     return names
 
 

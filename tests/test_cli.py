@@ -15,8 +15,9 @@ def test_subcommands_are_registered():
 
 def test_synth_then_check_data(tmp_path, capsys):
     out = tmp_path / "s"
-    rc = main(["synth", "--out", str(out), "--num-train", "6", "--num-val", "2", "--seed", "1",
-               "--size", "64x96", "--voc"])
+    rc = main(
+        ["synth", "--out", str(out), "--num-train", "6", "--num-val", "2", "--seed", "1", "--size", "64x96", "--voc"]
+    )
     assert rc == 0
     assert "synthetic dataset in" in capsys.readouterr().out
     data = json.loads((out / "annotations" / "instances_train.json").read_text())
@@ -32,8 +33,11 @@ def test_synth_then_check_data(tmp_path, capsys):
 
 def test_check_data_with_problems_exits_1(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
-    ann = {"images": [{"id": 1, "file_name": "gone.jpg", "width": 4, "height": 4}], "annotations": [],
-           "categories": [{"id": 1, "name": "a"}]}
+    ann = {
+        "images": [{"id": 1, "file_name": "gone.jpg", "width": 4, "height": 4}],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "a"}],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     assert main(["check-data", str(tmp_path / "ann.json"), "--images", str(tmp_path / "imgs")]) == 1
     out = capsys.readouterr().out
@@ -44,8 +48,17 @@ def test_check_data_with_problems_exits_1(tmp_path, capsys):
     "setup, needle",
     [
         (lambda p: p.write_text("{not json"), "ann.json: malformed json"),
-        (lambda p: p.write_text(json.dumps({"images": [{"id": 1, "file_name": "../x.jpg", "width": 2, "height": 2}],
-                                            "categories": [{"id": 1, "name": "a"}]})), "escapes the image root"),
+        (
+            lambda p: p.write_text(
+                json.dumps(
+                    {
+                        "images": [{"id": 1, "file_name": "../x.jpg", "width": 2, "height": 2}],
+                        "categories": [{"id": 1, "name": "a"}],
+                    }
+                )
+            ),
+            "escapes the image root",
+        ),
         (lambda p: None, "ann.json: not found"),
     ],
 )
@@ -66,8 +79,12 @@ def test_bad_synth_options(tmp_path, capsys):
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fasterrcnn", "check-data", str(tmp_path / "none.json")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fasterrcnn", "check-data", str(tmp_path / "none.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'none.json'}: not found (expected a COCO json file or a VOC root)"
 
@@ -83,19 +100,30 @@ def _fake_run_checkpoint(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--resume", "{tmp}/last.pt", "--config", "my.yaml"], "continues the run with the config saved in the checkpoint; "
-                                                           "drop --config my.yaml"),
-    (["--resume", "{tmp}/last.pt", "solver.lr=0.1"], "--resume {tmp}/last.pt: cannot change 'solver.lr': only "
-                                                     "data.workers, train.threads, train.device, train.log_every"),
-    (["--resume", "{tmp}/last.pt", "data.workers=-1"], "data.workers must be >= 0"),
-    (["--resume", "{tmp}/gone.pt"], "checkpoint not found: {tmp}/gone.pt"),
-    (["--resume", "{tmp}/garbage.pt"], "refusing to load {tmp}/garbage.pt: it is not a file of tensors and plain data"),
-    (["--resume", "{tmp}/cut.pt"], "cannot read checkpoint {tmp}/cut.pt: RuntimeError"),
-    (["--resume", "{tmp}/weights.pt"], "{tmp}/weights.pt is not a training checkpoint of this project"),
-    (["solver.lr=-1"], "solver.lr must be > 0"),
-    (["--config", "{tmp}/none.yaml"], "config file not found: {tmp}/none.yaml"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--resume", "{tmp}/last.pt", "--config", "my.yaml"],
+            "continues the run with the config saved in the checkpoint; drop --config my.yaml",
+        ),
+        (
+            ["--resume", "{tmp}/last.pt", "solver.lr=0.1"],
+            "--resume {tmp}/last.pt: cannot change 'solver.lr': only "
+            "data.workers, train.threads, train.device, train.log_every",
+        ),
+        (["--resume", "{tmp}/last.pt", "data.workers=-1"], "data.workers must be >= 0"),
+        (["--resume", "{tmp}/gone.pt"], "checkpoint not found: {tmp}/gone.pt"),
+        (
+            ["--resume", "{tmp}/garbage.pt"],
+            "refusing to load {tmp}/garbage.pt: it is not a file of tensors and plain data",
+        ),
+        (["--resume", "{tmp}/cut.pt"], "cannot read checkpoint {tmp}/cut.pt: RuntimeError"),
+        (["--resume", "{tmp}/weights.pt"], "{tmp}/weights.pt is not a training checkpoint of this project"),
+        (["solver.lr=-1"], "solver.lr must be > 0"),
+        (["--config", "{tmp}/none.yaml"], "config file not found: {tmp}/none.yaml"),
+    ],
+)
 def test_train_command_line_errors(tmp_path, capsys, argv, message):
     import torch
 

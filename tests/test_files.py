@@ -1,4 +1,5 @@
 """Crash-safe writes (fasterrcnn.files): the target is the old file or the new one, never half."""
+
 import errno
 import os
 
@@ -24,10 +25,9 @@ def test_replaces_the_file_whole_syncs_the_folder_and_keeps_umask_permissions(tm
 def test_an_error_during_the_write_leaves_the_previous_file_and_no_temporary(tmp_path):
     target = tmp_path / "last.pt"
     target.write_bytes(b"previous checkpoint")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_open(target, "wb") as f:
-            f.write(b"half of the new one")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_open(target, "wb") as f:
+        f.write(b"half of the new one")
+        raise RuntimeError("boom")
     assert target.read_bytes() == b"previous checkpoint"
     assert list(tmp_path.iterdir()) == [target]
 
@@ -62,6 +62,5 @@ def test_stale_temporaries_of_a_killed_writer_are_found_and_removed(tmp_path):
 
 
 def test_mode_must_write():
-    with pytest.raises(ValueError, match="mode must contain 'w'"):
-        with atomic_open("x", "rb"):
-            pass
+    with pytest.raises(ValueError, match="mode must contain 'w'"), atomic_open("x", "rb"):
+        pass

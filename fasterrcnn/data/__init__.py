@@ -11,12 +11,12 @@ from .synth import generate
 from .voc import VOC_CLASSES, VocDetection
 
 __all__ = [
+    "VOC_CLASSES",
     "CocoDetection",
     "DataError",
     "GroupedBatchSampler",
     "Problem",
     "Report",
-    "VOC_CLASSES",
     "VocDetection",
     "aspect_ratio_groups",
     "check_dataset",

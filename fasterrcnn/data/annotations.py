@@ -6,6 +6,7 @@ A COCO instances json (the record whose file_name has the image's name; labels t
 ids) or a Pascal VOC xml (class names matched to the model's). Objects of classes the model does not
 know are left out, with a note.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,15 @@ def targets_in_model_labels(dataset, label_to_cat_id: dict[int, int]) -> list[di
     for t in targets:
         labels = lut[t["labels"]]
         known = labels > 0
-        remapped.append({**{k: (v[known] if k in ("boxes", "labels", "area", "iscrowd", "difficult") else v)
-                            for k, v in t.items()}, "labels": labels[known]})
+        remapped.append(
+            {
+                **{
+                    k: (v[known] if k in ("boxes", "labels", "area", "iscrowd", "difficult") else v)
+                    for k, v in t.items()
+                },
+                "labels": labels[known],
+            }
+        )
     return remapped
 
 
@@ -55,23 +63,29 @@ class _OneRecord:
         return self.dataset.target(self.index)
 
 
-def _coco_target(ann_file: Path, image_path: Path, image_size: tuple[int, int],
-                 label_to_cat_id: dict[int, int]) -> tuple[dict, list[str]]:
+def _coco_target(
+    ann_file: Path, image_path: Path, image_size: tuple[int, int], label_to_cat_id: dict[int, int]
+) -> tuple[dict, list[str]]:
     dataset = CocoDetection(ann_file, image_root=image_path.parent)
     matches = [i for i, r in enumerate(dataset.records) if Path(r.path).name == image_path.name]
     if not matches:
-        raise DataError(f"{ann_file}: no image record with file_name {image_path.name!r} "
-                        f"(the image explained is {image_path})")
+        raise DataError(
+            f"{ann_file}: no image record with file_name {image_path.name!r} (the image explained is {image_path})"
+        )
     exact = [i for i in matches if Path(dataset.records[i].path).resolve() == image_path.resolve()]
     if len(matches) > 1 and len(exact) != 1:
         names = ", ".join(repr(str(dataset.records[i].path)) for i in matches[:5])
-        raise DataError(f"{ann_file}: {len(matches)} image records match {image_path.name!r} ({names}); "
-                        "put the image where its file_name says, relative to the json's image folder")
+        raise DataError(
+            f"{ann_file}: {len(matches)} image records match {image_path.name!r} ({names}); "
+            "put the image where its file_name says, relative to the json's image folder"
+        )
     index = exact[0] if len(matches) > 1 else matches[0]
     record = dataset.records[index]
     if (record.height, record.width) != tuple(image_size):
-        raise DataError(f"{ann_file}: {record.record}: width x height {record.width}x{record.height} but "
-                        f"{image_path} is {image_size[1]}x{image_size[0]}")
+        raise DataError(
+            f"{ann_file}: {record.record}: width x height {record.width}x{record.height} but "
+            f"{image_path} is {image_size[1]}x{image_size[0]}"
+        )
     (target,) = targets_in_model_labels(_OneRecord(dataset, index), label_to_cat_id)
     notes = [dataset.report.summary()] if len(dataset.report) else []
     dropped = len(record.labels) - len(target["labels"])
@@ -90,18 +104,22 @@ def _voc_target(xml_file: Path, image_size: tuple[int, int], class_names: list[s
         except ValueError:
             raise DataError(f"{where(xml_file, None, 'size')}: expected integer <width> and <height>") from None
         if declared != (height, width):
-            raise DataError(f"{where(xml_file, None, 'size')}: {declared[1]}x{declared[0]} (width x height) but "
-                            f"the image is {width}x{height}")
+            raise DataError(
+                f"{where(xml_file, None, 'size')}: {declared[1]}x{declared[0]} (width x height) but "
+                f"the image is {width}x{height}"
+            )
     report = Report(source=str(xml_file))
     labels = {name: i for i, name in enumerate(class_names) if i > 0}
     objects = parse_objects(ann, xml_file, f"image {xml_file.stem}", width, height, labels, report)
     boxes = torch.tensor([o[0] for o in objects], dtype=torch.float32).reshape(-1, 4)
-    return {"boxes": boxes, "labels": torch.tensor([o[1] for o in objects], dtype=torch.int64)}, \
-        [str(p) for p in report]
+    return {"boxes": boxes, "labels": torch.tensor([o[1] for o in objects], dtype=torch.int64)}, [
+        str(p) for p in report
+    ]
 
 
-def load_annotations(path, image_path, *, image_size: tuple[int, int], class_names: list[str],
-                     label_to_cat_id: dict[int, int]) -> tuple[dict, list[str]]:
+def load_annotations(
+    path, image_path, *, image_size: tuple[int, int], class_names: list[str], label_to_cat_id: dict[int, int]
+) -> tuple[dict, list[str]]:
     """Ground truth of one image in the model's labels: -> ({boxes [G, 4] image pixels, labels [G]}, notes).
 
     ``path``: a COCO instances json (the record whose file_name has the image's name; labels through the

@@ -39,8 +39,11 @@ def progress_lines(items: list, desc: str, *, every_s: float = PROGRESS_EVERY_S,
         now = time.monotonic()
         if now - last >= every_s:
             last = now
-            print(f"{desc}: {i + 1}/{total} ({100 * (i + 1) // max(total, 1)}%), {now - start:.0f} s",
-                  file=stream, flush=True)
+            print(
+                f"{desc}: {i + 1}/{total} ({100 * (i + 1) // max(total, 1)}%), {now - start:.0f} s",
+                file=stream,
+                flush=True,
+            )
     if last != start or time.monotonic() - start >= every_s:
         print(f"{desc}: {total}/{total} done, {time.monotonic() - start:.0f} s", file=stream, flush=True)
 
@@ -121,8 +124,9 @@ class DetectionDataset(Dataset):
             if problem is None:
                 kept.append(r)
             else:
-                self.report.add(SKIPPED_IMAGE, DEGENERATE_SIZE, r.source, r.record, "width/height",
-                                f"{r.path}: {problem}")
+                self.report.add(
+                    SKIPPED_IMAGE, DEGENERATE_SIZE, r.source, r.record, "width/height", f"{r.path}: {problem}"
+                )
         return kept
 
     def _drop_bad_images(self, records: list[ImageRecord]) -> list[ImageRecord]:
@@ -189,7 +193,4 @@ class DetectionDataset(Dataset):
         return image, target
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({len(self)} images, {self.num_classes} classes, "
-            f"{len(self.report)} problems)"
-        )
+        return f"{type(self).__name__}({len(self)} images, {self.num_classes} classes, {len(self.report)} problems)"

@@ -82,7 +82,7 @@ class GroupedBatchSampler(Sampler):
                 group.clear()
         leftover = [i for _, i in sorted(p for g in waiting.values() for p in g)]
         for start in range(0, len(leftover), self.batch_size):
-            batch = leftover[start:start + self.batch_size]
+            batch = leftover[start : start + self.batch_size]
             if len(batch) == self.batch_size or not self.drop_last:
                 yield batch
 
@@ -138,8 +138,7 @@ def make_data_loader(
     random transforms draw from. With ``num_workers=0`` transforms use the main process's RNG.
     """
     if distributed:
-        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
-                                     seed=seed)
+        sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
     elif shuffle:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:

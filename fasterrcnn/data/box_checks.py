@@ -48,9 +48,7 @@ def check_box(x1, y1, x2, y2, width: int, height: int) -> BoxCheck:
     c = (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
     if c != (x1, y1, x2, y2):
         clipped = "[" + ", ".join(f"{v:g}" for v in c) + "]"
-        return BoxCheck(
-            c, CLIPPED, f"box {text} extends outside the {width}x{height} image; clipped to {clipped}"
-        )
+        return BoxCheck(c, CLIPPED, f"box {text} extends outside the {width}x{height} image; clipped to {clipped}")
     return BoxCheck((float(x1), float(y1), float(x2), float(y2)))
 
 
@@ -75,13 +73,19 @@ def inside_resolver(root: Path):
     sep = os.sep
 
     def resolve(name, file, record: str, field_name: str) -> str:
-        if type(name) is str and name and not name.startswith(("/", sep)) and ".." not in name \
-                and not os.path.isabs(name):
+        if (
+            type(name) is str
+            and name
+            and not name.startswith(("/", sep))
+            and ".." not in name
+            and not os.path.isabs(name)
+        ):
             full = base + sep + name
             if sep == "/" and "/." not in "/" + name and "//" not in name and not name.endswith("/"):
                 return full  # normal already: what normpath would return
             return os.path.normpath(full)
         return str(resolve_inside(root, name, file, record, field_name))
+
     return resolve
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .base import DetectionDataset, ImageRecord, empty_arrays
-from .report import FIXED, SKIPPED_ANNOTATION, DataError, where
 from .box_checks import MALFORMED_BOX, boxes_needing_checks, check_box, inside_resolver, is_int, is_number
+from .report import FIXED, SKIPPED_ANNOTATION, DataError, where
 
 UNKNOWN_CATEGORY = "unknown category id"
 UNKNOWN_IMAGE = "unknown image id"
@@ -57,9 +57,14 @@ def load_json(path) -> dict:
     path = Path(path)
     if path.is_dir():
         voc = (path / "Annotations").is_dir()
-        raise DataError(f"{path}: a folder, and COCO data is one instances json file"
-                        + (" (this folder looks like a Pascal VOC root: set data.format=voc, or leave it auto)"
-                           if voc else "; give the json file itself (e.g. annotations/instances_train.json)"))
+        raise DataError(
+            f"{path}: a folder, and COCO data is one instances json file"
+            + (
+                " (this folder looks like a Pascal VOC root: set data.format=voc, or leave it auto)"
+                if voc
+                else "; give the json file itself (e.g. annotations/instances_train.json)"
+            )
+        )
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
     try:
@@ -105,7 +110,9 @@ def _unique_record(item, path, section: str, i: int, kind: str, first_at: dict[i
     item = _record(item, path, name)
     ident = _int_field(item, "id", path, name)
     if ident in first_at:
-        raise DataError(f"{where(path, name, 'id')}: duplicate {kind} id {ident} (first at {section}[{first_at[ident]}])")
+        raise DataError(
+            f"{where(path, name, 'id')}: duplicate {kind} id {ident} (first at {section}[{first_at[ident]}])"
+        )
     first_at[ident] = i
     return item, ident
 
@@ -154,8 +161,10 @@ class CocoDetection(DetectionDataset):
                 raise DataError(f"{where(path, f'category id {cid}', 'name')}: expected a non-empty string")
             same = [other for other, name in names.items() if name == cat["name"]]
             if same:  # labels are matched by name (evaluation, class lists): one name, one category
-                raise DataError(f"{where(path, f'category id {cid}', 'name')}: duplicate category name "
-                                f"{cat['name']!r}, also category id {same[0]}; give each category its own name")
+                raise DataError(
+                    f"{where(path, f'category id {cid}', 'name')}: duplicate category name "
+                    f"{cat['name']!r}, also category id {same[0]}; give each category its own name"
+                )
             names[cid] = cat["name"]
         ids = sorted(names)
         self.cat_id_to_label = {cid: label for label, cid in enumerate(ids, start=1)}
@@ -210,23 +219,66 @@ class CocoDetection(DetectionDataset):
                 first_at[aid] = i
             iid = ann.get("image_id")
             if not is_int(iid) or iid not in images:
-                problems.append((i, (SKIPPED_ANNOTATION, UNKNOWN_IMAGE, path, f"annotation id {aid}", "image_id",
-                                     f"image_id {iid!r} is not in 'images'")))
+                problems.append(
+                    (
+                        i,
+                        (
+                            SKIPPED_ANNOTATION,
+                            UNKNOWN_IMAGE,
+                            path,
+                            f"annotation id {aid}",
+                            "image_id",
+                            f"image_id {iid!r} is not in 'images'",
+                        ),
+                    )
+                )
                 continue
             info = images[iid][0]
             if info is None:
                 continue  # the image was skipped and reported
             cid = ann.get("category_id")
             if not is_int(cid) or cid not in cat_to_label:
-                problems.append((i, (SKIPPED_ANNOTATION, UNKNOWN_CATEGORY, path, f"annotation id {aid}", "category_id",
-                                     f"category_id {cid!r} is not in 'categories'")))
+                problems.append(
+                    (
+                        i,
+                        (
+                            SKIPPED_ANNOTATION,
+                            UNKNOWN_CATEGORY,
+                            path,
+                            f"annotation id {aid}",
+                            "category_id",
+                            f"category_id {cid!r} is not in 'categories'",
+                        ),
+                    )
+                )
                 continue
             bbox = ann.get("bbox")
-            if not (type(bbox) is list and len(bbox) == 4 and (
-                    (type(bbox[0]) in numbers and type(bbox[1]) in numbers and type(bbox[2]) in numbers
-                     and type(bbox[3]) in numbers) or all(is_number(v) for v in bbox))):
-                problems.append((i, (SKIPPED_ANNOTATION, MALFORMED_BOX, path, f"annotation id {aid}", "bbox",
-                                     f"expected [x, y, width, height] numbers, got {bbox!r}")))
+            if not (
+                type(bbox) is list
+                and len(bbox) == 4
+                and (
+                    (
+                        type(bbox[0]) in numbers
+                        and type(bbox[1]) in numbers
+                        and type(bbox[2]) in numbers
+                        and type(bbox[3]) in numbers
+                    )
+                    or all(is_number(v) for v in bbox)
+                )
+            ):
+                problems.append(
+                    (
+                        i,
+                        (
+                            SKIPPED_ANNOTATION,
+                            MALFORMED_BOX,
+                            path,
+                            f"annotation id {aid}",
+                            "bbox",
+                            f"expected [x, y, width, height] numbers, got {bbox!r}",
+                        ),
+                    )
+                )
                 continue
             area = ann.get("area")
             rows_i.append(i)
@@ -248,8 +300,12 @@ class CocoDetection(DetectionDataset):
             result = check_box(*boxes[k].tolist(), info["width"], info["height"])
             if result.box is None:
                 keep[k] = False
-                problems.append((rows_i[k], (SKIPPED_ANNOTATION, result.kind, path, rec, "bbox",
-                                             f"{result.detail} (xywh {rows_box[k]})")))
+                problems.append(
+                    (
+                        rows_i[k],
+                        (SKIPPED_ANNOTATION, result.kind, path, rec, "bbox", f"{result.detail} (xywh {rows_box[k]})"),
+                    )
+                )
                 continue
             if result.kind is not None:
                 problems.append((rows_i[k], (FIXED, result.kind, path, rec, "bbox", result.detail)))
@@ -258,9 +314,13 @@ class CocoDetection(DetectionDataset):
             area = np.array(rows_area, dtype=np.float64)
             computed = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             area = np.where(np.isfinite(area) & (area > 0), area, computed)
-        self._kept = {"image": np.array([info["n"] for info in rows_image], np.int64)[keep],
-                      "boxes": boxes[keep].astype(np.float32), "labels": np.array(rows_label, np.int64)[keep],
-                      "area": area[keep].astype(np.float32), "iscrowd": np.array(rows_crowd, np.int64)[keep]}
+        self._kept = {
+            "image": np.array([info["n"] for info in rows_image], np.int64)[keep],
+            "boxes": boxes[keep].astype(np.float32),
+            "labels": np.array(rows_label, np.int64)[keep],
+            "area": area[keep].astype(np.float32),
+            "iscrowd": np.array(rows_crowd, np.int64)[keep],
+        }
         problems.sort(key=lambda p: p[0])  # stable: a fix and its record stay in the order found
         for _, args in problems:
             self.report.add(*args)
@@ -284,6 +344,9 @@ class CocoDetection(DetectionDataset):
             k = info["n"]
             s, e = (ends[k - 1] if k else 0), ends[k]
             arrays = (boxes[s:e], labels[s:e], area[s:e], iscrowd[s:e]) if e > s else empty_arrays()
-            records.append(ImageRecord(info["id"], info["path"], info["width"], info["height"], *arrays,
-                                       None, source, info["record"]))
+            records.append(
+                ImageRecord(
+                    info["id"], info["path"], info["width"], info["height"], *arrays, None, source, info["record"]
+                )
+            )
         return records

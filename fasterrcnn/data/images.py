@@ -81,8 +81,10 @@ def degenerate_size(width: int, height: int) -> str | None:
     if short < MIN_IMAGE_SIDE:
         return f"{width}x{height} (width x height): a side under {MIN_IMAGE_SIDE} pixels"
     if long > MAX_ASPECT_RATIO * short:
-        return (f"{width}x{height} (width x height): one side is {long / short:.0f} times the other "
-                f"(more than {MAX_ASPECT_RATIO})")
+        return (
+            f"{width}x{height} (width x height): one side is {long / short:.0f} times the other "
+            f"(more than {MAX_ASPECT_RATIO})"
+        )
     return None
 
 

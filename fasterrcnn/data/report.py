@@ -73,9 +73,7 @@ class Report:
 
     def count(self, action: str | None = None, kind: str | None = None) -> int:
         return sum(
-            1
-            for p in self.problems
-            if (action is None or p.action == action) and (kind is None or p.kind == kind)
+            1 for p in self.problems if (action is None or p.action == action) and (kind is None or p.kind == kind)
         )
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -107,8 +105,9 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     table = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     ncols = len(header)
     widths = [max(len(r[i]) for r in table) for i in range(ncols)]
-    numeric = [all(r[i].lstrip("-").replace(".", "", 1).isdigit() or r[i] == "" for r in table[1:])
-               for i in range(ncols)]
+    numeric = [
+        all(r[i].lstrip("-").replace(".", "", 1).isdigit() or r[i] == "" for r in table[1:]) for i in range(ncols)
+    ]
 
     def fmt(row):
         cells = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]

@@ -60,8 +60,23 @@ def _polygon(kind: str) -> np.ndarray:
         return np.stack([r * np.cos(a), r * np.sin(a)], 1)
     if kind == "cross":
         w = 0.34
-        return np.array([(w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w),
-                         (-1, w), (-1, -w), (-w, -w), (-w, -1)], float)
+        return np.array(
+            [
+                (w, -1),
+                (w, -w),
+                (1, -w),
+                (1, w),
+                (w, w),
+                (w, 1),
+                (-w, 1),
+                (-w, w),
+                (-1, w),
+                (-1, -w),
+                (-w, -w),
+                (-w, -1),
+            ],
+            float,
+        )
     raise ValueError(f"unknown shape {kind!r}; known shapes: {', '.join(SHAPES)}")
 
 
@@ -95,8 +110,10 @@ class SynthParams:
         if unknown:
             problems.append(f"unknown shape(s) {unknown}; known shapes: {', '.join(SHAPES)}")
         if not 4 <= self.min_object_size <= self.max_size <= min(h, w) - 2:
-            problems.append(f"need 4 <= min_object_size <= max_object_size <= min(H, W) - 2, got "
-                            f"{self.min_object_size} and {self.max_size}")
+            problems.append(
+                f"need 4 <= min_object_size <= max_object_size <= min(H, W) - 2, got "
+                f"{self.min_object_size} and {self.max_size}"
+            )
         if self.max_objects < 1 or not 0.0 <= self.empty_fraction <= 1.0:
             problems.append("max_objects must be >= 1 and empty_fraction in [0, 1]")
         if self.image_format not in ("jpg", "png"):
@@ -128,9 +145,15 @@ class SynthPaths:
 
 
 def _paths(root: Path, voc: bool) -> SynthPaths:
-    return SynthPaths(root, root / "train", root / "val", root / "annotations" / "instances_train.json",
-                      root / "annotations" / "instances_val.json", root / "VOC" if voc else None,
-                      root / MANIFEST)
+    return SynthPaths(
+        root,
+        root / "train",
+        root / "val",
+        root / "annotations" / "instances_train.json",
+        root / "annotations" / "instances_val.json",
+        root / "VOC" if voc else None,
+        root / MANIFEST,
+    )
 
 
 # ---- drawing ------------------------------------------------------------------------------------
@@ -246,8 +269,7 @@ def _render(job):
     return objs
 
 
-def _write_split(params: SynthParams, ids: range, image_dir: Path, json_path: Path, split: str,
-                 workers: int):
+def _write_split(params: SynthParams, ids: range, image_dir: Path, json_path: Path, split: str, workers: int):
     image_dir.mkdir(parents=True, exist_ok=True)
     h, w = params.image_size
     names = [f"{image_id:06d}.{params.image_format}" for image_id in ids]
@@ -261,16 +283,29 @@ def _write_split(params: SynthParams, ids: range, image_dir: Path, json_path: Pa
     for image_id, file_name, objs in zip(ids, names, results):
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
         for label, box, area, polygon in objs:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
-                                "bbox": box, "area": area, "iscrowd": 0, "segmentation": [polygon]})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label,
+                    "bbox": box,
+                    "area": area,
+                    "iscrowd": 0,
+                    "segmentation": [polygon],
+                }
+            )
     coco = {
-        "info": {"description": f"fasterrcnn synthetic shapes ({split})", "version": str(FORMAT_VERSION),
-                 "params": params.to_json()},
+        "info": {
+            "description": f"fasterrcnn synthetic shapes ({split})",
+            "version": str(FORMAT_VERSION),
+            "params": params.to_json(),
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i, "name": name, "supercategory": "shape"}
-                       for i, name in enumerate(params.classes, start=1)],
+        "categories": [
+            {"id": i, "name": name, "supercategory": "shape"} for i, name in enumerate(params.classes, start=1)
+        ],
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
     with open(json_path, "w", encoding="utf-8") as f:
@@ -355,10 +390,19 @@ def generate(
     ``workers`` processes draw the images (default: up to 8, one per CPU); the output does not
     depend on it.
     """
-    params = SynthParams(int(num_train), int(num_val), int(seed), tuple(int(v) for v in image_size),
-                         tuple(classes), bool(voc), int(min_object_size),
-                         None if max_object_size is None else int(max_object_size), int(max_objects),
-                         float(empty_fraction), image_format)
+    params = SynthParams(
+        int(num_train),
+        int(num_val),
+        int(seed),
+        tuple(int(v) for v in image_size),
+        tuple(classes),
+        bool(voc),
+        int(min_object_size),
+        None if max_object_size is None else int(max_object_size),
+        int(max_objects),
+        float(empty_fraction),
+        image_format,
+    )
     params.validate()
     root = Path(out_dir)
     paths = _paths(root, params.voc)
@@ -368,8 +412,10 @@ def generate(
         if not root.is_dir():
             raise DataError(f"{root}: exists and is not a directory")
         if any(root.iterdir()) and not paths.manifest.exists():
-            raise DataError(f"{root}: directory is not empty and was not made by 'fasterrcnn synth'; "
-                            "refusing to write into it (choose an empty or new directory)")
+            raise DataError(
+                f"{root}: directory is not empty and was not made by 'fasterrcnn synth'; "
+                "refusing to write into it (choose an empty or new directory)"
+            )
         paths.manifest.unlink(missing_ok=True)  # made by us with other parameters: start over
         for sub in ("train", "val", "annotations", "VOC"):
             shutil.rmtree(root / sub, ignore_errors=True)
@@ -384,6 +430,9 @@ def generate(
     if params.voc:
         _write_voc(paths.voc_root, "train", train, paths.train_images, params.classes)
         _write_voc(paths.voc_root, "val", val, paths.val_images, params.classes)
-    paths.manifest.write_text(json.dumps({"generator": "fasterrcnn.data.synth", "version": FORMAT_VERSION,
-                                          "params": params.to_json()}, indent=1))
+    paths.manifest.write_text(
+        json.dumps(
+            {"generator": "fasterrcnn.data.synth", "version": FORMAT_VERSION, "params": params.to_json()}, indent=1
+        )
+    )
     return paths

@@ -107,8 +107,9 @@ class RandomResize:
         nh, nw = self.output_size(h, w, self.min_sizes[i])
         if (nh, nw) == (h, w):
             return image, target
-        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False,
-                              antialias=True)[0].clamp(0.0, 1.0)
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[
+            0
+        ].clamp(0.0, 1.0)
         sx, sy = nw / w, nh / h
         if "boxes" in target:
             target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy], dtype=target["boxes"].dtype)
@@ -131,8 +132,13 @@ class ColorJitter:
     factor drawn uniformly from ``[max(0, 1 - x), 1 + x]``, clamped to [0,1] after each step.
     Boxes are untouched."""
 
-    def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        brightness: float = 0.0,
+        contrast: float = 0.0,
+        saturation: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
         for name, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if v < 0:
                 raise ValueError(f"{name} must be >= 0, got {v}")
@@ -213,8 +219,10 @@ class SeededAugmentation:
 
     def __call__(self, image, target):
         if "image_id" not in target:
-            raise KeyError("SeededAugmentation seeds each sample from its target's 'image_id', which is missing "
-                           f"(keys: {sorted(target)})")
+            raise KeyError(
+                "SeededAugmentation seeds each sample from its target's 'image_id', which is missing "
+                f"(keys: {sorted(target)})"
+            )
         with _isolated_rngs(augmentation_seed(self.seed, self.epoch, int(target["image_id"]))):
             return self.transforms(image, target)
 

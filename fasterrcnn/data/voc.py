@@ -16,13 +16,30 @@ from pathlib import Path
 import numpy as np
 
 from .base import DetectionDataset, ImageRecord, empty_arrays
-from .report import FIXED, SKIPPED_ANNOTATION, DataError, Report, where
 from .box_checks import MALFORMED_BOX, check_box, resolve_inside
+from .report import FIXED, SKIPPED_ANNOTATION, DataError, Report, where
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 UNKNOWN_CLASS = "unknown class name"
 
@@ -109,8 +126,9 @@ class VocDetection(DetectionDataset):
         return [self._names[r.image_id] for r in self.records]
 
     def _parse(self, image_id: int, name: str) -> ImageRecord | None:
-        xml_path = resolve_inside(self.root / "Annotations", f"{name}.xml", self.report.source,
-                                  f"image {name}", "image id")
+        xml_path = resolve_inside(
+            self.root / "Annotations", f"{name}.xml", self.report.source, f"image {name}", "image id"
+        )
         ann = parse_xml(xml_path)
         self._names[image_id] = name
         rec = f"image {name}"
@@ -133,8 +151,9 @@ class VocDetection(DetectionDataset):
             )
         width, height = int(width), int(height)
 
-        objects = parse_objects(ann, xml_path, rec, width, height, self._label, self.report,
-                                keep_difficult=self.keep_difficult)
+        objects = parse_objects(
+            ann, xml_path, rec, width, height, self._label, self.report, keep_difficult=self.keep_difficult
+        )
         if objects:
             boxes = np.array([o[0] for o in objects], np.float32).reshape(-1, 4)
             labels = np.array([o[1] for o in objects], np.int64)
@@ -144,12 +163,31 @@ class VocDetection(DetectionDataset):
         else:
             boxes, labels, area, iscrowd = empty_arrays()
             difficult = np.zeros((0,), bool)
-        return ImageRecord(image_id, path, width, height, boxes, labels, area.astype(np.float32),
-                           iscrowd, difficult, str(xml_path), rec)
+        return ImageRecord(
+            image_id,
+            path,
+            width,
+            height,
+            boxes,
+            labels,
+            area.astype(np.float32),
+            iscrowd,
+            difficult,
+            str(xml_path),
+            rec,
+        )
 
 
-def parse_objects(ann: ET.Element, xml_path, rec: str, width: int, height: int, labels: dict[str, int],
-                  report: Report, keep_difficult: bool = True) -> list[tuple[tuple[float, ...], int, bool]]:
+def parse_objects(
+    ann: ET.Element,
+    xml_path,
+    rec: str,
+    width: int,
+    height: int,
+    labels: dict[str, int],
+    report: Report,
+    keep_difficult: bool = True,
+) -> list[tuple[tuple[float, ...], int, bool]]:
     """The ``<object>``s of one parsed VOC XML as ``(box xyxy 0-based, label, difficult)``.
 
     ``labels`` maps class names to labels; objects of other classes and bad boxes are skipped and
@@ -160,8 +198,14 @@ def parse_objects(ann: ET.Element, xml_path, rec: str, width: int, height: int, 
         orec = f"{rec} object {k}"
         cls = (obj.findtext("name") or "").strip()
         if cls not in labels:
-            report.add(SKIPPED_ANNOTATION, UNKNOWN_CLASS, xml_path, orec, "name",
-                       f"class {cls!r} is not one of the dataset's classes")
+            report.add(
+                SKIPPED_ANNOTATION,
+                UNKNOWN_CLASS,
+                xml_path,
+                orec,
+                "name",
+                f"class {cls!r} is not one of the dataset's classes",
+            )
             continue
         difficult = _number(obj, "difficult") == 1
         if difficult and not keep_difficult:
@@ -169,8 +213,14 @@ def parse_objects(ann: ET.Element, xml_path, rec: str, width: int, height: int, 
         bnd = obj.find("bndbox")
         coords = [_number(bnd, t) for t in ("xmin", "ymin", "xmax", "ymax")]
         if any(c is None for c in coords):
-            report.add(SKIPPED_ANNOTATION, MALFORMED_BOX, xml_path, orec, "bndbox",
-                       "expected numeric <xmin>, <ymin>, <xmax>, <ymax>")
+            report.add(
+                SKIPPED_ANNOTATION,
+                MALFORMED_BOX,
+                xml_path,
+                orec,
+                "bndbox",
+                "expected numeric <xmin>, <ymin>, <xmax>, <ymax>",
+            )
             continue
         xmin, ymin, xmax, ymax = coords
         result = check_box(xmin - 1, ymin - 1, xmax, ymax, width, height)

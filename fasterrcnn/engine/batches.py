@@ -1,4 +1,5 @@
 """The training batches: a fixed, seeded order per epoch, resumable in the middle of an epoch."""
+
 from torch.utils.data import DataLoader
 
 from ..data import make_data_loader
@@ -8,21 +9,35 @@ from ..data.transforms import set_augmentation_epoch
 class EpochBatches:
     """Batches in a fixed, seeded order per epoch, resumable in the middle of an epoch."""
 
-    def __init__(self, dataset, *, batch_size: int, num_workers: int, seed: int, aspect_grouping: bool,
-                 distributed: bool):
+    def __init__(
+        self, dataset, *, batch_size: int, num_workers: int, seed: int, aspect_grouping: bool, distributed: bool
+    ):
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.seed, self.aspect_grouping, self.distributed = seed, aspect_grouping, distributed
 
     def loader(self, epoch: int, skip: int = 0) -> DataLoader:
         set_augmentation_epoch(self.dataset, epoch)  # before the workers take their copy of the dataset
-        base = make_data_loader(self.dataset, self.batch_size, shuffle=True, num_workers=self.num_workers,
-                                distributed=self.distributed, seed=self.seed + epoch,
-                                aspect_grouping=self.aspect_grouping, drop_last=True)
+        base = make_data_loader(
+            self.dataset,
+            self.batch_size,
+            shuffle=True,
+            num_workers=self.num_workers,
+            distributed=self.distributed,
+            seed=self.seed + epoch,
+            aspect_grouping=self.aspect_grouping,
+            drop_last=True,
+        )
         if skip == 0:
             return base
         batches = list(base.batch_sampler)[skip:]  # indices only: nothing is decoded for skipped batches
-        return DataLoader(base.dataset, batch_sampler=batches, num_workers=base.num_workers,
-                          collate_fn=base.collate_fn, worker_init_fn=base.worker_init_fn, generator=base.generator)
+        return DataLoader(
+            base.dataset,
+            batch_sampler=batches,
+            num_workers=base.num_workers,
+            collate_fn=base.collate_fn,
+            worker_init_fn=base.worker_init_fn,
+            generator=base.generator,
+        )
 
     def batches_per_epoch(self) -> int:
         return len(self.loader(0))

@@ -7,6 +7,7 @@ and the folder is synced (``fasterrcnn.files.atomic_open``), so a crash or a ful
 leaves the previous file whole. Non-finite weights are never written. It is read back with
 ``torch.load(weights_only=True)``: a file that would need arbitrary unpickling is refused.
 """
+
 import random
 from pathlib import Path
 
@@ -25,8 +26,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -38,14 +44,18 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def all_finite(state_dict: dict) -> bool:
-    return all(torch.isfinite(v).all() for v in state_dict.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    return all(
+        torch.isfinite(v).all() for v in state_dict.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -97,16 +107,22 @@ def read_file(path: str | Path):
     path = Path(path)
     if path.is_dir():
         inside = path / "last.pt"
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file: give a .pt file"
-                              + (f", e.g. the run's {inside}" if inside.is_file() else ""))
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file: give a .pt file"
+            + (f", e.g. the run's {inside}" if inside.is_file() else "")
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return load_data_only(path)
     except Exception as e:
-        raise CheckpointError(unsafe_pickle_message(path, e) or (
-            f"cannot read checkpoint {path}: {type(e).__name__}: {e}; it is not a file torch.save wrote, or it is "
-            "damaged (cut short): give a run's last.pt or best.pt")) from e
+        raise CheckpointError(
+            unsafe_pickle_message(path, e)
+            or (
+                f"cannot read checkpoint {path}: {type(e).__name__}: {e}; it is not a file torch.save wrote, or it is "
+                "damaged (cut short): give a run's last.pt or best.pt"
+            )
+        ) from e
 
 
 def is_training_state(obj) -> bool:
@@ -116,6 +132,7 @@ def is_training_state(obj) -> bool:
 def load_checkpoint(path: str | Path) -> dict:
     state = read_file(path)
     if not is_training_state(state):
-        raise CheckpointError(f"{path} is not a training checkpoint of this project "
-                              f"(expected the entries {', '.join(TRAINING_KEYS)})")
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of this project (expected the entries {', '.join(TRAINING_KEYS)})"
+        )
     return state

@@ -5,6 +5,7 @@
 Unknown keys are errors (a typo must not silently train with a default), values are checked
 against their declared types, and ``save_config`` writes the resolved config next to the run.
 """
+
 import dataclasses
 import math
 import re
@@ -143,7 +144,7 @@ def _check_type(value, annotation, where: str):
         except ValueError:
             pass
     if annotation in (int, float, str, bool):
-        if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
+        if (annotation is int and isinstance(value, bool)) or not isinstance(value, annotation):
             raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r}")
         return value
     raise ConfigError(f"{where}: unsupported type {annotation}")
@@ -239,8 +240,11 @@ def _alternating_problem(t: TrainConfig) -> str | None:
     if all(x < 1 for x in split):
         if abs(sum(split) - 1) > 1e-6:
             return "fractions of train.iterations summing to 1"
-        if t.iterations < 4 or min(round(x * t.iterations) for x in split[:3]) < 1 \
-                or t.iterations - sum(round(x * t.iterations) for x in split[:3]) < 1:
+        if (
+            t.iterations < 4
+            or min(round(x * t.iterations) for x in split[:3]) < 1
+            or t.iterations - sum(round(x * t.iterations) for x in split[:3]) < 1
+        ):
             return f"fractions that give each step at least one of train.iterations={t.iterations}"
         return None
     if not all(x >= 1 and float(x).is_integer() for x in split):
@@ -253,6 +257,7 @@ def _alternating_problem(t: TrainConfig) -> str | None:
 def check_values(cfg: Config) -> None:
     """Values out of range are refused before any work starts; each message names the key, the value
     and what is allowed."""
+
     def need(cond, key, value, allowed):
         if not cond:
             raise ConfigError(f"{key} must be {allowed}, got {value!r}")
@@ -263,8 +268,12 @@ def check_values(cfg: Config) -> None:
     t, s, d, m = cfg.train, cfg.solver, cfg.data, cfg.model
     # train
     need(t.name.strip() != "", "train.name", t.name, "a non-empty folder name")
-    need(t.name not in (".", "..") and not re.search(r"[/\\]", t.name), "train.name", t.name,
-         "a plain folder name (no / or \\, not . or ..): the run folder is train.out_dir/train.name")
+    need(
+        t.name not in (".", "..") and not re.search(r"[/\\]", t.name),
+        "train.name",
+        t.name,
+        "a plain folder name (no / or \\, not . or ..): the run folder is train.out_dir/train.name",
+    )
     need(t.out_dir.strip() != "", "train.out_dir", t.out_dir, "a non-empty folder")
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, ">= 1")
     need(t.iterations >= 0, "train.iterations", t.iterations, ">= 0 (0: use train.epochs)")
@@ -272,14 +281,22 @@ def check_values(cfg: Config) -> None:
     need(t.eval_every >= 0, "train.eval_every", t.eval_every, ">= 0 (0: at the end only)")
     need(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, ">= 0 (0: at each evaluation)")
     need(t.amp in ("none", "bf16", "fp16"), "train.amp", t.amp, "none, bf16 or fp16")
-    need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "train.device", t.device,
-         "auto, cpu, cuda or cuda:N")
+    need(
+        re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+        "train.device",
+        t.device,
+        "auto, cpu, cuda or cuda:N",
+    )
     need(0 <= t.seed < 2**32, "train.seed", t.seed, "in [0, 2**32)")
     need(t.log_every >= 1, "train.log_every", t.log_every, ">= 1")
     need(t.threads >= 0, "train.threads", t.threads, ">= 0 (0: PyTorch's default)")
     need(t.schedule in ("joint", "alternating"), "train.schedule", t.schedule, "joint or alternating")
-    need(t.alternating_detector_init in ("initial", "rpn"), "train.alternating_detector_init",
-         t.alternating_detector_init, "initial or rpn")
+    need(
+        t.alternating_detector_init in ("initial", "rpn"),
+        "train.alternating_detector_init",
+        t.alternating_detector_init,
+        "initial or rpn",
+    )
     if t.schedule == "alternating":
         problem = _alternating_problem(t)
         need(problem is None, "train.alternating_iterations", t.alternating_iterations, problem)
@@ -291,8 +308,12 @@ def check_values(cfg: Config) -> None:
     need(finite(s.weight_decay) and s.weight_decay >= 0, "solver.weight_decay", s.weight_decay, ">= 0")
     need(s.warmup_iters >= 0, "solver.warmup_iters", s.warmup_iters, ">= 0")
     need(0 < s.warmup_factor <= 1, "solver.warmup_factor", s.warmup_factor, "in (0, 1]")
-    need(all(finite(x) and x > 0 for x in s.milestones), "solver.milestones", s.milestones,
-         "positive (below 1: fractions of the run; from 1: iterations)")
+    need(
+        all(finite(x) and x > 0 for x in s.milestones),
+        "solver.milestones",
+        s.milestones,
+        "positive (below 1: fractions of the run; from 1: iterations)",
+    )
     need(finite(s.gamma) and s.gamma > 0, "solver.gamma", s.gamma, "> 0")
     need(finite(s.clip_grad_norm) and s.clip_grad_norm >= 0, "solver.clip_grad_norm", s.clip_grad_norm, ">= 0 (0: off)")
     need(s.accumulate >= 1, "solver.accumulate", s.accumulate, ">= 1")
@@ -305,8 +326,12 @@ def check_values(cfg: Config) -> None:
     need(d.format in ("auto", "coco", "voc"), "data.format", d.format, "auto, coco or voc")
     need(d.voc_train_split.strip() != "", "data.voc_train_split", d.voc_train_split, "a split name")
     need(d.voc_val_split.strip() != "", "data.voc_val_split", d.voc_val_split, "a split name")
-    need(len(set(d.voc_classes)) == len(d.voc_classes) and all(c.strip() for c in d.voc_classes),
-         "data.voc_classes", d.voc_classes, "distinct, non-empty names (empty list: the 20 VOC classes)")
+    need(
+        len(set(d.voc_classes)) == len(d.voc_classes) and all(c.strip() for c in d.voc_classes),
+        "data.voc_classes",
+        d.voc_classes,
+        "distinct, non-empty names (empty list: the 20 VOC classes)",
+    )
     need(d.synth_dir.strip() != "", "data.synth_dir", d.synth_dir, "a folder")
     need(d.synth_num_train >= 1, "data.synth_num_train", d.synth_num_train, ">= 1")
     need(d.synth_num_val >= 1, "data.synth_num_val", d.synth_num_val, ">= 1")
@@ -340,8 +365,9 @@ EXECUTION_KEYS = ("data.workers", "train.threads", "train.device", "train.log_ev
 RESUME_OVERRIDABLE = (*EXECUTION_KEYS, "data.val", "data.val_images")
 
 
-def apply_overrides(cfg: Config, overrides: list[str], *, allowed: tuple[str, ...] | None = None,
-                    context: str = "") -> Config:
+def apply_overrides(
+    cfg: Config, overrides: list[str], *, allowed: tuple[str, ...] | None = None, context: str = ""
+) -> Config:
     """A new Config: ``cfg`` with ``section.key=value`` overrides (restricted to ``allowed`` keys), checked."""
     out = config_from_dict(cfg.to_dict())
     for text in overrides:

@@ -2,6 +2,7 @@
 
 A plain ``python -m fasterrcnn train`` is a world of one and never touches torch.distributed.
 """
+
 import os
 
 import torch

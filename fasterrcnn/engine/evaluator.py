@@ -3,6 +3,7 @@
 The ground truth of a COCO-format set is its own json (crowd regions and all, as pycocotools
 expects); any other set (VOC) is turned into an in-memory COCO ground truth from its targets.
 """
+
 import contextlib
 import copy
 import json
@@ -34,8 +35,11 @@ class Evaluation:
     num_images: int
 
     def summary(self) -> dict[str, float]:
-        return {**{name: float(getattr(self.coco, name)) for name in COCO_STAT_NAMES},
-                "VOC07_mAP50": float(self.voc.map_11point), "VOC_mAP50": float(self.voc.map_area)}
+        return {
+            **{name: float(getattr(self.coco, name)) for name in COCO_STAT_NAMES},
+            "VOC07_mAP50": float(self.voc.map_11point),
+            "VOC_mAP50": float(self.voc.map_area),
+        }
 
     def format_table(self) -> str:
         return self.coco.format_table() + "\n\n" + self.voc.format_table()
@@ -49,8 +53,16 @@ def autocast(device: torch.device, amp: str):
 
 
 @torch.inference_mode()
-def predict_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 4, device: torch.device = torch.device("cpu"),
-                    amp: str = "none", num_workers: int = 0, show_progress: bool = True):
+def predict_dataset(
+    model: torch.nn.Module,
+    dataset,
+    *,
+    batch_size: int = 4,
+    device: torch.device = torch.device("cpu"),
+    amp: str = "none",
+    num_workers: int = 0,
+    show_progress: bool = True,
+):
     """-> (image ids, detections on the CPU in float32), in dataset order."""
     was_training = model.training
     model.eval()
@@ -66,15 +78,21 @@ def predict_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 4, dev
             ids.append(int(t["image_id"]))
             if i not in out:  # an image the model cannot use: scored with no detections, named and counted
                 skipped.append(f"image id {int(t['image_id'])}: {image_problem(images[i])}")
-                out[i] = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
-                          "labels": torch.zeros(0, dtype=torch.int64)}
+                out[i] = {
+                    "boxes": torch.zeros(0, 4),
+                    "scores": torch.zeros(0),
+                    "labels": torch.zeros(0, dtype=torch.int64),
+                }
             dets.append({k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out[i].items()})
         progress.update(len(images))
     progress.close()
     model.train(was_training)
     if skipped:
-        log.warning("evaluate: %d image(s) the model cannot use were scored with no detections: %s",
-                    len(skipped), "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+        log.warning(
+            "evaluate: %d image(s) the model cannot use were scored with no detections: %s",
+            len(skipped),
+            "; ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""),
+        )
     return ids, dets
 
 
@@ -88,20 +106,36 @@ def coco_from_targets(image_ids, targets, sizes, class_names) -> COCO:
         for box, label, c, dif in zip(t["boxes"].tolist(), t["labels"].tolist(), crowd.tolist(), difficult.tolist()):
             x1, y1, x2, y2 = box
             # a difficult VOC object is neither required nor penalised: COCO's "ignore" is a crowd region
-            anns.append({"id": len(anns) + 1, "image_id": int(image_id), "category_id": int(label),
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                         "iscrowd": int(c or dif)})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": int(image_id),
+                    "category_id": int(label),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": int(c or dif),
+                }
+            )
     gt = COCO()
-    gt.dataset = {"images": images, "annotations": anns,
-                  "categories": [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]}
+    gt.dataset = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0],
+    }
     with contextlib.redirect_stdout(None):
         gt.createIndex()
     return gt
 
 
-def match_categories_by_name(class_names: list[str], label_to_cat_id: dict[int, int], data_names: list[str],
-                             data_label_to_cat_id: dict[int, int], *, data_source, model_source
-                             ) -> tuple[dict[int, int], list[str]]:
+def match_categories_by_name(
+    class_names: list[str],
+    label_to_cat_id: dict[int, int],
+    data_names: list[str],
+    data_label_to_cat_id: dict[int, int],
+    *,
+    data_source,
+    model_source,
+) -> tuple[dict[int, int], list[str]]:
     """The model's labels mapped to the data's category ids through the class names.
 
     ``class_names``/``label_to_cat_id``: the model's (``class_names[label]``, label 1..C); ``data_names``/
@@ -118,20 +152,28 @@ def match_categories_by_name(class_names: list[str], label_to_cat_id: dict[int, 
     missing = [f"{name!r} (id {cid})" for cid, name in data if name not in model_label]
     if missing:
         theirs = ", ".join(f"{name!r}" for name in class_names[1:])
-        raise DataError(f"{data_source}: categories {', '.join(missing)} are not classes of the model in "
-                        f"{model_source} (its classes: {theirs}). Evaluation matches categories by name: evaluate "
-                        "on data with the model's class names, or with the checkpoint trained on this data")
+        raise DataError(
+            f"{data_source}: categories {', '.join(missing)} are not classes of the model in "
+            f"{model_source} (its classes: {theirs}). Evaluation matches categories by name: evaluate "
+            "on data with the model's class names, or with the checkpoint trained on this data"
+        )
     mapping = {model_label[name]: cid for cid, name in data}
     notes = []
-    moved = [f"{name!r} (model id {label_to_cat_id.get(model_label[name], model_label[name])}, data id {cid})"
-             for cid, name in data if label_to_cat_id.get(model_label[name], model_label[name]) != cid]
+    moved = [
+        f"{name!r} (model id {label_to_cat_id.get(model_label[name], model_label[name])}, data id {cid})"
+        for cid, name in data
+        if label_to_cat_id.get(model_label[name], model_label[name]) != cid
+    ]
     if moved:
-        notes.append(f"categories matched by name, their ids differ between the model and {data_source}: "
-                     + ", ".join(moved))
+        notes.append(
+            f"categories matched by name, their ids differ between the model and {data_source}: " + ", ".join(moved)
+        )
     unused = [class_names[label] for label in range(1, len(class_names)) if label not in mapping]
     if unused:
-        notes.append(f"{len(unused)} class(es) of the model are not categories of {data_source}; their "
-                     "detections are not scored: " + ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""))
+        notes.append(
+            f"{len(unused)} class(es) of the model are not categories of {data_source}; their "
+            "detections are not scored: " + ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else "")
+        )
     return mapping, notes
 
 
@@ -140,12 +182,18 @@ def _known_labels(detections: list[dict], labels: set[int]) -> list[dict]:
     out = []
     for d in detections:
         keep = torch.tensor([int(lb) in labels for lb in d["labels"].tolist()], dtype=torch.bool)
-        out.append({k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(keep) else v)
-                    for k, v in d.items()})
+        out.append(
+            {
+                k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(keep) else v)
+                for k, v in d.items()
+            }
+        )
     return out
 
 
-def evaluate_detections(dataset, image_ids, detections, *, class_names, label_to_cat_id, ann_file=None) -> tuple[CocoMetrics, VocMetrics, list[dict]]:
+def evaluate_detections(
+    dataset, image_ids, detections, *, class_names, label_to_cat_id, ann_file=None
+) -> tuple[CocoMetrics, VocMetrics, list[dict]]:
     """Score detections (labels in the model's space, mapped to category ids by ``label_to_cat_id``)."""
     targets = targets_in_model_labels(dataset, label_to_cat_id)
     if any(label not in label_to_cat_id for label in range(1, len(class_names))):
@@ -154,8 +202,10 @@ def evaluate_detections(dataset, image_ids, detections, *, class_names, label_to
         evaluator = CocoEvaluator(ann_file, label_to_cat_id)
     else:
         sizes = [(r.height, r.width) for r in dataset.records]
-        evaluator = CocoEvaluator(coco_from_targets(dataset.image_ids, targets, sizes, class_names),
-                                  {i: i for i in range(1, len(class_names))})
+        evaluator = CocoEvaluator(
+            coco_from_targets(dataset.image_ids, targets, sizes, class_names),
+            {i: i for i in range(1, len(class_names))},
+        )
     evaluator.update(image_ids, detections)
     coco = evaluator.evaluate()
     by_id = dict(zip(image_ids, detections))
@@ -179,18 +229,38 @@ def optimized_for_inference(model: torch.nn.Module, amp: str = "none") -> tuple[
     return copy.deepcopy(model).optimize_for_inference(dtype=AMP_DTYPES[amp]), "none"
 
 
-def evaluate_model(model, dataset, *, class_names, label_to_cat_id, ann_file=None, batch_size=4,
-                   device=torch.device("cpu"), amp="none", num_workers=0, show_progress=True,
-                   results_path: str | Path | None = None, optimize: bool = False) -> Evaluation:
+def evaluate_model(
+    model,
+    dataset,
+    *,
+    class_names,
+    label_to_cat_id,
+    ann_file=None,
+    batch_size=4,
+    device=torch.device("cpu"),
+    amp="none",
+    num_workers=0,
+    show_progress=True,
+    results_path: str | Path | None = None,
+    optimize: bool = False,
+) -> Evaluation:
     """Predict over ``dataset`` and score. With ``optimize``, the predictions come from an optimised
     copy of ``model`` (:func:`optimized_for_inference`); the model passed in is left as it was."""
     start = time.perf_counter()
     if optimize:
         model, amp = optimized_for_inference(model, amp)
-    ids, dets = predict_dataset(model, dataset, batch_size=batch_size, device=device, amp=amp,
-                                num_workers=num_workers, show_progress=show_progress)
-    coco, voc, results = evaluate_detections(dataset, ids, dets, class_names=class_names,
-                                             label_to_cat_id=label_to_cat_id, ann_file=ann_file)
+    ids, dets = predict_dataset(
+        model,
+        dataset,
+        batch_size=batch_size,
+        device=device,
+        amp=amp,
+        num_workers=num_workers,
+        show_progress=show_progress,
+    )
+    coco, voc, results = evaluate_detections(
+        dataset, ids, dets, class_names=class_names, label_to_cat_id=label_to_cat_id, ann_file=ann_file
+    )
     if results_path is not None:  # streamed, not built as one string; atomic: a kill leaves the old file whole
         with atomic_open(results_path, "w", encoding="utf-8") as f:
             json.dump(results, f)

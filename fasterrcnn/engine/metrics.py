@@ -1,5 +1,6 @@
 """A run's numbers: metrics.csv (a row per log window and per evaluation) and the logging window,
 the losses summed over the steps since the last logged row."""
+
 import csv
 import io
 import logging
@@ -33,8 +34,11 @@ class MetricsLog:
             rows = read_metrics(path)
             kept = [r for r in rows if int(r["iteration"]) <= resume_iteration]
             if len(kept) < len(rows):
-                log.info("metrics.csv: dropped %d row(s) written after iteration %d (they are redone)",
-                         len(rows) - len(kept), resume_iteration)
+                log.info(
+                    "metrics.csv: dropped %d row(s) written after iteration %d (they are redone)",
+                    len(rows) - len(kept),
+                    resume_iteration,
+                )
         with atomic_open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
             writer.writeheader()
@@ -59,7 +63,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     with open(path, newline="") as f:
         text = f.read()
     if not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
+        text = text[: text.rfind("\n") + 1]
     rows = []
     for row in csv.DictReader(io.StringIO(text)):
         if None in row.values() or None in row:  # too few or too many fields

@@ -6,6 +6,7 @@ or a value of the wrong type, is an error naming ``model.options.<key>``); the a
 the numeric and named options are kept here, once. Arguments that are not options (the class
 count, the weights, modules built by the builder) are left out.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,19 @@ from ..model.faster_rcnn import FasterRCNN
 
 # set by the builder or by their own config keys (model.weights, model.weights_backbone,
 # model.trainable_backbone_layers), or modules the builders make
-NOT_OPTIONS = {"self", "backbone", "num_classes", "weights", "weights_backbone", "trainable_backbone_layers",
-               "rpn_anchor_generator", "rpn_head", "box_roi_pool", "box_head", "box_predictor"}
+NOT_OPTIONS = {
+    "self",
+    "backbone",
+    "num_classes",
+    "weights",
+    "weights_backbone",
+    "trainable_backbone_layers",
+    "rpn_anchor_generator",
+    "rpn_head",
+    "box_roi_pool",
+    "box_head",
+    "box_predictor",
+}
 
 
 def _int_at_least(n):
@@ -28,8 +40,10 @@ def _int_at_least(n):
 
 
 def _number_in(lo, hi, lo_open=False):
-    return (lambda v: math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi,
-            f"a number in {'(' if lo_open else '['}{lo}, {hi}]")
+    return (
+        lambda v: math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi,
+        f"a number in {'(' if lo_open else '['}{lo}, {hi}]",
+    )
 
 
 def _all_at_least_1(v):
@@ -39,13 +53,37 @@ def _all_at_least_1(v):
 
 # option -> (test on a value of the right type, what is allowed)
 RANGES = {
-    **{k: _number_in(0, 1) for k in ("rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_score_thresh",
-                                     "box_score_thresh", "box_nms_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh")},
+    **{
+        k: _number_in(0, 1)
+        for k in (
+            "rpn_nms_thresh",
+            "rpn_fg_iou_thresh",
+            "rpn_bg_iou_thresh",
+            "rpn_score_thresh",
+            "box_score_thresh",
+            "box_nms_thresh",
+            "box_fg_iou_thresh",
+            "box_bg_iou_thresh",
+        )
+    },
     **{k: _number_in(0, 1, lo_open=True) for k in ("rpn_positive_fraction", "box_positive_fraction")},
-    **{k: _int_at_least(1) for k in ("max_size", "size_divisible", "fpn_channels", "representation_size",
-                                     "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
-                                     "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
-                                     "box_batch_size_per_image", "box_detections_per_img", "roi_output_size")},
+    **{
+        k: _int_at_least(1)
+        for k in (
+            "max_size",
+            "size_divisible",
+            "fpn_channels",
+            "representation_size",
+            "rpn_pre_nms_top_n_train",
+            "rpn_pre_nms_top_n_test",
+            "rpn_post_nms_top_n_train",
+            "rpn_post_nms_top_n_test",
+            "rpn_batch_size_per_image",
+            "box_batch_size_per_image",
+            "box_detections_per_img",
+            "roi_output_size",
+        )
+    },
     "min_size": (_all_at_least_1, "an integer >= 1 or a list of them (multi-scale training)"),
     "anchor_sizes": (lambda v: isinstance(v, (list, tuple)) and _all_at_least_1(v), "a list of integers >= 1"),
     "fpn_norm": (lambda v: v in ("none", "bn", "gn"), "one of none, bn, gn"),
@@ -58,7 +96,7 @@ def _keywords(fn) -> dict[str, object]:
     without those a ``functools.partial`` has bound."""
     target = fn.func if isinstance(fn, functools.partial) else fn
     params = inspect.signature(target).parameters
-    bound = set(fn.keywords) | set(list(params)[:len(fn.args)]) if isinstance(fn, functools.partial) else set()
+    bound = set(fn.keywords) | set(list(params)[: len(fn.args)]) if isinstance(fn, functools.partial) else set()
     hints = typing.get_type_hints(target)
     out = {}
     for name, p in params.items():
@@ -121,8 +159,10 @@ def option_problem(arch: str, key: str, value) -> str | None:
     """What is wrong with ``model.options.<key>=value`` for ``arch`` (None: nothing)."""
     accepted = accepted_options(arch)
     if key not in accepted:
-        return (f"model.options.{key}: not an option of {arch} (it takes {', '.join(sorted(accepted))}); "
-                "see fasterrcnn/model/builders.py")
+        return (
+            f"model.options.{key}: not an option of {arch} (it takes {', '.join(sorted(accepted))}); "
+            "see fasterrcnn/model/builders.py"
+        )
     annotation = accepted[key]
     test, allowed = RANGES.get(key, (lambda v: True, _type_name(annotation)))
     if not (_matches(value, annotation) and test(value)):

@@ -7,6 +7,7 @@ the weights files, and the run folder -- all before any data is read; then, once
 are read, the image files (training and validation), the training objects and the dataset sizes,
 and once the model exists, the free disk space for checkpoints -- all before the first step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,16 +33,20 @@ def check_run_length(cfg: Config) -> None:
     if cfg.train.iterations <= 0 and cfg.train.epochs <= 0:
         raise ConfigError("set train.iterations or train.epochs to a positive number (both are 0)")
     if cfg.train.iterations > 0 and cfg.train.epochs > 0:
-        raise ConfigError(f"train.iterations={cfg.train.iterations} and train.epochs={cfg.train.epochs} are both "
-                          "set: give one (the other 0)")
+        raise ConfigError(
+            f"train.iterations={cfg.train.iterations} and train.epochs={cfg.train.epochs} are both "
+            "set: give one (the other 0)"
+        )
 
 
 def check_device(cfg: TrainConfig) -> torch.device:
     """The device the config asks for, if this machine has it (and fp16 only where it exists)."""
     device = resolve_device(cfg.device)
     if cfg.amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"train.amp=fp16 needs a CUDA device, and this run is on {device.type}; "
-                          "on the CPU use train.amp=bf16 or none")
+        raise ConfigError(
+            f"train.amp=fp16 needs a CUDA device, and this run is on {device.type}; "
+            "on the CPU use train.amp=bf16 or none"
+        )
     return device
 
 
@@ -62,16 +67,20 @@ def check_writable(run_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"cannot write to the run folder {run_dir}: {e.strerror or e}; set train.out_dir to a "
-                          "folder you can write (or train.name to another run)") from None
+        raise ConfigError(
+            f"cannot write to the run folder {run_dir}: {e.strerror or e}; set train.out_dir to a "
+            "folder you can write (or train.name to another run)"
+        ) from None
 
 
 def check_dataset_sizes(num_train: int, num_val: int, batch_size: int, world_size: int) -> None:
     per_step = batch_size * world_size
     if num_train < per_step:
-        raise ConfigError(f"the training set has {num_train} usable image(s), fewer than one batch "
-                          f"(train.batch_size={batch_size} x {world_size} process(es)); lower train.batch_size "
-                          "or add images")
+        raise ConfigError(
+            f"the training set has {num_train} usable image(s), fewer than one batch "
+            f"(train.batch_size={batch_size} x {world_size} process(es)); lower train.batch_size "
+            "or add images"
+        )
     if num_val < 1:
         raise ConfigError("the validation set has no usable image; set data.val to a dataset with images")
 
@@ -87,7 +96,8 @@ def check_disk_space(run_dir: Path, checkpoint_bytes: int) -> None:
             f"not enough free disk space in {run_dir.resolve()}: a checkpoint of this model and optimizer is about "
             f"{format_bytes(checkpoint_bytes)}, a run keeps last.pt, best.pt and a temporary copy while writing, "
             f"so it needs about {format_bytes(needed)} more, and {format_bytes(free)} is free. Free some space "
-            "there, or set train.out_dir to a folder on another disk")
+            "there, or set train.out_dir to a folder on another disk"
+        )
 
 
 def _annotation_source(dataset) -> str:
@@ -108,7 +118,8 @@ def check_image_files(dataset, *, which: str, option: str) -> None:
     folder = Path(missing[0]).parent
     raise ConfigError(
         f"{_annotation_source(dataset)}: {len(missing)} of the {len(records)} {which} images are not found "
-        f"(the first: {missing[0]}, looked for in {folder}); set {option} to the folder that holds them")
+        f"(the first: {missing[0]}, looked for in {folder}); set {option} to the folder that holds them"
+    )
 
 
 def check_training_objects(dataset, *, voc_classes_option: bool) -> None:
@@ -128,12 +139,19 @@ def check_training_objects(dataset, *, voc_classes_option: bool) -> None:
                 counts[label] += 1
     source = _annotation_source(dataset)
     if sum(counts[1:]) == 0:
-        raise ConfigError(f"{source}: the training set has no object of the {len(names)} classes it would train "
-                          f"({_names(names)}): {_why_no_objects(dataset, crowd, voc_classes_option)}")
+        raise ConfigError(
+            f"{source}: the training set has no object of the {len(names)} classes it would train "
+            f"({_names(names)}): {_why_no_objects(dataset, crowd, voc_classes_option)}"
+        )
     absent = [n for n, c in zip(names, counts[1:]) if c == 0]
     if absent:
-        log.warning("%s: %d of the %d classes have no object in the training set (the model learns nothing for "
-                    "them): %s", source, len(absent), len(names), _names(absent))
+        log.warning(
+            "%s: %d of the %d classes have no object in the training set (the model learns nothing for them): %s",
+            source,
+            len(absent),
+            len(names),
+            _names(absent),
+        )
 
 
 def _names(names: list[str], limit: int = 8) -> str:
@@ -144,8 +162,10 @@ def _why_no_objects(dataset, crowd: int, voc_classes_option: bool) -> str:
     if hasattr(dataset, "split") and not hasattr(dataset, "ann_file"):  # VOC: the class list may not fit
         found = scan_class_names(dataset.root, dataset.split)
         if found and not voc_classes_option:
-            return (f"its XML files name the classes {_names(found)}, and data.voc_classes is not set (the 20 "
-                    f"VOC classes are used); set data.voc_classes={found}")
+            return (
+                f"its XML files name the classes {_names(found)}, and data.voc_classes is not set (the 20 "
+                f"VOC classes are used); set data.voc_classes={found}"
+            )
         if found:
             return f"its XML files name the classes {_names(found)}: set data.voc_classes to them"
         return "its XML files have no object; add annotations, or set data.train to another dataset"
@@ -153,6 +173,8 @@ def _why_no_objects(dataset, crowd: int, voc_classes_option: bool) -> str:
         annotations = load_json(dataset.ann_file).get("annotations") or []
         crowd = sum(1 for a in annotations if isinstance(a, dict) and a.get("iscrowd"))
     if crowd:
-        return (f"its {crowd} annotation(s) are all crowd boxes (iscrowd=1), which train nothing; add annotations "
-                "with iscrowd=0, or set data.train to another dataset")
+        return (
+            f"its {crowd} annotation(s) are all crowd boxes (iscrowd=1), which train nothing; add annotations "
+            "with iscrowd=0, or set data.train to another dataset"
+        )
     return "it has no usable annotation (see the warnings above); add annotations, or set data.train to another dataset"

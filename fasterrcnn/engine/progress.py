@@ -1,4 +1,5 @@
 """Progress for long work: a tqdm bar on a terminal, plain log lines elsewhere (CI, files)."""
+
 import logging
 import sys
 import time
@@ -15,7 +16,9 @@ class Progress:
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
         self.count = 0
         self.start = time.perf_counter()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False) if self.interactive else None
+        self.bar = (
+            tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False) if self.interactive else None
+        )
 
     def update(self, n: int = 1, **postfix) -> None:
         self.count += n

@@ -1,9 +1,18 @@
 """Learning-rate schedule: linear warmup, then multi-step or cosine decay, as a factor of the base lr."""
+
 import math
 
 
-def lr_factor(iteration: int, *, total: int, warmup_iters: int, warmup_factor: float, schedule: str,
-              milestones: list[float], gamma: float) -> float:
+def lr_factor(
+    iteration: int,
+    *,
+    total: int,
+    warmup_iters: int,
+    warmup_factor: float,
+    schedule: str,
+    milestones: list[float],
+    gamma: float,
+) -> float:
     """Factor for optimizer step ``iteration`` (0-based). Milestones below 1 are fractions of ``total``."""
     if iteration < warmup_iters:
         alpha = iteration / warmup_iters

@@ -22,6 +22,7 @@ Under torchrun every rank checks, after each step, whether any rank has been ask
 Handlers can only be installed from the main thread; elsewhere (a notebook's worker thread) the
 default behaviour is left as it is.
 """
+
 from __future__ import annotations
 
 import signal
@@ -35,8 +36,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, checkpoint, iteration: int, total: int):
         self.signum, self.checkpoint, self.iteration, self.total = signum, checkpoint, iteration, total
         name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped after iteration {iteration} of {total} and saved {checkpoint}; "
-                         f"continue with: fasterrcnn train --resume {checkpoint}")
+        super().__init__(
+            f"{name}: stopped after iteration {iteration} of {total} and saved {checkpoint}; "
+            f"continue with: fasterrcnn train --resume {checkpoint}"
+        )
 
     @property
     def exit_code(self) -> int:
@@ -46,10 +49,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 class StopRequest:
     """A context manager that turns SIGINT/SIGTERM into a flag for the duration of a block.
 
-        with StopRequest() as stop:
-            while ...:
-                step()
-                if stop.requested: save(); break
+    with StopRequest() as stop:
+        while ...:
+            step()
+            if stop.requested: save(); break
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -70,10 +73,13 @@ class StopRequest:
             if self.on_request is not None:
                 self.on_request(signum)
         elif signum == signal.SIGINT:
-            raise KeyboardInterrupt(self.abort_message() if self.abort_message is not None
-                                    else "second Ctrl-C: aborted without saving; the last checkpoint is whole")
+            raise KeyboardInterrupt(
+                self.abort_message()
+                if self.abort_message is not None
+                else "second Ctrl-C: aborted without saving; the last checkpoint is whole"
+            )
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -15,6 +15,7 @@ The pieces around the loop: ``run_state`` (the position, last.pt and best.pt), `
 A multi-step schedule (``train.schedule=alternating``) is run by ``fasterrcnn.experiments``, which
 calls ``train`` once per step with a ``stage``.
 """
+
 import functools
 import logging
 import math
@@ -78,7 +79,8 @@ def check_finite(losses: dict[str, torch.Tensor], total: torch.Tensor, iteration
     values = ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in losses.items())
     raise NonFiniteLossError(
         f"iteration {iteration}: the loss is not finite ({values}); stopping without writing a checkpoint. "
-        "Lower solver.lr, set solver.clip_grad_norm, or check the data (check-data).")
+        "Lower solver.lr, set solver.clip_grad_norm, or check the data (check-data)."
+    )
 
 
 def optimizer_slots(cfg) -> int:
@@ -86,10 +88,10 @@ def optimizer_slots(cfg) -> int:
     return 2 if cfg.optimizer == "adamw" else int(cfg.momentum > 0)
 
 
-
 @dataclass
 class Solver:
     """The optimizer, its learning-rate schedule and the mixed-precision loss scaler, stepped together."""
+
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -115,11 +117,18 @@ def make_optimizer(cfg, params: list) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_solver(cfg: Config, optimizer: torch.optim.Optimizer, params: list, *, total: int,
-                device: torch.device) -> Solver:
+def make_solver(
+    cfg: Config, optimizer: torch.optim.Optimizer, params: list, *, total: int, device: torch.device
+) -> Solver:
     s = cfg.solver
-    schedule = dict(total=total, warmup_iters=s.warmup_iters, warmup_factor=s.warmup_factor,
-                    schedule=s.schedule, milestones=s.milestones, gamma=s.gamma)
+    schedule = dict(
+        total=total,
+        warmup_iters=s.warmup_iters,
+        warmup_factor=s.warmup_factor,
+        schedule=s.schedule,
+        milestones=s.milestones,
+        gamma=s.gamma,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, **schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
     return Solver(optimizer, scheduler, scaler, params, s.clip_grad_norm)
@@ -158,13 +167,27 @@ def resumed_config(state: dict, resume: str, overrides) -> Config:
 
 def on_device(images, targets, *, device: torch.device, seed: int, iteration: int):
     images = [im.to(device, non_blocking=True) for im in images]
-    targets = [{**{k: v.to(device, non_blocking=True) for k, v in t.items()},
-                "sample_seed": sample_seed(seed, iteration, int(t["image_id"]))} for t in targets]
+    targets = [
+        {
+            **{k: v.to(device, non_blocking=True) for k, v in t.items()},
+            "sample_seed": sample_seed(seed, iteration, int(t["image_id"])),
+        }
+        for t in targets
+    ]
     return images, targets
 
 
-def train_step(train_model, stream: BatchStream, solver: Solver, window: LossWindow, *, cfg: Config,
-               weights: dict[str, float], device: torch.device, iteration: int) -> None:
+def train_step(
+    train_model,
+    stream: BatchStream,
+    solver: Solver,
+    window: LossWindow,
+    *,
+    cfg: Config,
+    weights: dict[str, float],
+    device: torch.device,
+    iteration: int,
+) -> None:
     """One optimizer step over ``solver.accumulate`` batches: the weighted sum of the four losses."""
     accumulate = cfg.solver.accumulate
     solver.optimizer.zero_grad(set_to_none=True)
@@ -180,47 +203,92 @@ def train_step(train_model, stream: BatchStream, solver: Solver, window: LossWin
     solver.step()
 
 
-def log_window(window: LossWindow, *, position: Position, lr: float, metrics: MetricsLog | None,
-               progress: Progress) -> None:
+def log_window(
+    window: LossWindow, *, position: Position, lr: float, metrics: MetricsLog | None, progress: Progress
+) -> None:
     """A train row of metrics.csv and the progress line: the window's mean losses (every rank calls this)."""
     steps = window.steps
     means, rate = window.close()
     if metrics is not None:
-        metrics.write({"kind": "train", "iteration": position.iteration, "epoch": position.epoch, "lr": lr,
-                       "loss": sum(means.values()), **means, "images_per_s": rate})
-    progress.update(steps, loss=f"{sum(means.values()):.3f}", lr=f"{lr:.4g}", img_s=f"{rate:.1f}",
-                    **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()})
+        metrics.write(
+            {
+                "kind": "train",
+                "iteration": position.iteration,
+                "epoch": position.epoch,
+                "lr": lr,
+                "loss": sum(means.values()),
+                **means,
+                "images_per_s": rate,
+            }
+        )
+    progress.update(
+        steps,
+        loss=f"{sum(means.values()):.3f}",
+        lr=f"{lr:.4g}",
+        img_s=f"{rate:.1f}",
+        **{k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()},
+    )
 
 
-def evaluate_run(model, data, *, cfg: Config, device: torch.device, run_dir: Path, position: Position,
-                 metrics: MetricsLog, show_progress: bool) -> Evaluation:
+def evaluate_run(
+    model,
+    data,
+    *,
+    cfg: Config,
+    device: torch.device,
+    run_dir: Path,
+    position: Position,
+    metrics: MetricsLog,
+    show_progress: bool,
+) -> Evaluation:
     """Evaluate ``model`` on the validation set (rank 0): predictions.json, eval.json, an eval row of
     metrics.csv, a log line and the precision-recall plot."""
     iteration = position.iteration
-    result = evaluate_model(model, data.val, class_names=data.class_names, label_to_cat_id=data.label_to_cat_id,
-                            ann_file=data.val_ann_file, batch_size=cfg.train.batch_size, device=device,
-                            amp=cfg.train.amp, show_progress=show_progress, results_path=run_dir / "predictions.json")
+    result = evaluate_model(
+        model,
+        data.val,
+        class_names=data.class_names,
+        label_to_cat_id=data.label_to_cat_id,
+        ann_file=data.val_ann_file,
+        batch_size=cfg.train.batch_size,
+        device=device,
+        amp=cfg.train.amp,
+        show_progress=show_progress,
+        results_path=run_dir / "predictions.json",
+    )
     result.coco.to_json(run_dir / "eval.json")
     summary = result.summary()
-    metrics.write({"kind": "eval", "iteration": iteration, "epoch": position.epoch,
-                   **{k: summary[k] for k in EVAL_COLUMNS}})
-    log.info("evaluation at iteration %d: AP %.3f AP50 %.3f AP75 %.3f (VOC07 mAP50 %.3f) on %d images in %.1f s",
-             iteration, summary["AP"], summary["AP50"], summary["AP75"], summary["VOC07_mAP50"],
-             result.num_images, result.seconds)
+    metrics.write(
+        {"kind": "eval", "iteration": iteration, "epoch": position.epoch, **{k: summary[k] for k in EVAL_COLUMNS}}
+    )
+    log.info(
+        "evaluation at iteration %d: AP %.3f AP50 %.3f AP75 %.3f (VOC07 mAP50 %.3f) on %d images in %.1f s",
+        iteration,
+        summary["AP"],
+        summary["AP50"],
+        summary["AP75"],
+        summary["VOC07_mAP50"],
+        result.num_images,
+        result.seconds,
+    )
     if result.coco.curves:
-        plot_precision_recall(result.coco.curves, run_dir / "precision_recall.png",
-                              title=f"Precision-recall at IoU 0.5, iteration {iteration}")
+        plot_precision_recall(
+            result.coco.curves,
+            run_dir / "precision_recall.png",
+            title=f"Precision-recall at IoU 0.5, iteration {iteration}",
+        )
     return result
 
 
-def save_and_evaluate(checkpoints: RunCheckpoints, position: Position, window: LossWindow,
-                      evaluate) -> Evaluation | None:
+def save_and_evaluate(
+    checkpoints: RunCheckpoints, position: Position, window: LossWindow, evaluate
+) -> Evaluation | None:
     """Save the step's weights (marked: evaluation pending, so that a crash or a kill during a long
     evaluation loses nothing; a resumed run evaluates them before going on), evaluate them where
     ``evaluate`` is given, and save again (best.pt too if the AP is the best yet). Every rank calls this."""
     checkpoints.save(position, window, eval_pending=True)
     evaluation = evaluate() if evaluate is not None else None
-    is_best = evaluation is not None and evaluation.coco.AP > position.best_ap
+    is_best = evaluation is not None and position.best_ap < evaluation.coco.AP
     if evaluation is not None:
         position.best_ap = max(position.best_ap, evaluation.coco.AP)
     checkpoints.save(position, window, is_best=is_best)
@@ -229,14 +297,20 @@ def save_and_evaluate(checkpoints: RunCheckpoints, position: Position, window: L
 
 
 def announce_stop(signum: int, last_pt: Path) -> None:
-    log.warning("%s received: finishing the current step, then saving %s (press Ctrl-C again to abort at once, "
-                "losing the work since the last checkpoint)", signal.Signals(signum).name, last_pt)
+    log.warning(
+        "%s received: finishing the current step, then saving %s (press Ctrl-C again to abort at once, "
+        "losing the work since the last checkpoint)",
+        signal.Signals(signum).name,
+        last_pt,
+    )
 
 
 def abort_message(last_pt: Path) -> str:
     if last_pt.is_file():
-        return (f"second Ctrl-C: aborted without saving the current step; {last_pt} (the last checkpoint) is whole: "
-                f"continue with fasterrcnn train --resume {last_pt}")
+        return (
+            f"second Ctrl-C: aborted without saving the current step; {last_pt} (the last checkpoint) is whole: "
+            f"continue with fasterrcnn train --resume {last_pt}"
+        )
     return "second Ctrl-C: aborted before the run's first checkpoint; nothing to resume"
 
 
@@ -255,8 +329,14 @@ def remove_if_nothing_of_value(run_dir: Path) -> None:
     log.info("removed %s: the run failed before its first checkpoint", run_dir)
 
 
-def train(cfg: Config, *, resume: str | None = None, resume_overrides: list[str] | tuple = (),
-          show_progress: bool = True, stage=None) -> TrainResult:
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    resume_overrides: list[str] | tuple = (),
+    show_progress: bool = True,
+    stage=None,
+) -> TrainResult:
     """Train as ``cfg`` says; with ``resume``, continue the run of that checkpoint exactly as it was
     configured (``resume_overrides`` may change only ``config.RESUME_OVERRIDABLE``).
 
@@ -269,8 +349,10 @@ def train(cfg: Config, *, resume: str | None = None, resume_overrides: list[str]
     if state is not None:
         cfg = resumed_config(state, resume, resume_overrides)  # the run continues as it was configured
     if stage is None and cfg.train.schedule != "joint":
-        raise ConfigError(f"train.schedule={cfg.train.schedule} is a schedule of several runs: run it with "
-                          "fasterrcnn train (fasterrcnn.experiments.schedules.train_schedule), not trainer.train")
+        raise ConfigError(
+            f"train.schedule={cfg.train.schedule} is a schedule of several runs: run it with "
+            "fasterrcnn train (fasterrcnn.experiments.schedules.train_schedule), not trainer.train"
+        )
 
     # Everything that can be checked without reading data, before reading any.
     preflight.check_run_length(cfg)
@@ -284,19 +366,40 @@ def train(cfg: Config, *, resume: str | None = None, resume_overrides: list[str]
     created = not (Path(cfg.train.out_dir) / cfg.train.name).exists()
     run_dir = prepare_run_dir(cfg, resume is not None)
     if resume and dist.is_main() and Path(resume).resolve().parent != run_dir.resolve():
-        log.warning("%s is not in its run's folder %s (train.out_dir/train.name of its config, relative to the "
-                    "current folder): the run continues there", resume, run_dir)
+        log.warning(
+            "%s is not in its run's folder %s (train.out_dir/train.name of its config, relative to the "
+            "current folder): the run continues there",
+            resume,
+            run_dir,
+        )
     try:
-        return run_training(cfg, run_dir, state, resume=resume, device=device, distributed=distributed,
-                            show_progress=show_progress, stage=stage)
+        return run_training(
+            cfg,
+            run_dir,
+            state,
+            resume=resume,
+            device=device,
+            distributed=distributed,
+            show_progress=show_progress,
+            stage=stage,
+        )
     except BaseException:
         if created and dist.is_main():
             remove_if_nothing_of_value(run_dir)
         raise
 
 
-def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str | None, device: torch.device,
-                 distributed: bool, show_progress: bool, stage) -> TrainResult:
+def run_training(
+    cfg: Config,
+    run_dir: Path,
+    state: dict | None,
+    *,
+    resume: str | None,
+    device: torch.device,
+    distributed: bool,
+    show_progress: bool,
+    stage,
+) -> TrainResult:
     """The run itself, in its prepared folder: the data, the model and the solver, then the loop."""
     seed_everything(cfg.train.seed)
 
@@ -313,10 +416,17 @@ def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str 
         stage.prepare(model, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.solver, params)
-    checked_on_main(lambda: preflight.check_disk_space(
-        run_dir, estimate_checkpoint_bytes(model, optimizer_slots(cfg.solver))))
-    batches = EpochBatches(data.train, batch_size=cfg.train.batch_size, num_workers=cfg.data.workers,
-                           seed=cfg.train.seed, aspect_grouping=cfg.data.aspect_grouping, distributed=distributed)
+    checked_on_main(
+        lambda: preflight.check_disk_space(run_dir, estimate_checkpoint_bytes(model, optimizer_slots(cfg.solver)))
+    )
+    batches = EpochBatches(
+        data.train,
+        batch_size=cfg.train.batch_size,
+        num_workers=cfg.data.workers,
+        seed=cfg.train.seed,
+        aspect_grouping=cfg.data.aspect_grouping,
+        distributed=distributed,
+    )
     total = run_length(cfg, batches)
     solver = make_solver(cfg, optimizer, params, total=total, device=device)
     position, window, eval_pending = Position(), LossWindow(), False
@@ -328,38 +438,85 @@ def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str 
 
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-        log.info("run folder %s: %s on %s, %d training / %d validation images, %d classes, %d iterations "
-                 "of batch %d x %d process(es)", run_dir, cfg.model.arch, device, len(data.train), len(data.val),
-                 len(data.class_names) - 1, total, cfg.train.batch_size, dist.world_size())
-        log.info("Ctrl-C stops after the current step and saves %s; continue a stopped or crashed run with: "
-                 "fasterrcnn train --resume %s", run_dir / "last.pt", run_dir / "last.pt")
-    metrics = MetricsLog(run_dir / "metrics.csv", position.iteration if state is not None else None) \
-        if dist.is_main() else None
-    checkpoints = RunCheckpoints(run_dir, model=model, optimizer=optimizer, scheduler=solver.scheduler,
-                                 scaler=solver.scaler, cfg=cfg, data=data, metrics=metrics,
-                                 extra=stage.checkpoint_entries() if stage is not None else None)
+        log.info(
+            "run folder %s: %s on %s, %d training / %d validation images, %d classes, %d iterations "
+            "of batch %d x %d process(es)",
+            run_dir,
+            cfg.model.arch,
+            device,
+            len(data.train),
+            len(data.val),
+            len(data.class_names) - 1,
+            total,
+            cfg.train.batch_size,
+            dist.world_size(),
+        )
+        log.info(
+            "Ctrl-C stops after the current step and saves %s; continue a stopped or crashed run with: "
+            "fasterrcnn train --resume %s",
+            run_dir / "last.pt",
+            run_dir / "last.pt",
+        )
+    metrics = (
+        MetricsLog(run_dir / "metrics.csv", position.iteration if state is not None else None)
+        if dist.is_main()
+        else None
+    )
+    checkpoints = RunCheckpoints(
+        run_dir,
+        model=model,
+        optimizer=optimizer,
+        scheduler=solver.scheduler,
+        scaler=solver.scaler,
+        cfg=cfg,
+        data=data,
+        metrics=metrics,
+        extra=stage.checkpoint_entries() if stage is not None else None,
+    )
     forward_model = stage.wrap(model) if stage is not None else model  # evaluated too
     # a stage trains part of the model, whose other parameters may get no gradient in a step
-    train_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=stage is not None) if distributed else forward_model
+    train_model = (
+        DistributedDataParallel(
+            forward_model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=stage is not None,
+        )
+        if distributed
+        else forward_model
+    )
     weights = {k: float(cfg.solver.loss_weights.get(k, 1.0)) for k in LOSS_NAMES}
     # rank 0 evaluates (a stage may have nothing to evaluate)
-    evaluate = functools.partial(evaluate_run, forward_model, data, cfg=cfg, device=device, run_dir=run_dir,
-                                 position=position, metrics=metrics, show_progress=show_progress) \
-        if dist.is_main() and (stage is None or stage.evaluates) else None
+    evaluate = (
+        functools.partial(
+            evaluate_run,
+            forward_model,
+            data,
+            cfg=cfg,
+            device=device,
+            run_dir=run_dir,
+            position=position,
+            metrics=metrics,
+            show_progress=show_progress,
+        )
+        if dist.is_main() and (stage is None or stage.evaluates)
+        else None
+    )
     evaluation = None
 
     # The loop: a step, a log row every train.log_every steps, an evaluation or a checkpoint when due,
     # and a stop (after saving) when a signal came.
-    progress = Progress(total=total, desc="train", unit="it", enabled=show_progress and dist.is_main(),
-                        every=cfg.train.log_every)
+    progress = Progress(
+        total=total, desc="train", unit="it", enabled=show_progress and dist.is_main(), every=cfg.train.log_every
+    )
     progress.update(position.iteration)
     start = window.start = time.perf_counter()
     saved_at = position.iteration if state is not None else None  # last.pt holds this iteration's weights
     stream = None
     try:
-        with StopRequest(on_request=lambda signum: announce_stop(signum, checkpoints.last),
-                         abort_message=lambda: abort_message(checkpoints.last)) as stop:
+        with StopRequest(
+            on_request=lambda signum: announce_stop(signum, checkpoints.last),
+            abort_message=lambda: abort_message(checkpoints.last),
+        ) as stop:
             if eval_pending:
                 evaluation = save_and_evaluate(checkpoints, position, window, evaluate)
             stream = BatchStream(batches, position)
@@ -369,8 +526,16 @@ def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str 
                     signum = dist.max_over_ranks(stop.signum or 0)
                     if signum:
                         raise stopped(signum, checkpoints.last, position.iteration, total)
-                train_step(train_model, stream, solver, window, cfg=cfg, weights=weights, device=device,
-                           iteration=position.iteration)
+                train_step(
+                    train_model,
+                    stream,
+                    solver,
+                    window,
+                    cfg=cfg,
+                    weights=weights,
+                    device=device,
+                    iteration=position.iteration,
+                )
                 position.iteration += 1
                 window.steps += 1
                 if position.iteration % cfg.train.log_every == 0 or position.iteration == total:
@@ -394,8 +559,13 @@ def run_training(cfg: Config, run_dir: Path, state: dict | None, *, resume: str 
                     saved_at = position.iteration
     except Exception:  # (a stop on a signal is a KeyboardInterrupt, not caught here)
         if dist.is_main() and checkpoints.last.exists():
-            log.error("training failed at iteration %d; %s is whole: once the cause is fixed, continue with "
-                      "fasterrcnn train --resume %s", position.iteration, checkpoints.last, checkpoints.last)
+            log.error(
+                "training failed at iteration %d; %s is whole: once the cause is fixed, continue with "
+                "fasterrcnn train --resume %s",
+                position.iteration,
+                checkpoints.last,
+                checkpoints.last,
+            )
         raise
     finally:
         progress.close()

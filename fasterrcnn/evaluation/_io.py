@@ -1,4 +1,5 @@
 """Writing metrics to disk (atomically: a kill mid-write leaves the previous file whole)."""
+
 import json
 from pathlib import Path
 

@@ -19,6 +19,7 @@ Only the image ids passed to ``CocoEvaluator.update`` are evaluated (``params.im
 evaluating a subset of a split gives the honest number for that subset, not one diluted by the
 ground truth of images that were never run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,8 +77,9 @@ def _as_tensor(value, name: str, image_id) -> torch.Tensor:
         raise ValueError(f"detections for image id {image_id}: field {name!r} is not array-like ({err})") from None
 
 
-def detections_to_coco_results(image_ids: Sequence[int], detections: Sequence[Mapping],
-                               label_to_cat_id: Mapping[int, int]) -> list[dict]:
+def detections_to_coco_results(
+    image_ids: Sequence[int], detections: Sequence[Mapping], label_to_cat_id: Mapping[int, int]
+) -> list[dict]:
     """Model-format detections -> COCO results (``image_id``, ``category_id``, ``bbox`` xywh, ``score``).
 
     ``detections[i]`` belongs to ``image_ids[i]`` and holds ``boxes`` ``[D, 4]`` xyxy absolute pixels,
@@ -86,35 +88,50 @@ def detections_to_coco_results(image_ids: Sequence[int], detections: Sequence[Ma
     """
     image_ids = _image_id_list(image_ids)
     if len(image_ids) != len(detections):
-        raise ValueError(f"got {len(image_ids)} image ids but {len(detections)} detection dicts; "
-                         "expected one detection dict per image id")
+        raise ValueError(
+            f"got {len(image_ids)} image ids but {len(detections)} detection dicts; "
+            "expected one detection dict per image id"
+        )
     results: list[dict] = []
     for image_id, det in zip(image_ids, detections):
         for key in ("boxes", "labels", "scores"):
             if key not in det:
-                raise ValueError(f"detections for image id {image_id}: missing field {key!r} "
-                                 "(expected 'boxes', 'labels', 'scores')")
+                raise ValueError(
+                    f"detections for image id {image_id}: missing field {key!r} (expected 'boxes', 'labels', 'scores')"
+                )
         boxes = _as_tensor(det["boxes"], "boxes", image_id).to(torch.float64)
         labels = _as_tensor(det["labels"], "labels", image_id).reshape(-1)
         scores = _as_tensor(det["scores"], "scores", image_id).to(torch.float64).reshape(-1)
         if boxes.numel() == 0:
             boxes = boxes.reshape(0, 4)
         if boxes.dim() != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"detections for image id {image_id}: field 'boxes' has shape {tuple(boxes.shape)}, "
-                             "expected [D, 4] (x1, y1, x2, y2)")
+            raise ValueError(
+                f"detections for image id {image_id}: field 'boxes' has shape {tuple(boxes.shape)}, "
+                "expected [D, 4] (x1, y1, x2, y2)"
+            )
         if not (len(labels) == len(scores) == len(boxes)):
-            raise ValueError(f"detections for image id {image_id}: {len(boxes)} boxes, {len(labels)} labels, "
-                             f"{len(scores)} scores; expected the same count D for all three")
+            raise ValueError(
+                f"detections for image id {image_id}: {len(boxes)} boxes, {len(labels)} labels, "
+                f"{len(scores)} scores; expected the same count D for all three"
+            )
         if labels.is_floating_point() and not torch.equal(labels, labels.round()):
             raise ValueError(f"detections for image id {image_id}: field 'labels' holds non-integer values")
         # xyxy -> xywh, in float64 so the width is not rounded twice
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
         for box, label, score in zip(xywh.tolist(), labels.long().tolist(), scores.tolist()):
             if label not in label_to_cat_id:
-                raise ValueError(f"detections for image id {image_id}: label {label} has no category id in "
-                                 f"label_to_cat_id (known labels: {sorted(label_to_cat_id)})")
-            results.append({"image_id": image_id, "category_id": int(label_to_cat_id[label]),
-                            "bbox": [float(v) for v in box], "score": float(score)})
+                raise ValueError(
+                    f"detections for image id {image_id}: label {label} has no category id in "
+                    f"label_to_cat_id (known labels: {sorted(label_to_cat_id)})"
+                )
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(label_to_cat_id[label]),
+                    "bbox": [float(v) for v in box],
+                    "score": float(score),
+                }
+            )
     return results
 
 
@@ -184,8 +201,15 @@ class CocoMetrics:
     def as_dict(self) -> dict:
         out = {name: getattr(self, name) for name in COCO_STAT_NAMES}
         out["per_class"] = [
-            {"category_id": c.category_id, "name": c.name, "label": c.label, "num_gt": c.num_gt,
-             "num_detections": c.num_detections, "AP": c.AP, "AP50": c.AP50}
+            {
+                "category_id": c.category_id,
+                "name": c.name,
+                "label": c.label,
+                "num_gt": c.num_gt,
+                "num_detections": c.num_detections,
+                "AP": c.AP,
+                "AP50": c.AP50,
+            }
             for c in self.per_class
         ]
         out["num_images"] = self.num_images
@@ -210,8 +234,10 @@ class CocoMetrics:
         lines.append(f"  {'category (id)':<{name_width}}  {'label':>5}  {'gt':>6}  {'dets':>6}  {'AP':>6}  {'AP50':>6}")
         for c in self.per_class:
             label = "-" if c.label is None else str(c.label)
-            lines.append(f"  {f'{c.name} ({c.category_id})':<{name_width}}  {label:>5}  {c.num_gt:>6}  "
-                         f"{c.num_detections:>6}  {num(c.AP):>6}  {num(c.AP50):>6}")
+            lines.append(
+                f"  {f'{c.name} ({c.category_id})':<{name_width}}  {label:>5}  {c.num_gt:>6}  "
+                f"{c.num_detections:>6}  {num(c.AP):>6}  {num(c.AP50):>6}"
+            )
         return "\n".join(lines)
 
 
@@ -240,8 +266,10 @@ class CocoEvaluator:
         self.label_to_cat_id = {int(k): int(v) for k, v in label_to_cat_id.items()}
         unknown = sorted(c for c in self.label_to_cat_id.values() if c not in coco_gt.cats)
         if unknown:
-            raise ValueError(f"label_to_cat_id maps to category ids {unknown} that the ground truth does not have "
-                             f"(its categories: {sorted(coco_gt.cats)})")
+            raise ValueError(
+                f"label_to_cat_id maps to category ids {unknown} that the ground truth does not have "
+                f"(its categories: {sorted(coco_gt.cats)})"
+            )
         self._results: list[dict] = []
         self._image_ids: list[int] = []
         self._seen: set[int] = set()
@@ -305,9 +333,15 @@ class CocoEvaluator:
                     r.pop(key, None)
         stats = [float(s) for s in coco_eval.stats]
         per_class, curves = self._per_class(coco_eval)
-        return CocoMetrics(**dict(zip(COCO_STAT_NAMES, stats)), per_class=per_class,
-                           num_images=len(self._image_ids), num_detections=len(self._results),
-                           message=None if self._results else NO_DETECTIONS, log=log.getvalue(), curves=curves)
+        return CocoMetrics(
+            **dict(zip(COCO_STAT_NAMES, stats)),
+            per_class=per_class,
+            num_images=len(self._image_ids),
+            num_detections=len(self._results),
+            message=None if self._results else NO_DETECTIONS,
+            log=log.getvalue(),
+            curves=curves,
+        )
 
     def _per_class(self, coco_eval: COCOeval) -> tuple[list[CocoClassAP], dict]:
         params = coco_eval.params
@@ -334,21 +368,33 @@ class CocoEvaluator:
             name = str(self.coco_gt.cats[cat_id].get("name", cat_id))
             ap = mean_valid(precision[:, :, k, a_all, m100])
             ap50 = mean_valid(precision[t50, :, k, a_all, m100])
-            per_class.append(CocoClassAP(category_id=int(cat_id), name=name, label=cat_to_label.get(cat_id),
-                                         num_gt=num_gt.get(cat_id, 0), num_detections=num_dets.get(cat_id, 0),
-                                         AP=ap, AP50=ap50))
+            per_class.append(
+                CocoClassAP(
+                    category_id=int(cat_id),
+                    name=name,
+                    label=cat_to_label.get(cat_id),
+                    num_gt=num_gt.get(cat_id, 0),
+                    num_detections=num_dets.get(cat_id, 0),
+                    AP=ap,
+                    AP50=ap50,
+                )
+            )
             if ap50 != -1.0:
                 key = name if name not in curves else f"{name} ({cat_id})"
-                curves[key] = (np.asarray(params.recThrs, dtype=np.float64).copy(),
-                               precision[t50, :, k, a_all, m100].astype(np.float64))
+                curves[key] = (
+                    np.asarray(params.recThrs, dtype=np.float64).copy(),
+                    precision[t50, :, k, a_all, m100].astype(np.float64),
+                )
         return per_class, curves
 
 
 def _empty_results(coco_gt: COCO) -> COCO:
     """A results COCO with no annotations (what ``loadRes([])`` would be if it did not crash)."""
     empty = COCO()
-    empty.dataset = {"images": list(coco_gt.dataset.get("images", [])),
-                     "categories": list(coco_gt.dataset.get("categories", [])),
-                     "annotations": []}
+    empty.dataset = {
+        "images": list(coco_gt.dataset.get("images", [])),
+        "categories": list(coco_gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
     empty.createIndex()
     return empty

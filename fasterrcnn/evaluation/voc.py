@@ -25,6 +25,7 @@ A class without (non-difficult) ground truth has no defined AP: it is NaN and le
 detections has AP 0. With no detections at all, every class with ground truth has AP 0 and
 ``VocMetrics.message`` says so.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,6 +111,7 @@ class VocMetrics:
 
     def as_dict(self) -> dict:
         """JSON-ready numbers (NaN becomes None); curves are left out."""
+
         def num(v: float):
             return None if math.isnan(v) else v
 
@@ -118,9 +120,18 @@ class VocMetrics:
             "map_area": num(self.map_area),
             "iou_threshold": self.iou_threshold,
             "per_class": [
-                {"label": c.label, "name": c.name, "num_gt": c.num_gt, "num_difficult": c.num_difficult,
-                 "num_detections": c.num_detections, "num_tp": c.num_tp, "num_fp": c.num_fp,
-                 "num_ignored": c.num_ignored, "ap_11point": num(c.ap_11point), "ap_area": num(c.ap_area)}
+                {
+                    "label": c.label,
+                    "name": c.name,
+                    "num_gt": c.num_gt,
+                    "num_difficult": c.num_difficult,
+                    "num_detections": c.num_detections,
+                    "num_tp": c.num_tp,
+                    "num_fp": c.num_fp,
+                    "num_ignored": c.num_ignored,
+                    "ap_11point": num(c.ap_11point),
+                    "ap_area": num(c.ap_area),
+                }
                 for c in self.per_class
             ],
             "num_images": self.num_images,
@@ -136,19 +147,24 @@ class VocMetrics:
             return "n/a" if math.isnan(v) else f"{v:.4f}"
 
         width = max([len("class")] + [len(c.name) for c in self.per_class])
-        lines = [f"VOC evaluation at IoU {self.iou_threshold:g}: {self.num_images} images, "
-                 f"{self.num_detections} detections",
-                 f"  mAP (VOC2007 11-point) {num(self.map_11point)}",
-                 f"  mAP (area, VOC2010+)   {num(self.map_area)}"]
+        lines = [
+            f"VOC evaluation at IoU {self.iou_threshold:g}: {self.num_images} images, {self.num_detections} detections",
+            f"  mAP (VOC2007 11-point) {num(self.map_11point)}",
+            f"  mAP (area, VOC2010+)   {num(self.map_area)}",
+        ]
         if self.message:
             lines.append(f"note: {self.message}")
         lines.append("")
-        lines.append(f"  {'label':>5}  {'class':<{width}}  {'gt':>5}  {'diff':>5}  {'dets':>6}  {'tp':>5}  {'fp':>6}"
-                     f"  {'11point':>7}  {'area':>7}")
+        lines.append(
+            f"  {'label':>5}  {'class':<{width}}  {'gt':>5}  {'diff':>5}  {'dets':>6}  {'tp':>5}  {'fp':>6}"
+            f"  {'11point':>7}  {'area':>7}"
+        )
         for c in self.per_class:
-            lines.append(f"  {c.label:>5}  {c.name:<{width}}  {c.num_gt:>5}  {c.num_difficult:>5}  "
-                         f"{c.num_detections:>6}  {c.num_tp:>5}  {c.num_fp:>6}  {num(c.ap_11point):>7}  "
-                         f"{num(c.ap_area):>7}")
+            lines.append(
+                f"  {c.label:>5}  {c.name:<{width}}  {c.num_gt:>5}  {c.num_difficult:>5}  "
+                f"{c.num_detections:>6}  {c.num_tp:>5}  {c.num_fp:>6}  {num(c.ap_11point):>7}  "
+                f"{num(c.ap_area):>7}"
+            )
         return "\n".join(lines)
 
 
@@ -192,13 +208,20 @@ def _class_names(class_names, num_classes: int) -> list[str]:
     if len(names) == num_classes + 1:  # a dataset's class_names, background first
         names = names[1:]
     if len(names) != num_classes:
-        raise ValueError(f"class_names has {len(class_names)} names; expected {num_classes} "
-                         f"(labels 1..{num_classes}) or {num_classes + 1} with the background first")
+        raise ValueError(
+            f"class_names has {len(class_names)} names; expected {num_classes} "
+            f"(labels 1..{num_classes}) or {num_classes + 1} with the background first"
+        )
     return names
 
 
-def evaluate_voc(detections: Sequence[Mapping], ground_truths: Sequence[Mapping], num_classes: int,
-                 iou_threshold: float = 0.5, class_names: Sequence[str] | None = None) -> VocMetrics:
+def evaluate_voc(
+    detections: Sequence[Mapping],
+    ground_truths: Sequence[Mapping],
+    num_classes: int,
+    iou_threshold: float = 0.5,
+    class_names: Sequence[str] | None = None,
+) -> VocMetrics:
     """VOC AP per class (11-point and area) and the two mAPs over a set of images.
 
     ``detections[i]`` (``boxes`` xyxy, ``labels`` 1..C, ``scores``) and ``ground_truths[i]`` (``boxes``,
@@ -206,8 +229,10 @@ def evaluate_voc(detections: Sequence[Mapping], ground_truths: Sequence[Mapping]
     1..C (a dataset's list with ``"__background__"`` first is accepted too).
     """
     if len(detections) != len(ground_truths):
-        raise ValueError(f"got {len(detections)} detection dicts and {len(ground_truths)} ground-truth dicts; "
-                         "expected one of each per image")
+        raise ValueError(
+            f"got {len(detections)} detection dicts and {len(ground_truths)} ground-truth dicts; "
+            "expected one of each per image"
+        )
     if num_classes < 1:
         raise ValueError(f"num_classes is {num_classes}; expected at least 1")
     if not 0.0 < iou_threshold <= 1.0:
@@ -222,8 +247,11 @@ def evaluate_voc(detections: Sequence[Mapping], ground_truths: Sequence[Mapping]
     for i, (det, gt) in enumerate(zip(detections, ground_truths)):
         g_boxes = _boxes(gt, f"ground truth of image {i}")
         g_labels = _labels(gt, len(g_boxes), num_classes, f"ground truth of image {i}")
-        g_diff = _field(gt, "difficult", f"ground truth of image {i}",
-                        default=torch.zeros(len(g_boxes), dtype=torch.bool)).reshape(-1).bool()
+        g_diff = (
+            _field(gt, "difficult", f"ground truth of image {i}", default=torch.zeros(len(g_boxes), dtype=torch.bool))
+            .reshape(-1)
+            .bool()
+        )
         if g_diff.numel() != len(g_boxes):
             raise ValueError(f"ground truth of image {i}: {len(g_boxes)} boxes but {g_diff.numel()} difficult flags")
         d_boxes = _boxes(det, f"detections of image {i}")
@@ -286,10 +314,22 @@ def evaluate_voc(detections: Sequence[Mapping], ground_truths: Sequence[Mapping]
             recall = np.full(len(tp), np.nan)
             ap11 = ap_area = float("nan")
         num_tp = int(tp.sum())
-        per_class.append(VocClassResult(
-            label=label, name=name, num_gt=num_pos, num_difficult=num_difficult, num_detections=len(order),
-            num_tp=num_tp, num_fp=len(tp) - num_tp, num_ignored=int(ignored.sum()),
-            ap_11point=ap11, ap_area=ap_area, recall=recall.astype(np.float64), precision=precision.astype(np.float64)))
+        per_class.append(
+            VocClassResult(
+                label=label,
+                name=name,
+                num_gt=num_pos,
+                num_difficult=num_difficult,
+                num_detections=len(order),
+                num_tp=num_tp,
+                num_fp=len(tp) - num_tp,
+                num_ignored=int(ignored.sum()),
+                ap_11point=ap11,
+                ap_area=ap_area,
+                recall=recall.astype(np.float64),
+                precision=precision.astype(np.float64),
+            )
+        )
 
     defined = [c for c in per_class if c.num_gt > 0]
     messages = []
@@ -299,6 +339,12 @@ def evaluate_voc(detections: Sequence[Mapping], ground_truths: Sequence[Mapping]
         messages.append(NO_GROUND_TRUTH)
     map11 = float(np.mean([c.ap_11point for c in defined])) if defined else float("nan")
     map_area = float(np.mean([c.ap_area for c in defined])) if defined else float("nan")
-    return VocMetrics(map_11point=map11, map_area=map_area, iou_threshold=float(iou_threshold),
-                      per_class=per_class, num_images=len(detections), num_detections=int(len(det_scores_np)),
-                      message="; ".join(messages) or None)
+    return VocMetrics(
+        map_11point=map11,
+        map_area=map_area,
+        iou_threshold=float(iou_threshold),
+        per_class=per_class,
+        num_images=len(detections),
+        num_detections=int(len(det_scores_np)),
+        message="; ".join(messages) or None,
+    )

@@ -10,6 +10,7 @@ is not run again, a stopped one continues from its last.pt, and one whose config
 moved aside (<cell>.stale-<hash>) and run anew. <out>/ablation.md holds the table and the command
 that made it, <out>/ablation.png the plot.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,14 +24,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..files import atomic_write_text
-from ..viz.ablation import plot_ablation
-from .alternating import AlternatingResult, latest_checkpoint
-from .schedules import train_schedule
 from ..engine.checkpoint import load_checkpoint
 from ..engine.config import EXECUTION_KEYS, Config, ConfigError, apply_overrides, config_from_dict, load_config
 from ..engine.evaluator import evaluate_model
 from ..engine.setup import build_data, build_model, resolve_device
+from ..files import atomic_write_text
+from ..viz.ablation import plot_ablation
+from .alternating import AlternatingResult, latest_checkpoint
+from .schedules import train_schedule
 
 log = logging.getLogger("fasterrcnn")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -74,12 +75,21 @@ def _lam(value: int) -> tuple[str, ...]:
 
 BUILTIN_CELLS: tuple[Cell, ...] = (
     Cell("baseline", description="the demo recipe at the budget"),
-    Cell("baseline_seed1", ("train.seed=1",),
-         description="the baseline with another seed: how far apart two runs of one recipe land"),
-    Cell("anchors_32-512", ("model.options.anchor_sizes=[32, 64, 128, 256, 512]",),
-         description="torchvision's anchor sizes instead of the demo's 16..256"),
-    Cell("rpn_iou_0.5-0.1", ("model.options.rpn_fg_iou_thresh=0.5", "model.options.rpn_bg_iou_thresh=0.1"),
-         description="RPN positives from IoU 0.5, negatives below 0.1 (baseline 0.7 / 0.3)"),
+    Cell(
+        "baseline_seed1",
+        ("train.seed=1",),
+        description="the baseline with another seed: how far apart two runs of one recipe land",
+    ),
+    Cell(
+        "anchors_32-512",
+        ("model.options.anchor_sizes=[32, 64, 128, 256, 512]",),
+        description="torchvision's anchor sizes instead of the demo's 16..256",
+    ),
+    Cell(
+        "rpn_iou_0.5-0.1",
+        ("model.options.rpn_fg_iou_thresh=0.5", "model.options.rpn_bg_iou_thresh=0.1"),
+        description="RPN positives from IoU 0.5, negatives below 0.1 (baseline 0.7 / 0.3)",
+    ),
     Cell("lambda_5", _lam(5), description="box regression losses weighted 5 (baseline 1)"),
     Cell("lambda_10", _lam(10), description="box regression losses weighted 10"),
     Cell("rpn_nms_0.5", ("model.options.rpn_nms_thresh=0.5",), description="RPN NMS at IoU 0.5 (baseline 0.7)"),
@@ -87,22 +97,49 @@ BUILTIN_CELLS: tuple[Cell, ...] = (
     Cell("roi_5", ("model.options.roi_output_size=5",), description="5x5 RoI features (baseline 7x7)"),
     Cell("roi_14", ("model.options.roi_output_size=14",), description="14x14 RoI features"),
     Cell("roi_pool", ("model.options.roi_op=roi_pool",), description="RoIPool instead of RoIAlign"),
-    Cell("single_map", ("model.arch=fasterrcnn_resnet18_c4",), drop_options=("fpn_channels", "fpn_norm"),
-         description="one feature map (ResNet-18 C4, stride 16, all anchor sizes on it) instead of the FPN"),
-    Cell("test_proposals_100", ("model.options.rpn_post_nms_top_n_test=100",), reevaluates="baseline",
-         description="100 proposals per image at test time (baseline 300)"),
-    Cell("test_proposals_1000", ("model.options.rpn_pre_nms_top_n_test=1000",
-                                 "model.options.rpn_post_nms_top_n_test=1000"), reevaluates="baseline",
-         description="1000 proposals per image at test time"),
-    Cell("alternating", ("train.schedule=alternating",),
-         description="4-step alternating training (the paper's: step 2 from the initial backbone; steps 2:1:2:1)"),
-    Cell("alternating_rpn_init", ("train.schedule=alternating", "train.alternating_detector_init=rpn",
-                                  "train.alternating_iterations=[0.4, 0.3, 0.2, 0.1]"),
-         description="4-step alternating training, step 2 from step 1's backbone, steps 4:3:2:1"),
-    Cell("joint_pretrained", backbone_from="baseline",
-         description="joint training from a pretrained backbone (the baseline's trunk; FPN and heads new)"),
-    Cell("alternating_pretrained", ("train.schedule=alternating",), backbone_from="baseline",
-         description="the paper's 4-step alternating training from the same pretrained backbone"),
+    Cell(
+        "single_map",
+        ("model.arch=fasterrcnn_resnet18_c4",),
+        drop_options=("fpn_channels", "fpn_norm"),
+        description="one feature map (ResNet-18 C4, stride 16, all anchor sizes on it) instead of the FPN",
+    ),
+    Cell(
+        "test_proposals_100",
+        ("model.options.rpn_post_nms_top_n_test=100",),
+        reevaluates="baseline",
+        description="100 proposals per image at test time (baseline 300)",
+    ),
+    Cell(
+        "test_proposals_1000",
+        ("model.options.rpn_pre_nms_top_n_test=1000", "model.options.rpn_post_nms_top_n_test=1000"),
+        reevaluates="baseline",
+        description="1000 proposals per image at test time",
+    ),
+    Cell(
+        "alternating",
+        ("train.schedule=alternating",),
+        description="4-step alternating training (the paper's: step 2 from the initial backbone; steps 2:1:2:1)",
+    ),
+    Cell(
+        "alternating_rpn_init",
+        (
+            "train.schedule=alternating",
+            "train.alternating_detector_init=rpn",
+            "train.alternating_iterations=[0.4, 0.3, 0.2, 0.1]",
+        ),
+        description="4-step alternating training, step 2 from step 1's backbone, steps 4:3:2:1",
+    ),
+    Cell(
+        "joint_pretrained",
+        backbone_from="baseline",
+        description="joint training from a pretrained backbone (the baseline's trunk; FPN and heads new)",
+    ),
+    Cell(
+        "alternating_pretrained",
+        ("train.schedule=alternating",),
+        backbone_from="baseline",
+        description="the paper's 4-step alternating training from the same pretrained backbone",
+    ),
 )
 
 
@@ -117,10 +154,17 @@ class CellResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"cell": self.cell.name, "overrides": list(self.cell.overrides),
-                "drop_options": list(self.cell.drop_options), "reevaluates": self.cell.reevaluates,
-                "config_hash": self.config_hash, **self.metrics, "train_s": self.train_s, "eval_s": self.eval_s,
-                "notes": self.notes}
+        return {
+            "cell": self.cell.name,
+            "overrides": list(self.cell.overrides),
+            "drop_options": list(self.cell.drop_options),
+            "reevaluates": self.cell.reevaluates,
+            "config_hash": self.config_hash,
+            **self.metrics,
+            "train_s": self.train_s,
+            "eval_s": self.eval_s,
+            "notes": self.notes,
+        }
 
 
 def select_cells(names: list[str] | None, cells: tuple[Cell, ...] = BUILTIN_CELLS) -> list[Cell]:
@@ -134,8 +178,13 @@ def select_cells(names: list[str] | None, cells: tuple[Cell, ...] = BUILTIN_CELL
     return [c for c in cells if c.name in wanted]
 
 
-def base_config(*, config: str | Path | None = None, iterations: int | None = None,
-                data: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def base_config(
+    *,
+    config: str | Path | None = None,
+    iterations: int | None = None,
+    data: list[str] | tuple[str, ...] = (),
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
     """The baseline: ``config`` (default: the demo recipe) with the budget of ``iterations`` (its
     warmup scaled in proportion), the data (a synthetic-data folder, or COCO jsons: train [val]),
     then ``overrides``, which apply to every cell."""
@@ -226,12 +275,22 @@ def run_training_cell(cell: Cell, cfg: Config, digest: str, *, show_progress: bo
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     checkpoint = latest_checkpoint(run_dir)
     notes = [f"continued from {checkpoint}"] if checkpoint else []
-    execution = [f"{k}={json.dumps(v)}" for k, v in
-                 (("data.workers", cfg.data.workers), ("train.threads", cfg.train.threads),
-                  ("train.device", cfg.train.device), ("train.log_every", cfg.train.log_every))]
+    execution = [
+        f"{k}={json.dumps(v)}"
+        for k, v in (
+            ("data.workers", cfg.data.workers),
+            ("train.threads", cfg.train.threads),
+            ("train.device", cfg.train.device),
+            ("train.log_every", cfg.train.log_every),
+        )
+    ]
     start = time.perf_counter()
-    result = train_schedule(cfg, resume=str(checkpoint) if checkpoint else None,
-                            resume_overrides=execution if checkpoint else (), show_progress=show_progress)
+    result = train_schedule(
+        cfg,
+        resume=str(checkpoint) if checkpoint else None,
+        resume_overrides=execution if checkpoint else (),
+        show_progress=show_progress,
+    )
     wall = time.perf_counter() - start
     if isinstance(result, AlternatingResult):
         eval_s = result.eval_seconds
@@ -260,17 +319,26 @@ def run_reevaluation_cell(cell: Cell, cfg: Config, reference: CellResult, *, sho
     data = build_data(eval_cfg.data, train=False)
     run_dir = out / cell.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    evaluation = evaluate_model(model, data.val, class_names=data.class_names, label_to_cat_id=data.label_to_cat_id,
-                                ann_file=data.val_ann_file, batch_size=cfg.train.batch_size, device=device,
-                                amp=cfg.train.amp, show_progress=show_progress,
-                                results_path=run_dir / "predictions.json")
+    evaluation = evaluate_model(
+        model,
+        data.val,
+        class_names=data.class_names,
+        label_to_cat_id=data.label_to_cat_id,
+        ann_file=data.val_ann_file,
+        batch_size=cfg.train.batch_size,
+        device=device,
+        amp=cfg.train.amp,
+        show_progress=show_progress,
+        results_path=run_dir / "predictions.json",
+    )
     evaluation.coco.to_json(run_dir / "eval.json")
     digest = config_hash(cfg, reference.config_hash, *cell.overrides)
     return CellResult(cell, _eval_metrics(evaluation, run_dir), 0.0, evaluation.seconds, digest)
 
 
-def run_ablation(base: Config, *, out: str | Path, cells: list[Cell], command: str = "",
-                 show_progress: bool = True) -> list[CellResult]:
+def run_ablation(
+    base: Config, *, out: str | Path, cells: list[Cell], command: str = "", show_progress: bool = True
+) -> list[CellResult]:
     """Run (or re-use) every cell, then write <out>/ablation.md and <out>/ablation.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,30 +355,52 @@ def run_ablation(base: Config, *, out: str | Path, cells: list[Cell], command: s
             digest = config_hash(cfg)
         saved = _read_result(run_dir / "result.json")
         if saved is not None and saved.get("config_hash") == digest:
-            log.info("ablation cell %d/%d %s: re-used (%s, same config)", i, len(cells), cell.name,
-                     run_dir / "result.json")
-            results[cell.name] = CellResult(cell, {k: float(saved[k]) for k in METRICS}, float(saved["train_s"]),
-                                            float(saved["eval_s"]), digest, reused=True,
-                                            notes=list(saved.get("notes", [])))
+            log.info(
+                "ablation cell %d/%d %s: re-used (%s, same config)", i, len(cells), cell.name, run_dir / "result.json"
+            )
+            results[cell.name] = CellResult(
+                cell,
+                {k: float(saved[k]) for k in METRICS},
+                float(saved["train_s"]),
+                float(saved["eval_s"]),
+                digest,
+                reused=True,
+                notes=list(saved.get("notes", [])),
+            )
             continue
         existing = _existing_hash(run_dir, *([results[cell.backbone_from].config_hash] if cell.backbone_from else []))
         if existing is not None and existing != digest and not cell.reevaluates:
             _set_aside(run_dir, existing)
-        log.info("ablation cell %d/%d %s: %s", i, len(cells), cell.name,
-                 f"re-evaluating {cell.reevaluates}'s model" if cell.reevaluates
-                 else f"training {cfg.train.iterations} iterations of batch {cfg.train.batch_size}")
+        log.info(
+            "ablation cell %d/%d %s: %s",
+            i,
+            len(cells),
+            cell.name,
+            f"re-evaluating {cell.reevaluates}'s model"
+            if cell.reevaluates
+            else f"training {cfg.train.iterations} iterations of batch {cfg.train.batch_size}",
+        )
         if cell.reevaluates:
             result = run_reevaluation_cell(cell, cfg, results[cell.reevaluates], show_progress=show_progress)
         else:
             result = run_training_cell(cell, cfg, digest, show_progress=show_progress)
         atomic_write_text(run_dir / "result.json", json.dumps(result.to_json(), indent=2))
-        log.info("ablation cell %s: AP %.3f AP50 %.3f AP_small %.3f, training %.0f s, evaluation %.0f s", cell.name,
-                 result.metrics["AP"], result.metrics["AP50"], result.metrics["APs"], result.train_s, result.eval_s)
+        log.info(
+            "ablation cell %s: AP %.3f AP50 %.3f AP_small %.3f, training %.0f s, evaluation %.0f s",
+            cell.name,
+            result.metrics["AP"],
+            result.metrics["AP50"],
+            result.metrics["APs"],
+            result.train_s,
+            result.eval_s,
+        )
         results[cell.name] = result
     ordered = [results[c.name] for c in cells]
     atomic_write_text(out / "ablation.md", format_table(ordered, base, command=command))
-    plot_ablation([{"cell": r.cell.name, **r.metrics, "train_s": r.train_s, "eval_s": r.eval_s} for r in ordered],
-                  out / "ablation.png")
+    plot_ablation(
+        [{"cell": r.cell.name, **r.metrics, "train_s": r.train_s, "eval_s": r.eval_s} for r in ordered],
+        out / "ablation.png",
+    )
     log.info("ablation: %s, %s", out / "ablation.md", out / "ablation.png")
     return ordered
 
@@ -320,15 +410,20 @@ def format_table(results: list[CellResult], base: Config, *, command: str = "") 
     lines = [f"# Ablation: {t.iterations} iterations of batch {t.batch_size} per cell", ""]
     if command:
         lines += ["Made by:", "", "```", command, "```", ""]
-    lines += ["COCO AP, AP50 and AP_small on the validation set; one change per row against the baseline; "
-              "training time is wall time without the evaluation.", "",
-              "| cell | overrides | AP | AP50 | AP_small | training time | evaluation time |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "COCO AP, AP50 and AP_small on the validation set; one change per row against the baseline; "
+        "training time is wall time without the evaluation.",
+        "",
+        "| cell | overrides | AP | AP50 | AP_small | training time | evaluation time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         m = r.metrics
         train_time = "-" if r.cell.reevaluates else f"{r.train_s:.0f} s"
-        lines.append(f"| {r.cell.name} | {r.cell.describe_overrides()} | {m['AP']:.3f} | {m['AP50']:.3f} | "
-                     f"{m['APs']:.3f} | {train_time} | {r.eval_s:.0f} s |")
+        lines.append(
+            f"| {r.cell.name} | {r.cell.describe_overrides()} | {m['AP']:.3f} | {m['AP50']:.3f} | "
+            f"{m['APs']:.3f} | {train_time} | {r.eval_s:.0f} s |"
+        )
     notes = [f"{r.cell.name}: {n}" for r in results for n in r.notes]
     if notes:
         lines += ["", "Notes: " + "; ".join(notes) + "."]

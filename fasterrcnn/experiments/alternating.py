@@ -18,6 +18,7 @@ schedule's own config is <run>/config.yaml. Frozen parts get no
 gradient and no optimizer state, and stay in eval mode. <run>/metrics.csv gathers the steps' rows
 with a ``step`` column and iterations counted over the whole schedule.
 """
+
 from __future__ import annotations
 
 import csv
@@ -32,23 +33,35 @@ import torch
 import yaml
 from torch import nn
 
-from ..files import atomic_open, atomic_write_bytes
-from ..viz.training import plot_ap_history, plot_losses
 from ..engine import distributed as dist
 from ..engine.checkpoint import load_checkpoint
-from ..engine.config import (RESUME_OVERRIDABLE, Config, ConfigError, ModelConfig, TrainConfig, apply_overrides,
-                             config_from_dict, save_config)
+from ..engine.config import (
+    RESUME_OVERRIDABLE,
+    Config,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    save_config,
+)
 from ..engine.metrics import CSV_COLUMNS, read_metrics
 from ..engine.setup import build_model
 from ..engine.trainer import TrainResult, load_resume_state, train
+from ..files import atomic_open, atomic_write_bytes
 from ..model.loss_names import DETECTOR_LOSSES, RPN_LOSSES
+from ..viz.training import plot_ap_history, plot_losses
 from .stage_model import StageModel, freeze
 
 log = logging.getLogger("fasterrcnn")
 
 # step -> (the part trained, the parts frozen)
-STEPS = {1: ("rpn", ("roi_heads",)), 2: ("detector", ("rpn",)),
-         3: ("rpn", ("backbone", "roi_heads")), 4: ("detector", ("backbone", "rpn"))}
+STEPS = {
+    1: ("rpn", ("roi_heads",)),
+    2: ("detector", ("rpn",)),
+    3: ("rpn", ("backbone", "roi_heads")),
+    4: ("detector", ("backbone", "rpn")),
+}
 DONE_MARKER = "done.json"
 COPIED_OUTPUTS = ("best.pt", "predictions.json", "eval.json", "precision_recall.png")
 
@@ -69,8 +82,14 @@ def step_config(cfg: Config, step: int) -> Config:
     values = cfg.to_dict()
     lengths = step_lengths(cfg.train)
     values["solver"]["warmup_iters"] = round(cfg.solver.warmup_iters * lengths[step - 1] / sum(lengths))
-    values["train"].update(name=f"step{step}", out_dir=str(Path(cfg.train.out_dir) / cfg.train.name),
-                           iterations=lengths[step - 1], epochs=0, schedule="joint", alternating_iterations=lengths)
+    values["train"].update(
+        name=f"step{step}",
+        out_dir=str(Path(cfg.train.out_dir) / cfg.train.name),
+        iterations=lengths[step - 1],
+        epochs=0,
+        schedule="joint",
+        alternating_iterations=lengths,
+    )
     return config_from_dict(values)
 
 
@@ -91,8 +110,10 @@ def schedule_of_checkpoint(path: str | Path) -> Config | None:
     try:
         values = yaml.safe_load(schedule_yaml.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{schedule_yaml}: cannot read the alternating schedule's config ({e}); {path} is step "
-                          f"{step} of a schedule that ran in {schedule_yaml.parent}") from None
+        raise ConfigError(
+            f"{schedule_yaml}: cannot read the alternating schedule's config ({e}); {path} is step "
+            f"{step} of a schedule that ran in {schedule_yaml.parent}"
+        ) from None
     return config_from_dict(values)
 
 
@@ -116,7 +137,7 @@ def initial_weights(model_cfg: ModelConfig, num_classes: int, seed: int) -> dict
 def part(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """The entries of one part (backbone, rpn, roi_heads) of a model's state_dict, without its prefix."""
     prefix = name + "."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @dataclass
@@ -147,8 +168,10 @@ class AlternatingStep:
     def final_weights(self, step: int) -> dict[str, torch.Tensor]:
         path = step_dir(self.run_dir, step) / "last.pt"
         if not path.is_file():
-            raise ConfigError(f"alternating training step {self.step} starts from step {step}'s result, and "
-                              f"{path} does not exist: run the schedule from its start")
+            raise ConfigError(
+                f"alternating training step {self.step} starts from step {step}'s result, and "
+                f"{path} does not exist: run the schedule from its start"
+            )
         return load_checkpoint(path)["model"]
 
     def prepare(self, model: nn.Module, *, device: torch.device) -> None:
@@ -178,11 +201,13 @@ class AlternatingStep:
         return {"alternating_step": self.step}
 
     def describe(self) -> str:
-        what = {1: "the RPN, from the initial weights",
-                2: "the detector on step 1's proposals, its backbone from "
-                   + ("the initial weights" if self.detector_init == "initial" else "step 1"),
-                3: "the RPN's own layers on step 2's frozen backbone",
-                4: "the detector's own layers (box head and predictor) on step 3's proposals"}[self.step]
+        what = {
+            1: "the RPN, from the initial weights",
+            2: "the detector on step 1's proposals, its backbone from "
+            + ("the initial weights" if self.detector_init == "initial" else "step 1"),
+            3: "the RPN's own layers on step 2's frozen backbone",
+            4: "the detector's own layers (box head and predictor) on step 3's proposals",
+        }[self.step]
         losses = RPN_LOSSES if self.trains == "rpn" else DETECTOR_LOSSES
         return f"{what}; losses {', '.join(losses)} (the others are logged as 0); frozen: {', '.join(self.frozen)}"
 
@@ -196,16 +221,19 @@ class AlternatingResult(TrainResult):
         return sum(r.evaluation.seconds for r in self.steps if r is not None and r.evaluation is not None)
 
 
-def train_alternating(cfg: Config, *, resume: str | None = None, resume_overrides: list[str] | tuple = (),
-                      show_progress: bool = True) -> AlternatingResult:
+def train_alternating(
+    cfg: Config, *, resume: str | None = None, resume_overrides: list[str] | tuple = (), show_progress: bool = True
+) -> AlternatingResult:
     """Run (or, with ``resume``, continue) the four steps of the alternating schedule ``cfg`` (the
     schedule's config: see ``schedule_of_checkpoint`` for the one of a checkpoint)."""
     if resume_overrides:
         cfg = apply_overrides(cfg, list(resume_overrides), allowed=RESUME_OVERRIDABLE, context=f"--resume {resume}: ")
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     if resume is None and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {latest_checkpoint(run_dir)}, "
-                          "or choose another train.name")
+        raise ConfigError(
+            f"{run_dir} already holds a run; continue it with --resume {latest_checkpoint(run_dir)}, "
+            "or choose another train.name"
+        )
     created = not run_dir.exists()
     try:
         return _train_steps(cfg, run_dir, resume_overrides=resume_overrides, show_progress=show_progress)
@@ -220,37 +248,60 @@ def _train_steps(cfg: Config, run_dir: Path, *, resume_overrides, show_progress:
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        log.info("alternating training in %s: steps of %s iterations (RPN, detector, RPN, detector)",
-                 run_dir, "/".join(map(str, lengths)))
+        log.info(
+            "alternating training in %s: steps of %s iterations (RPN, detector, RPN, detector)",
+            run_dir,
+            "/".join(map(str, lengths)),
+        )
     start, results = time.perf_counter(), []
     info = log.info if dist.is_main() else (lambda *args: None)  # one log, not one per process
     for step in (1, 2, 3, 4):
         sdir = step_dir(run_dir, step)
-        stage = AlternatingStep(step, run_dir, cfg.model, cfg.train.seed, cfg.train.alternating_detector_init,
-                                cfg.train.channels_last)
+        stage = AlternatingStep(
+            step, run_dir, cfg.model, cfg.train.seed, cfg.train.alternating_detector_init, cfg.train.channels_last
+        )
         if (sdir / DONE_MARKER).is_file():
             info("alternating step %d/4 finished earlier (%s)", step, sdir)
             results.append(None)
             continue
-        first = sum(lengths[:step - 1])
-        info("alternating step %d/4, iterations %d-%d of %d: %s", step, first + 1, first + lengths[step - 1],
-             sum(lengths), stage.describe())
+        first = sum(lengths[: step - 1])
+        info(
+            "alternating step %d/4, iterations %d-%d of %d: %s",
+            step,
+            first + 1,
+            first + lengths[step - 1],
+            sum(lengths),
+            stage.describe(),
+        )
         checkpoint = sdir / "last.pt"
-        result = train(step_config(cfg, step), resume=str(checkpoint) if checkpoint.is_file() else None,
-                       resume_overrides=resume_overrides, show_progress=show_progress, stage=stage)
+        result = train(
+            step_config(cfg, step),
+            resume=str(checkpoint) if checkpoint.is_file() else None,
+            resume_overrides=resume_overrides,
+            show_progress=show_progress,
+            stage=stage,
+        )
         results.append(result)
         if dist.is_main():
             summary = result.evaluation.summary() if result.evaluation is not None else {}
-            atomic_write_bytes(sdir / DONE_MARKER, json.dumps(
-                {"step": step, "iterations": result.iterations, **summary}, indent=2).encode())
+            atomic_write_bytes(
+                sdir / DONE_MARKER,
+                json.dumps({"step": step, "iterations": result.iterations, **summary}, indent=2).encode(),
+            )
             write_schedule_metrics(run_dir, lengths)
         dist.barrier()
     final = load_checkpoint(step_dir(run_dir, 4) / "last.pt")
     if dist.is_main():
         finish(run_dir, lengths)
     last = results[-1]
-    return AlternatingResult(run_dir, sum(lengths), last.evaluation if last is not None else None,
-                             float(final["best_ap"]), time.perf_counter() - start, steps=results)
+    return AlternatingResult(
+        run_dir,
+        sum(lengths),
+        last.evaluation if last is not None else None,
+        float(final["best_ap"]),
+        time.perf_counter() - start,
+        steps=results,
+    )
 
 
 def finish(run_dir: Path, lengths: list[int]) -> None:
@@ -275,11 +326,10 @@ def write_schedule_metrics(run_dir: Path, lengths: list[int]) -> list[dict]:
         path = step_dir(run_dir, step) / "metrics.csv"
         if not path.is_file():
             continue
-        offset = sum(lengths[:step - 1])
+        offset = sum(lengths[: step - 1])
         untrained = DETECTOR_LOSSES if STEPS[step][0] == "rpn" else RPN_LOSSES
         for row in read_metrics(path):
-            row = {**row, "step": step, "step_iteration": row["iteration"],
-                   "iteration": int(row["iteration"]) + offset}
+            row = {**row, "step": step, "step_iteration": row["iteration"], "iteration": int(row["iteration"]) + offset}
             if row["kind"] == "train":
                 row.update(dict.fromkeys(untrained, ""))
             rows.append(row)

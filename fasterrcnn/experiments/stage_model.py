@@ -10,6 +10,7 @@ the wrapper adds nothing to a checkpoint.
     trains="detector":  images -> transform -> backbone -> roi_heads          -> detector losses
                                           (proposal model: its backbone -> rpn -> proposals, no gradient)
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,14 @@ def freeze(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def propose(model: nn.Module, images: ImageList, features: dict[str, torch.Tensor], targets: list[dict] | None,
-            *, training: bool) -> list[torch.Tensor]:
+def propose(
+    model: nn.Module,
+    images: ImageList,
+    features: dict[str, torch.Tensor],
+    targets: list[dict] | None,
+    *,
+    training: bool,
+) -> list[torch.Tensor]:
     """Proposals of a detector's (frozen) RPN (its ``propose`` stage) with the training-time
     (``training``) or test-time top-n counts.
 
@@ -53,8 +60,9 @@ class StageModel(nn.Module):
     through the detectors' public stages (``preprocess``, ``features``, ``propose``, ``detect``,
     ``postprocess``)."""
 
-    def __init__(self, model: nn.Module, *, trains: str, frozen: tuple[str, ...],
-                 proposal_model: nn.Module | None = None):
+    def __init__(
+        self, model: nn.Module, *, trains: str, frozen: tuple[str, ...], proposal_model: nn.Module | None = None
+    ):
         super().__init__()
         if trains not in ("rpn", "detector"):
             raise ValueError(f"trains must be 'rpn' or 'detector', got {trains!r}")
@@ -69,7 +77,7 @@ class StageModel(nn.Module):
             freeze(proposal_model)
         self.train(model.training)
 
-    def train(self, mode: bool = True) -> "StageModel":
+    def train(self, mode: bool = True) -> StageModel:
         super().train(mode)
         for name in self.frozen:
             getattr(self.model, name).eval()
@@ -95,8 +103,7 @@ class StageModel(nn.Module):
             image_list, _ = model.preprocess(images)
             original_sizes = [tuple(im.shape[-2:]) for im in images]
             features = model.features(image_list.tensors)
-            detections, _ = model.detect(features, self._proposals(image_list, features, None),
-                                         image_list.image_sizes)
+            detections, _ = model.detect(features, self._proposals(image_list, features, None), image_list.image_sizes)
             return model.postprocess(detections, image_list.image_sizes, original_sizes)
 
         image_list, targets = model.preprocess(images, targets)

@@ -16,6 +16,7 @@ not written: its path is None and ``numbers["note"]`` says why. Matplotlib's Agg
     detections.png       plot_detections       the final detections, class and score
     summary.txt          write_summary         one line per stage: time and counts
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,18 @@ from matplotlib.patches import FancyArrowPatch, Rectangle
 from ..ops import box_iou
 from ..viz._save import save_png
 
-__all__ = ["plot_anchor_labels", "plot_anchors", "plot_detections", "plot_proposals", "plot_roi_grid",
-           "plot_roi_levels", "plot_rpn_objectness", "plot_two_stage", "write_explain_figures", "write_summary"]
+__all__ = [
+    "plot_anchor_labels",
+    "plot_anchors",
+    "plot_detections",
+    "plot_proposals",
+    "plot_roi_grid",
+    "plot_roi_levels",
+    "plot_rpn_objectness",
+    "plot_two_stage",
+    "write_explain_figures",
+    "write_summary",
+]
 
 # bright colours, each drawn over a dark outline, so they read on dark and light images alike
 POSITIVE, NEGATIVE, IGNORED, BEST, GT = "#00e676", "#ff1744", "#ffab00", "#00e5ff", "#ffffff"
@@ -86,8 +97,20 @@ def _show(ax, image: torch.Tensor, extent_size: tuple[int, int] | None = None) -
 def _box(ax, box, color, *, lw: float = 1.5, ls: str = "-", alpha: float = 1.0, zorder: int = 3) -> None:
     x1, y1, x2, y2 = (float(v) for v in box)
     outline = [patheffects.withStroke(linewidth=lw + min(1.5, lw), foreground="black", alpha=alpha)]
-    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=lw, linestyle=ls,
-                           alpha=alpha, path_effects=outline, zorder=zorder))
+    ax.add_patch(
+        Rectangle(
+            (x1, y1),
+            x2 - x1,
+            y2 - y1,
+            fill=False,
+            edgecolor=color,
+            linewidth=lw,
+            linestyle=ls,
+            alpha=alpha,
+            path_effects=outline,
+            zorder=zorder,
+        )
+    )
 
 
 def _text_color(color) -> str:
@@ -101,8 +124,18 @@ def _label(ax, x: float, y: float, text: str, color, *, fontsize: float = 7, va:
     bottom, top = ax.get_ylim()  # image axes run downwards: (bottom, top)
     if va == "bottom" and y - top < 0.05 * abs(bottom - top):
         y, va = max(y, top), "top"
-    ax.text(x, y, text, fontsize=fontsize, color=_text_color(color), va=va, ha="left", zorder=6, clip_on=True,
-            bbox={"facecolor": color, "edgecolor": "black", "linewidth": 0.5, "pad": 1.0, "alpha": 0.9})
+    ax.text(
+        x,
+        y,
+        text,
+        fontsize=fontsize,
+        color=_text_color(color),
+        va=va,
+        ha="left",
+        zorder=6,
+        clip_on=True,
+        bbox={"facecolor": color, "edgecolor": "black", "linewidth": 0.5, "pad": 1.0, "alpha": 0.9},
+    )
 
 
 def _class_name(trace, label: int) -> str:
@@ -136,11 +169,24 @@ def plot_anchors(trace, path, *, level: int | None = None) -> tuple[Path, dict]:
     cells = []
     for k, (x1, y1, x2, y2) in enumerate(lv.cell_anchors.tolist()):
         ri, si = divmod(k, len(lv.anchor_sizes))  # ratio-major, then size
-        cells.append({"size": float(lv.anchor_sizes[si]), "ratio": float(lv.aspect_ratios[ri]),
-                      "width": x2 - x1, "height": y2 - y1})
-    numbers = {"level": lv.name, "stride": tuple(lv.stride), "grid": tuple(lv.size), "anchors_per_location": a,
-               "anchors_on_level": int(lv.anchors.shape[0]), "total_anchors": trace.num_anchors,
-               "location": (float(cx), float(cy)), "cell_anchors": cells}
+        cells.append(
+            {
+                "size": float(lv.anchor_sizes[si]),
+                "ratio": float(lv.aspect_ratios[ri]),
+                "width": x2 - x1,
+                "height": y2 - y1,
+            }
+        )
+    numbers = {
+        "level": lv.name,
+        "stride": tuple(lv.stride),
+        "grid": tuple(lv.size),
+        "anchors_per_location": a,
+        "anchors_on_level": int(lv.anchors.shape[0]),
+        "total_anchors": trace.num_anchors,
+        "location": (float(cx), float(cy)),
+        "cell_anchors": cells,
+    }
 
     pw, ph = _panel_size(trace)
     fig = _figure(2 * pw + 1.5, ph + 1.2)
@@ -148,20 +194,39 @@ def plot_anchors(trace, path, *, level: int | None = None) -> tuple[Path, dict]:
     _show(ax, trace.image, trace.padded_size)
     gy, gx = torch.meshgrid(torch.arange(lv.size[0]) * sy, torch.arange(lv.size[1]) * sx, indexing="ij")
     dot = max(0.5, min(8.0, 600.0 / max(lv.size[0] * lv.size[1], 1) ** 0.5))
-    ax.scatter(gx.flatten().numpy(), gy.flatten().numpy(), s=dot, c="white", edgecolors="black", linewidths=0.3,
-               zorder=4)
-    for k, c in enumerate(cells):
+    ax.scatter(
+        gx.flatten().numpy(), gy.flatten().numpy(), s=dot, c="white", edgecolors="black", linewidths=0.3, zorder=4
+    )
+    for k in range(len(cells)):
         color = PALETTE[k % len(PALETTE)]
         x1, y1, x2, y2 = (v for v in lv.cell_anchors[k].tolist())
         _box(ax, (cx + x1, cy + y1, cx + x2, cy + y2), color, lw=1.5, zorder=5)
     ax.scatter([cx], [cy], s=40, c=BEST, marker="+", linewidths=2, zorder=6, path_effects=OUTLINE)
-    ax.set_title(f"{lv.name}: stride {sy}x{sx} px, grid {lv.size[0]}x{lv.size[1]}, {a} anchors per location\n"
-                 f"{int(lv.anchors.shape[0])} anchors on {lv.name}, {trace.num_anchors} on all levels", fontsize=9)
-    handles = [Rectangle((0, 0), 1, 1, fill=False, edgecolor=PALETTE[k % len(PALETTE)], linewidth=1.5,
-                         label=f"size {c['size']:g}, ratio h/w {c['ratio']:g}: {c['width']:g}x{c['height']:g}")
-               for k, c in enumerate(cells)]
-    ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85,
-              title=f"cell anchors at ({cx:g}, {cy:g})", title_fontsize=7)
+    ax.set_title(
+        f"{lv.name}: stride {sy}x{sx} px, grid {lv.size[0]}x{lv.size[1]}, {a} anchors per location\n"
+        f"{int(lv.anchors.shape[0])} anchors on {lv.name}, {trace.num_anchors} on all levels",
+        fontsize=9,
+    )
+    handles = [
+        Rectangle(
+            (0, 0),
+            1,
+            1,
+            fill=False,
+            edgecolor=PALETTE[k % len(PALETTE)],
+            linewidth=1.5,
+            label=f"size {c['size']:g}, ratio h/w {c['ratio']:g}: {c['width']:g}x{c['height']:g}",
+        )
+        for k, c in enumerate(cells)
+    ]
+    ax.legend(
+        handles=handles,
+        loc="lower left",
+        fontsize=7,
+        framealpha=0.85,
+        title=f"cell anchors at ({cx:g}, {cy:g})",
+        title_fontsize=7,
+    )
 
     # every level's cell anchors around the same point: one size per level in a pyramid
     ax2 = fig.add_subplot(1, 2, 2)
@@ -175,8 +240,17 @@ def plot_anchors(trace, path, *, level: int | None = None) -> tuple[Path, dict]:
             _box(ax2, (ox + x1, oy + y1, ox + x2, oy + y2), color, lw=1.2)
         sizes = "/".join(f"{s:g}" for s in other.anchor_sizes)
         ratios = "/".join(f"{r:g}" for r in other.aspect_ratios)
-        handles.append(Rectangle((0, 0), 1, 1, fill=False, edgecolor=color, linewidth=1.5,
-                                 label=f"{other.name} (stride {other.stride[0]}): size {sizes}, ratios {ratios}"))
+        handles.append(
+            Rectangle(
+                (0, 0),
+                1,
+                1,
+                fill=False,
+                edgecolor=color,
+                linewidth=1.5,
+                label=f"{other.name} (stride {other.stride[0]}): size {sizes}, ratios {ratios}",
+            )
+        )
     ax2.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85)
     ax2.set_title("the cell anchors of every level, each at its cell nearest that point", fontsize=9)
     fig.tight_layout()
@@ -202,21 +276,37 @@ def plot_anchor_labels(trace, path, *, max_boxes: int = 6) -> tuple[Path | None,
     g_total = lab.gt_boxes.shape[0]
     per_gt = []
     for g, info in enumerate(lab.per_gt):
-        per_gt.append({"gt": _fmt_box(lab.gt_boxes[g]), "class": _class_name(trace, int(lab.gt_labels[g])),
-                       "positive": int(info.positive.numel()), "low_quality": info.low_quality,
-                       "ignored": int(info.ignored.numel()), "negative_overlapping": int(info.negative.numel()),
-                       "best_anchor": _fmt_box(anchors[info.best_anchor]), "best_iou": info.best_iou})
+        per_gt.append(
+            {
+                "gt": _fmt_box(lab.gt_boxes[g]),
+                "class": _class_name(trace, int(lab.gt_labels[g])),
+                "positive": int(info.positive.numel()),
+                "low_quality": info.low_quality,
+                "ignored": int(info.ignored.numel()),
+                "negative_overlapping": int(info.negative.numel()),
+                "best_anchor": _fmt_box(anchors[info.best_anchor]),
+                "best_iou": info.best_iou,
+            }
+        )
     shown = min(g_total, max_boxes)
-    numbers = {**counts, "fg_iou_thresh": lab.fg_iou_thresh, "bg_iou_thresh": lab.bg_iou_thresh,
-               "gt_boxes": g_total, "shown": shown, "per_gt": per_gt}
+    numbers = {
+        **counts,
+        "fg_iou_thresh": lab.fg_iou_thresh,
+        "bg_iou_thresh": lab.bg_iou_thresh,
+        "gt_boxes": g_total,
+        "shown": shown,
+        "per_gt": per_gt,
+    }
 
     cols = max(1, min(3, shown))
     rows = max(1, -(-shown // cols))
     fig = _figure(4.2 * cols, 4.4 * rows + 1.0, layout="constrained")
-    title = (f"RPN anchor labels: {counts['positive']} positive ({counts['low_quality']} low-quality: a gt's best "
-             f"anchor below IoU {lab.fg_iou_thresh:g}),\n{counts['negative']} negative (best IoU < "
-             f"{lab.bg_iou_thresh:g}), {counts['ignored']} ignored (in between); per gt box, the "
-             f"{SHOWN_NEAR_MISSES} ignored and negative anchors of highest IoU are drawn")
+    title = (
+        f"RPN anchor labels: {counts['positive']} positive ({counts['low_quality']} low-quality: a gt's best "
+        f"anchor below IoU {lab.fg_iou_thresh:g}),\n{counts['negative']} negative (best IoU < "
+        f"{lab.bg_iou_thresh:g}), {counts['ignored']} ignored (in between); per gt box, the "
+        f"{SHOWN_NEAR_MISSES} ignored and negative anchors of highest IoU are drawn"
+    )
     if shown < g_total:
         title += f"\nfirst {shown} of {g_total} gt boxes shown"
     fig.suptitle(title, fontsize=9)
@@ -249,14 +339,30 @@ def plot_anchor_labels(trace, path, *, max_boxes: int = 6) -> tuple[Path | None,
         _box(ax, gt, GT, lw=2.2, zorder=5)
         n = per_gt[g]
         _label(ax, float(gt[0]), float(gt[1]), f"gt {g}: {n['class']}", GT)
-        ax.set_title(f"gt {g} {n['class']}: {n['positive']} positive ({n['low_quality']} low-quality),\n"
-                     f"{n['ignored']} ignored, {n['negative_overlapping']} negatives overlap it", fontsize=8)
-    handles = [Rectangle((0, 0), 1, 1, fill=False, edgecolor=c, linewidth=1.5, linestyle=ls, label=t)
-               for c, ls, t in ((POSITIVE, "-", f"positive (IoU >= {lab.fg_iou_thresh:g} or the gt's best)"),
-                                (IGNORED, "--", "ignored"), (NEGATIVE, "-", f"negative (IoU < {lab.bg_iou_thresh:g})"),
-                                (BEST, ":", "best anchor"), (GT, "-", "ground truth"))]
-    legend = fig.legend(handles=handles, loc="outside lower center", ncol=3 if cols < 3 else 5, fontsize=7,
-                        facecolor="0.3", labelcolor="white", framealpha=1.0)
+        ax.set_title(
+            f"gt {g} {n['class']}: {n['positive']} positive ({n['low_quality']} low-quality),\n"
+            f"{n['ignored']} ignored, {n['negative_overlapping']} negatives overlap it",
+            fontsize=8,
+        )
+    handles = [
+        Rectangle((0, 0), 1, 1, fill=False, edgecolor=c, linewidth=1.5, linestyle=ls, label=t)
+        for c, ls, t in (
+            (POSITIVE, "-", f"positive (IoU >= {lab.fg_iou_thresh:g} or the gt's best)"),
+            (IGNORED, "--", "ignored"),
+            (NEGATIVE, "-", f"negative (IoU < {lab.bg_iou_thresh:g})"),
+            (BEST, ":", "best anchor"),
+            (GT, "-", "ground truth"),
+        )
+    ]
+    legend = fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=3 if cols < 3 else 5,
+        fontsize=7,
+        facecolor="0.3",
+        labelcolor="white",
+        framealpha=1.0,
+    )
     legend.get_frame().set_edgecolor("black")
     return _save(fig, path), numbers
 
@@ -276,17 +382,33 @@ def plot_rpn_objectness(trace, path) -> tuple[Path, dict]:
     image = None
     for k, lv in enumerate(trace.levels):
         heat = lv.objectness.max(dim=0).values
-        levels.append({"name": lv.name, "stride": tuple(lv.stride), "size": tuple(lv.size),
-                       "anchors_per_location": int(lv.objectness.shape[0]), "max": float(heat.max())})
+        levels.append(
+            {
+                "name": lv.name,
+                "stride": tuple(lv.stride),
+                "size": tuple(lv.size),
+                "anchors_per_location": int(lv.objectness.shape[0]),
+                "max": float(heat.max()),
+            }
+        )
         ax = fig.add_subplot(rows, cols, k + 1)
         _show(ax, trace.image, trace.padded_size)
         # one square per location, centred on its anchors' centre (x = j * stride, as the anchor grid lays them)
         sy, sx = lv.stride
         extent = (-sx / 2, lv.size[1] * sx - sx / 2, lv.size[0] * sy - sy / 2, -sy / 2)
-        image = ax.imshow(heat.numpy(), extent=extent, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.65,
-                          interpolation="nearest", zorder=2)
-        ax.set_title(f"{lv.name}: stride {lv.stride[0]}, {lv.size[0]}x{lv.size[1]}, max {levels[-1]['max']:.3f}",
-                     fontsize=8)
+        image = ax.imshow(
+            heat.numpy(),
+            extent=extent,
+            cmap="inferno",
+            vmin=0.0,
+            vmax=1.0,
+            alpha=0.65,
+            interpolation="nearest",
+            zorder=2,
+        )
+        ax.set_title(
+            f"{lv.name}: stride {lv.stride[0]}, {lv.size[0]}x{lv.size[1]}, max {levels[-1]['max']:.3f}", fontsize=8
+        )
     fig.suptitle("RPN objectness (sigmoid), the highest of the anchors at each location", fontsize=9)
     fig.tight_layout(rect=(0, 0, 0.92, 0.95))
     if image is not None:
@@ -298,16 +420,26 @@ def plot_rpn_objectness(trace, path) -> tuple[Path, dict]:
 # ---- proposals -----------------------------------------------------------------------------------------
 
 
-FILTER_STEPS = ("anchors", "pre_nms_top_k", "after_small_box_removal", "after_score_threshold", "after_nms",
-                "post_nms_top_n")
+FILTER_STEPS = (
+    "anchors",
+    "pre_nms_top_k",
+    "after_small_box_removal",
+    "after_score_threshold",
+    "after_nms",
+    "post_nms_top_n",
+)
 
 
 def _filter_labels(trace) -> dict[str, str]:
     s = trace.rpn_settings
-    return {"anchors": "anchors", "pre_nms_top_k": f"top {s['pre_nms_top_n']:g}\nper level",
-            "after_small_box_removal": f"clip, drop\n< {s['min_size']:g} px",
-            "after_score_threshold": f"score\n>= {s['score_thresh']:g}",
-            "after_nms": f"NMS {s['nms_thresh']:g}\n(per level)", "post_nms_top_n": f"top {s['post_nms_top_n']:g}"}
+    return {
+        "anchors": "anchors",
+        "pre_nms_top_k": f"top {s['pre_nms_top_n']:g}\nper level",
+        "after_small_box_removal": f"clip, drop\n< {s['min_size']:g} px",
+        "after_score_threshold": f"score\n>= {s['score_thresh']:g}",
+        "after_nms": f"NMS {s['nms_thresh']:g}\n(per level)",
+        "post_nms_top_n": f"top {s['post_nms_top_n']:g}",
+    }
 
 
 def _draw_scored_boxes(ax, boxes: torch.Tensor, scores: torch.Tensor, limit: int, norm) -> int:
@@ -326,8 +458,12 @@ def plot_proposals(trace, path, *, shown: int = SHOWN_PROPOSALS) -> tuple[Path, 
     fig = _figure(2 * pw + 4.5, ph + 1.0)
     grid = fig.add_gridspec(1, 3, width_ratios=(pw, pw, 4.0))
     # one colour scale for both panels, over the scores drawn
-    drawn = torch.cat([trace.nms_candidate_scores.sort(descending=True).values[:shown],
-                       trace.proposal_scores.sort(descending=True).values[:shown]])
+    drawn = torch.cat(
+        [
+            trace.nms_candidate_scores.sort(descending=True).values[:shown],
+            trace.proposal_scores.sort(descending=True).values[:shown],
+        ]
+    )
     lo, hi = (float(drawn.min()), float(drawn.max())) if drawn.numel() else (0.0, 1.0)
     norm = mcolors.Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
     ax = fig.add_subplot(grid[0, 0])
@@ -337,8 +473,9 @@ def plot_proposals(trace, path, *, shown: int = SHOWN_PROPOSALS) -> tuple[Path, 
     ax = fig.add_subplot(grid[0, 1])
     _show(ax, trace.image)
     n_after = _draw_scored_boxes(ax, trace.proposals, trace.proposal_scores, shown, norm)
-    ax.set_title(f"after NMS {trace.rpn_settings['nms_thresh']:g}: top {n_after} of {trace.proposals.shape[0]}",
-                 fontsize=9)
+    ax.set_title(
+        f"after NMS {trace.rpn_settings['nms_thresh']:g}: top {n_after} of {trace.proposals.shape[0]}", fontsize=9
+    )
     ax = fig.add_subplot(grid[0, 2])
     labels = _filter_labels(trace)
     xs = np.arange(len(counts))
@@ -351,11 +488,18 @@ def plot_proposals(trace, path, *, shown: int = SHOWN_PROPOSALS) -> tuple[Path, 
     ax.set_title("RPN proposals: boxes left after each filter", fontsize=9)
     fig.suptitle(f"colour: objectness from {lo:.3f} (dark) to {hi:.3f} (yellow)", fontsize=8)
     fig.tight_layout()
-    numbers = {"counts": counts, "shown_before_nms": n_before, "shown_after_nms": n_after,
-               "nms_candidates": int(trace.nms_candidates.shape[0]), "proposals": int(trace.proposals.shape[0]),
-               "score_range": (lo, hi),
-               **{k: trace.rpn_settings[k] for k in ("pre_nms_top_n", "post_nms_top_n", "nms_thresh", "min_size",
-                                                     "score_thresh")}}
+    numbers = {
+        "counts": counts,
+        "shown_before_nms": n_before,
+        "shown_after_nms": n_after,
+        "nms_candidates": int(trace.nms_candidates.shape[0]),
+        "proposals": int(trace.proposals.shape[0]),
+        "score_range": (lo, hi),
+        **{
+            k: trace.rpn_settings[k]
+            for k in ("pre_nms_top_n", "post_nms_top_n", "nms_thresh", "min_size", "score_thresh")
+        },
+    }
     return _save(fig, path), numbers
 
 
@@ -366,8 +510,9 @@ def plot_roi_levels(trace, path, *, shown: int = SHOWN_LEVEL_BOXES) -> tuple[Pat
     """Proposals coloured by the feature map they are pooled from, and their sizes against the level bounds."""
     path = Path(path)
     if trace.roi_levels is None:
-        note = next((n for n in trace.notes if "feature map" in n or "pooler" in n),
-                    "no level assignment for this pooler")
+        note = next(
+            (n for n in trace.notes if "feature map" in n or "pooler" in n), "no level assignment for this pooler"
+        )
         return None, {"note": note}
     names = trace.roi_level_names
     counts = {name: int((trace.roi_levels == k).sum()) for k, name in enumerate(names)}
@@ -380,12 +525,13 @@ def plot_roi_levels(trace, path, *, shown: int = SHOWN_LEVEL_BOXES) -> tuple[Pat
     order = trace.proposal_scores.argsort(descending=True)[:shown]
     for k in order.flip(0):
         _box(ax, trace.proposals[k], PALETTE[int(trace.roi_levels[k]) % 10], lw=1.0)
-    handles = [Rectangle((0, 0), 1, 1, color=PALETTE[k % 10], label=f"{name}: {counts[name]}")
-               for k, name in enumerate(names)]
-    ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85, title="RoIs per level",
-              title_fontsize=7)
-    ax.set_title(f"top {order.numel()} of {trace.proposals.shape[0]} proposals by the level they are pooled from",
-                 fontsize=9)
+    handles = [
+        Rectangle((0, 0), 1, 1, color=PALETTE[k % 10], label=f"{name}: {counts[name]}") for k, name in enumerate(names)
+    ]
+    ax.legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.85, title="RoIs per level", title_fontsize=7)
+    ax.set_title(
+        f"top {order.numel()} of {trace.proposals.shape[0]} proposals by the level they are pooled from", fontsize=9
+    )
     ax = fig.add_subplot(grid[0, 1])
     top = max(float(sides.max()) if sides.numel() else 1.0, max(trace.roi_level_bounds, default=1.0)) * 1.1
     bins = np.linspace(0, top, 40)
@@ -414,21 +560,44 @@ def plot_roi_grid(trace, path) -> tuple[Path | None, dict]:
     bin_h = float((roi.bins_y[:, 1] - roi.bins_y[:, 0]).mean())
     bin_w = float((roi.bins_x[:, 1] - roi.bins_x[:, 0]).mean())
     stride = 1.0 / roi.spatial_scale
-    numbers = {"proposal_index": roi.proposal_index, "box": [x1, y1, x2, y2], "level": roi.level,
-               "spatial_scale": roi.spatial_scale, "op": roi.op, "output_size": (oh, ow),
-               "bin_size": (bin_h, bin_w), "grid": roi.grid, "sampling_ratio": roi.sampling_ratio}
+    numbers = {
+        "proposal_index": roi.proposal_index,
+        "box": [x1, y1, x2, y2],
+        "level": roi.level,
+        "spatial_scale": roi.spatial_scale,
+        "op": roi.op,
+        "output_size": (oh, ow),
+        "bin_size": (bin_h, bin_w),
+        "grid": roi.grid,
+        "sampling_ratio": roi.sampling_ratio,
+    }
     fig = _figure(14.0, 5.2)
 
     def draw_grid(ax, to):  # to: image pixels -> the panel's coordinates
-        for (a, b) in roi.bins_x.tolist():
-            for (c, d) in roi.bins_y.tolist():
-                ax.add_patch(Rectangle((to(a), to(c)), to(b) - to(a), to(d) - to(c), fill=False, edgecolor="white",
-                                       linewidth=0.8, path_effects=[patheffects.withStroke(linewidth=1.8,
-                                                                                         foreground="black")]))
+        for a, b in roi.bins_x.tolist():
+            for c, d in roi.bins_y.tolist():
+                ax.add_patch(
+                    Rectangle(
+                        (to(a), to(c)),
+                        to(b) - to(a),
+                        to(d) - to(c),
+                        fill=False,
+                        edgecolor="white",
+                        linewidth=0.8,
+                        path_effects=[patheffects.withStroke(linewidth=1.8, foreground="black")],
+                    )
+                )
         if roi.samples_x is not None:
             sy, sx = torch.meshgrid(roi.samples_y.flatten(), roi.samples_x.flatten(), indexing="ij")
-            ax.scatter(to(sx.flatten()).numpy(), to(sy.flatten()).numpy(), s=10, c=BEST, edgecolors="black",
-                       linewidths=0.5, zorder=5)
+            ax.scatter(
+                to(sx.flatten()).numpy(),
+                to(sy.flatten()).numpy(),
+                s=10,
+                c=BEST,
+                edgecolors="black",
+                linewidths=0.5,
+                zorder=5,
+            )
 
     # over the image
     ax = fig.add_subplot(1, 3, 1)
@@ -437,10 +606,16 @@ def plot_roi_grid(trace, path) -> tuple[Path | None, dict]:
     margin = 0.25 * max(x2 - x1, y2 - y1) + 2 * stride  # the same on both axes: thin RoIs stay visible
     ax.set_xlim(x1 - margin, x2 + margin)
     ax.set_ylim(y2 + margin, y1 - margin)
-    how = (f"{roi.grid[0]}x{roi.grid[1]} bilinear samples per bin (sampling_ratio {roi.sampling_ratio})"
-           if roi.grid is not None else "RoIPool: max over each quantised bin")
-    ax.set_title(f"RoI #{roi.proposal_index} [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]\n"
-                 f"{oh}x{ow} bins of {bin_h:.2f} x {bin_w:.2f} px; {how}", fontsize=8)
+    how = (
+        f"{roi.grid[0]}x{roi.grid[1]} bilinear samples per bin (sampling_ratio {roi.sampling_ratio})"
+        if roi.grid is not None
+        else "RoIPool: max over each quantised bin"
+    )
+    ax.set_title(
+        f"RoI #{roi.proposal_index} [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]\n"
+        f"{oh}x{ow} bins of {bin_h:.2f} x {bin_w:.2f} px; {how}",
+        fontsize=8,
+    )
 
     # over the feature map, in its own cells
     ax = fig.add_subplot(1, 3, 2)
@@ -450,8 +625,9 @@ def plot_roi_grid(trace, path) -> tuple[Path | None, dict]:
     s = roi.spatial_scale
     ax.set_xlim((x1 - margin) * s, (x2 + margin) * s)
     ax.set_ylim((y2 + margin) * s, (y1 - margin) * s)
-    ax.set_title(f"on {roi.level} (spatial scale 1/{stride:g}): mean over channels,\n"
-                 f"one square per feature cell", fontsize=8)
+    ax.set_title(
+        f"on {roi.level} (spatial scale 1/{stride:g}): mean over channels,\none square per feature cell", fontsize=8
+    )
 
     # the pooled feature
     ax = fig.add_subplot(1, 3, 3)
@@ -489,32 +665,61 @@ def plot_two_stage(trace, path, *, score_threshold: float = 0.5, limit: int = 10
         r = int(trace.detection_proposal_index[d])
         proposal, refined = trace.proposals[r], trace.detection_boxes_resized[d]
         label = int(trace.detections["labels"][d])
-        pair = {"proposal_index": r, "proposal": _fmt_box(proposal), "objectness": float(trace.proposal_scores[r]),
-                "refined": _fmt_box(refined), "label": label, "class": _class_name(trace, label),
-                "score": float(trace.detections["scores"][d]),
-                "iou": float(box_iou(proposal[None], refined[None])[0, 0])}
+        pair = {
+            "proposal_index": r,
+            "proposal": _fmt_box(proposal),
+            "objectness": float(trace.proposal_scores[r]),
+            "refined": _fmt_box(refined),
+            "label": label,
+            "class": _class_name(trace, label),
+            "score": float(trace.detections["scores"][d]),
+            "iou": float(box_iou(proposal[None], refined[None])[0, 0]),
+        }
         pairs.append(pair)
         color = PALETTE[n % 10]
         _box(ax, proposal, color, lw=1.2, ls="--")
         _box(ax, refined, color, lw=2.0)
         start = ((proposal[0] + proposal[2]) / 2, (proposal[1] + proposal[3]) / 2)
         end = ((refined[0] + refined[2]) / 2, (refined[1] + refined[3]) / 2)
-        ax.add_patch(FancyArrowPatch((float(start[0]), float(start[1])), (float(end[0]), float(end[1])),
-                                     arrowstyle="-|>", mutation_scale=10, color=color, linewidth=1.2,
-                                     path_effects=OUTLINE, zorder=5))
+        ax.add_patch(
+            FancyArrowPatch(
+                (float(start[0]), float(start[1])),
+                (float(end[0]), float(end[1])),
+                arrowstyle="-|>",
+                mutation_scale=10,
+                color=color,
+                linewidth=1.2,
+                path_effects=OUTLINE,
+                zorder=5,
+            )
+        )
         _label(ax, float(refined[0]), float(refined[1]), str(n + 1), color)
     if not pairs:
-        ax.text(0.5, 0.5, f"no detection with score >= {score_threshold:g}", transform=ax.transAxes, ha="center",
-                fontsize=10, bbox={"facecolor": "white", "alpha": 0.8})
-    ax.set_title("first chance: the RPN's proposal (dashed)\nsecond: the box head's box for its class (solid)",
-                 fontsize=9)
+        ax.text(
+            0.5,
+            0.5,
+            f"no detection with score >= {score_threshold:g}",
+            transform=ax.transAxes,
+            ha="center",
+            fontsize=10,
+            bbox={"facecolor": "white", "alpha": 0.8},
+        )
+    ax.set_title(
+        "first chance: the RPN's proposal (dashed)\nsecond: the box head's box for its class (solid)", fontsize=9
+    )
     table = fig.add_subplot(grid[0, 1])
     table.axis("off")
     if pairs:
-        rows = [[str(n + 1), p["class"], f"{p['objectness']:.3f}", f"{p['score']:.3f}", f"{p['iou']:.3f}"]
-                for n, p in enumerate(pairs)]
-        t = table.table(cellText=rows, colLabels=["#", "class", "RPN objectness", "class score", "IoU proposal/box"],
-                        loc="upper center", cellLoc="center")
+        rows = [
+            [str(n + 1), p["class"], f"{p['objectness']:.3f}", f"{p['score']:.3f}", f"{p['iou']:.3f}"]
+            for n, p in enumerate(pairs)
+        ]
+        t = table.table(
+            cellText=rows,
+            colLabels=["#", "class", "RPN objectness", "class score", "IoU proposal/box"],
+            loc="upper center",
+            cellLoc="center",
+        )
         t.auto_set_font_size(False)
         t.set_fontsize(8)
         t.scale(1.0, 1.3)
@@ -539,16 +744,22 @@ def plot_detections(trace, path, *, score_threshold: float = 0.5) -> tuple[Path,
     _show(ax, trace.original_image)
     for d in keep.flip(0).tolist():  # best drawn last, on top
         label = int(trace.detections["labels"][d])
-        det = {"box": _fmt_box(trace.detections["boxes"][d]), "label": label, "class": _class_name(trace, label),
-               "score": float(trace.detections["scores"][d])}
+        det = {
+            "box": _fmt_box(trace.detections["boxes"][d]),
+            "label": label,
+            "class": _class_name(trace, label),
+            "score": float(trace.detections["scores"][d]),
+        }
         dets.insert(0, det)
         color = PALETTE[label % 10]
         _box(ax, det["box"], color, lw=2.0)
         _label(ax, det["box"][0], det["box"][1], f"{det['class']} {det['score']:.2f}", color)
     s = trace.box_settings
-    ax.set_title(f"{len(dets)} detections with score >= {score_threshold:g} (of {total} after score > "
-                 f"{s['score_thresh']:g} and per-class NMS {s['nms_thresh']:g}, at most {s['detections_per_img']:g})",
-                 fontsize=8)
+    ax.set_title(
+        f"{len(dets)} detections with score >= {score_threshold:g} (of {total} after score > "
+        f"{s['score_thresh']:g} and per-class NMS {s['nms_thresh']:g}, at most {s['detections_per_img']:g})",
+        fontsize=8,
+    )
     fig.tight_layout()
     return _save(fig, path), {"threshold": score_threshold, "shown": len(dets), "total": total, "detections": dets}
 
@@ -556,12 +767,21 @@ def plot_detections(trace, path, *, score_threshold: float = 0.5) -> tuple[Path,
 # ---- everything ----------------------------------------------------------------------------------------------
 
 
-FIGURES = ("anchors", "anchor_labels", "rpn_objectness", "proposals", "roi_levels", "roi_grid", "two_stage",
-           "detections")  # the file names (.png) write_explain_figures makes, in the pipeline's order
+FIGURES = (
+    "anchors",
+    "anchor_labels",
+    "rpn_objectness",
+    "proposals",
+    "roi_levels",
+    "roi_grid",
+    "two_stage",
+    "detections",
+)  # the file names (.png) write_explain_figures makes, in the pipeline's order
 
 
-def write_explain_figures(trace, out_dir, *, level: int | None = None,
-                          score_threshold: float = 0.5) -> dict[str, tuple[Path | None, dict]]:
+def write_explain_figures(
+    trace, out_dir, *, level: int | None = None, score_threshold: float = 0.5
+) -> dict[str, tuple[Path | None, dict]]:
     """Every figure into ``out_dir``: {name: (path or None when it does not apply, numbers)}."""
     out = Path(out_dir)
     return {
@@ -582,30 +802,41 @@ def summary_lines(trace, *, score_threshold: float = 0.5) -> dict[str, list[str]
     c = trace.filter_counts
     scores = trace.detections["scores"]
     propose = [
-        f"{lv[0].objectness.shape[0]} anchors per location; max objectness " + ", ".join(
-            f"{x.name} {float(x.objectness.max()):.3f}" for x in lv),
+        f"{lv[0].objectness.shape[0]} anchors per location; max objectness "
+        + ", ".join(f"{x.name} {float(x.objectness.max()):.3f}" for x in lv),
         f"{trace.num_anchors} anchors: " + ", ".join(f"{x.name} {x.anchors.shape[0]}" for x in lv),
         " -> ".join(f"{k} {c[k]}" for k in FILTER_STEPS if k in c),
     ]
     if trace.anchor_labels is not None:
         n = trace.anchor_labels.counts
-        propose.append(f"{trace.anchor_labels.gt_boxes.shape[0]} gt boxes: {n['positive']} positive "
-                       f"({n['low_quality']} low-quality), {n['negative']} negative, {n['ignored']} ignored")
+        propose.append(
+            f"{trace.anchor_labels.gt_boxes.shape[0]} gt boxes: {n['positive']} positive "
+            f"({n['low_quality']} low-quality), {n['negative']} negative, {n['ignored']} ignored"
+        )
     text = {
-        "preprocess": [f"{trace.original_size[0]}x{trace.original_size[1]} -> {trace.image_size[0]}x"
-                       f"{trace.image_size[1]} (scale {trace.scale[0]:.3f}), padded to {trace.padded_size[0]}x"
-                       f"{trace.padded_size[1]}"],
-        "features": [f"{len(lv)} maps: " + ", ".join(f"{x.name} {x.size[0]}x{x.size[1]} (stride {x.stride[0]})"
-                                                     for x in lv)],
+        "preprocess": [
+            f"{trace.original_size[0]}x{trace.original_size[1]} -> {trace.image_size[0]}x"
+            f"{trace.image_size[1]} (scale {trace.scale[0]:.3f}), padded to {trace.padded_size[0]}x"
+            f"{trace.padded_size[1]}"
+        ],
+        "features": [
+            f"{len(lv)} maps: " + ", ".join(f"{x.name} {x.size[0]}x{x.size[1]} (stride {x.stride[0]})" for x in lv)
+        ],
         "propose": propose,
         "detect": [
-            f"{trace.proposals.shape[0]} RoIs; " + (
+            f"{trace.proposals.shape[0]} RoIs; "
+            + (
                 ", ".join(f"{n} {int((trace.roi_levels == k).sum())}" for k, n in enumerate(trace.roi_level_names))
-                if trace.roi_levels is not None else trace.pooler),
+                if trace.roi_levels is not None
+                else trace.pooler
+            ),
             f"{trace.proposals.shape[0]} RoIs x {len(trace.class_names)} classes (with background) -> "
-            f"{scores.numel()} detections"],
-        "postprocess": [f"{scores.numel()} detections, {int((scores >= score_threshold).sum())} with score >= "
-                        f"{score_threshold:g}, in the original image's pixels"],
+            f"{scores.numel()} detections",
+        ],
+        "postprocess": [
+            f"{scores.numel()} detections, {int((scores >= score_threshold).sum())} with score >= "
+            f"{score_threshold:g}, in the original image's pixels"
+        ],
     }
     return {stage: text.get(stage, [""]) for stage in trace.times}
 

@@ -18,6 +18,7 @@ G ground-truth boxes; S x S pooled bins.
                    per class [P, K, 4]; per-class NMS -> detections [D] (+ the proposal each came from)
     postprocess    detections in original pixels
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ STAGES = ("preprocess", "features", "propose", "detect", "postprocess")
 @dataclass
 class Level:
     """One feature map as the RPN sees it."""
+
     name: str  # "P2".."P6" in a pyramid, "C4"/"C5" for a single map
     key: str  # its key in the features dict
     stride: tuple[int, int]  # (y, x) image pixels per cell
@@ -55,6 +57,7 @@ class Level:
 @dataclass
 class GtAnchors:
     """The anchors one ground-truth box claims or pushes away (indices into the concatenated anchors)."""
+
     positive: torch.Tensor  # int64 [n]: matched to this box (IoU >= fg, or its best anchors)
     positive_iou: torch.Tensor
     ignored: torch.Tensor  # between the thresholds, this box being their best
@@ -69,6 +72,7 @@ class GtAnchors:
 @dataclass
 class AnchorLabels:
     """The RPN's training labels for every anchor, given the ground truth (resized pixels)."""
+
     fg_iou_thresh: float
     bg_iou_thresh: float
     gt_boxes: torch.Tensor  # [G, 4]
@@ -84,6 +88,7 @@ class RoIGrid:
 
     A feature-map coordinate is ``image * spatial_scale - offset`` (cell c's centre is at c).
     """
+
     proposal_index: int
     box: torch.Tensor  # [4]
     level: str
@@ -178,9 +183,16 @@ def _level_names(strides: list[tuple[int, int]]) -> list[str]:
     return [f"{prefix}{round(math.log2(max(sy, 1)))}" for sy, _ in strides]
 
 
-def roi_sampling_grid(box: torch.Tensor, *, output_size: tuple[int, int], spatial_scale: float,
-                      sampling_ratio: int, aligned: bool = False, op: str = "roi_align",
-                      feature_size: tuple[int, int] | None = None) -> dict:
+def roi_sampling_grid(
+    box: torch.Tensor,
+    *,
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool = False,
+    op: str = "roi_align",
+    feature_size: tuple[int, int] | None = None,
+) -> dict:
     """Bins and sampling points of one RoI (``box [4]``, image pixels), in image pixels, as the ops
     compute them (``ops.roi_align.roi_align_grid`` and ``sample_coordinates``, ``ops.roi_pool.roi_pool_bins``).
 
@@ -194,15 +206,22 @@ def roi_sampling_grid(box: torch.Tensor, *, output_size: tuple[int, int], spatia
     if op == "roi_pool":
         height, width = feature_size if feature_size is not None else (2**30, 2**30)
         h_lo, h_hi, w_lo, w_hi = roi_pool_bins(rois, (oh, ow), spatial_scale, height, width)
-        return {"samples_y": None, "samples_x": None, "grid": None, "offset": 0.0,
-                "bins_y": torch.stack([h_lo[0], h_hi[0]], dim=1).to(torch.float32).sub(0.5) / spatial_scale,
-                "bins_x": torch.stack([w_lo[0], w_hi[0]], dim=1).to(torch.float32).sub(0.5) / spatial_scale}
+        return {
+            "samples_y": None,
+            "samples_x": None,
+            "grid": None,
+            "offset": 0.0,
+            "bins_y": torch.stack([h_lo[0], h_hi[0]], dim=1).to(torch.float32).sub(0.5) / spatial_scale,
+            "bins_x": torch.stack([w_lo[0], w_hi[0]], dim=1).to(torch.float32).sub(0.5) / spatial_scale,
+        }
 
     offset = 0.5 if aligned else 0.0
     g = roi_align_grid(rois, (oh, ow), spatial_scale, sampling_ratio, aligned)
     out = {"offset": offset, "grid": (int(g.grid_h[0]), int(g.grid_w[0]))}
-    for axis, start, bin_size, grid, n in (("y", g.start_y, g.bin_h, g.grid_h, oh),
-                                           ("x", g.start_x, g.bin_w, g.grid_w, ow)):
+    for axis, start, bin_size, grid, n in (
+        ("y", g.start_y, g.bin_h, g.grid_h, oh),
+        ("x", g.start_x, g.bin_w, g.grid_w, ow),
+    ):
         p = torch.arange(n + 1, dtype=torch.float32)
         edges = start + p * bin_size  # the n + 1 bin edges
         samples = sample_coordinates(start, bin_size, grid, int(grid[0]), n)[0]  # [n, g]
@@ -211,8 +230,9 @@ def roi_sampling_grid(box: torch.Tensor, *, output_size: tuple[int, int], spatia
     return out
 
 
-def _pooler_geometry(pooler, features: dict[str, torch.Tensor], image_sizes, level_names: dict[str, str]
-                     ) -> dict | None:
+def _pooler_geometry(
+    pooler, features: dict[str, torch.Tensor], image_sizes, level_names: dict[str, str]
+) -> dict | None:
     """How ``pooler`` reads the RoIs: {text, keys, scales, pyramid (several maps), bounds (sqrt(area)
     where the level changes), op, output_size, sampling_ratio, aligned}; None for an unknown pooler."""
     if isinstance(pooler, MultiScalePooler):
@@ -223,24 +243,43 @@ def _pooler_geometry(pooler, features: dict[str, torch.Tensor], image_sizes, lev
         size = tuple(pooler.output_size)
         op = "roi_pool" if isinstance(pooler, MultiScaleRoIPool) else "roi_align"
         what = "RoIPool" if op == "roi_pool" else f"RoIAlign {size[0]}x{size[1]} (sampling {pooler.sampling_ratio})"
-        text = (f"{what} over {', '.join(names)}: k = "
-                f"floor({pooler.canonical_level} + log2(sqrt(area) / {pooler.canonical_scale})) in {k_min}..{k_max}")
-        return {"text": text, "keys": keys, "scales": scales, "pyramid": len(keys) > 1,
-                "bounds": bounds if len(keys) > 1 else [], "op": op, "output_size": size,
-                "sampling_ratio": pooler.sampling_ratio, "aligned": False}
+        text = (
+            f"{what} over {', '.join(names)}: k = "
+            f"floor({pooler.canonical_level} + log2(sqrt(area) / {pooler.canonical_scale})) in {k_min}..{k_max}"
+        )
+        return {
+            "text": text,
+            "keys": keys,
+            "scales": scales,
+            "pyramid": len(keys) > 1,
+            "bounds": bounds if len(keys) > 1 else [],
+            "op": op,
+            "output_size": size,
+            "sampling_ratio": pooler.sampling_ratio,
+            "aligned": False,
+        }
     if isinstance(pooler, SingleMapRoIPooler):
         key = pooler.featmap_name
         size = (pooler.output_size,) * 2 if isinstance(pooler.output_size, int) else tuple(pooler.output_size)
         what = "RoIPool" if pooler.op == "roi_pool" else f"RoIAlign (sampling {pooler.sampling_ratio})"
         text = f"{what} {size[0]}x{size[1]} on the single map {level_names.get(key, key)}"
-        return {"text": text, "keys": [key], "scales": [infer_scale(features[key], image_sizes)], "pyramid": False,
-                "bounds": [], "op": pooler.op, "output_size": size, "sampling_ratio": pooler.sampling_ratio,
-                "aligned": pooler.aligned}
+        return {
+            "text": text,
+            "keys": [key],
+            "scales": [infer_scale(features[key], image_sizes)],
+            "pyramid": False,
+            "bounds": [],
+            "op": pooler.op,
+            "output_size": size,
+            "sampling_ratio": pooler.sampling_ratio,
+            "aligned": pooler.aligned,
+        }
     return None
 
 
-def _anchor_labels(recorder: Recorder, gt_labels: torch.Tensor, fg_iou_thresh: float,
-                   bg_iou_thresh: float) -> AnchorLabels:
+def _anchor_labels(
+    recorder: Recorder, gt_labels: torch.Tensor, fg_iou_thresh: float, bg_iou_thresh: float
+) -> AnchorLabels:
     """The RPN's labels of every anchor, from the matches it recorded (1 positive, 0 negative, -1
     ignored), and per gt box the anchors its matcher gave it."""
     num_gt = gt_labels.numel()
@@ -259,16 +298,28 @@ def _anchor_labels(recorder: Recorder, gt_labels: torch.Tensor, fg_iou_thresh: f
             best = int(iou[g].argmax())
             lq = int((iou[g, pos] < fg_iou_thresh).sum())
             low_quality += lq
-            per_gt.append(GtAnchors(pos, iou[g, pos], ign, iou[g, ign], neg, iou[g, neg], best,
-                                    float(iou[g, best]), lq))
-    counts = {"positive": int((labels == 1).sum()), "negative": int((labels == 0).sum()),
-              "ignored": int((labels == -1).sum()), "low_quality": low_quality}
+            per_gt.append(
+                GtAnchors(pos, iou[g, pos], ign, iou[g, ign], neg, iou[g, neg], best, float(iou[g, best]), lq)
+            )
+    counts = {
+        "positive": int((labels == 1).sum()),
+        "negative": int((labels == 0).sum()),
+        "ignored": int((labels == -1).sum()),
+        "low_quality": low_quality,
+    }
     return AnchorLabels(fg_iou_thresh, bg_iou_thresh, gt, gt_labels, labels, per_gt, counts)
 
 
 @torch.inference_mode()
-def explain_image(model, image: torch.Tensor, *, target: dict | None = None, class_names: list[str] | None = None,
-                  roi_index: int | None = None, warm_up: bool = True) -> ExplainTrace:
+def explain_image(
+    model,
+    image: torch.Tensor,
+    *,
+    target: dict | None = None,
+    class_names: list[str] | None = None,
+    roi_index: int | None = None,
+    warm_up: bool = True,
+) -> ExplainTrace:
     """Run ``model`` on ``image`` ([3, H, W] in [0, 1]) stage by stage. ``target``: ground truth in
     the image's pixels ({boxes [G, 4], labels [G]}) for the anchor labels. ``roi_index``: the proposal
     whose RoI grid to keep (default: the one behind the top detection, else the top proposal).
@@ -310,8 +361,9 @@ def _explain(model, image, target, class_names, roi_index) -> ExplainTrace:
     rpn, heads = model.rpn, model.roi_heads
     anchor_labels = None
     if targets is not None:
-        anchor_labels = _anchor_labels(recorder, targets[0]["labels"], rpn.matcher.high_threshold,
-                                       rpn.matcher.low_threshold)
+        anchor_labels = _anchor_labels(
+            recorder, targets[0]["labels"], rpn.matcher.high_threshold, rpn.matcher.low_threshold
+        )
 
     # what each proposal became: its best foreground class and the box refined for it
     probs = recorder["roi_heads.class_scores"]  # [P, K]
@@ -331,9 +383,19 @@ def _explain(model, image, target, class_names, roi_index) -> ExplainTrace:
     anchors = recorder["rpn.anchors"][0].split(recorder["rpn.num_anchors_per_level"])
     levels = []
     for i, (key, lg, anc) in enumerate(zip(features, recorder["rpn.objectness"], anchors)):
-        levels.append(Level(names[i], key, tuple(strides[i]), grid_sizes[i], tuple(gen.sizes[i]),
-                            tuple(gen.aspect_ratios[i]), gen.cell_anchors[i].cpu(), anc.cpu(),
-                            torch.sigmoid(lg[0].float()).cpu()))
+        levels.append(
+            Level(
+                names[i],
+                key,
+                tuple(strides[i]),
+                grid_sizes[i],
+                tuple(gen.sizes[i]),
+                tuple(gen.aspect_ratios[i]),
+                gen.cell_anchors[i].cpu(),
+                anc.cpu(),
+                torch.sigmoid(lg[0].float()).cpu(),
+            )
+        )
     level_names = dict(zip(features, names))
 
     # which map each proposal is pooled from, and one RoI's sampling grid
@@ -349,24 +411,48 @@ def _explain(model, image, target, class_names, roi_index) -> ExplainTrace:
         if geo["pyramid"]:
             roi_levels = recorder["roi_heads.roi_levels"]
         else:
-            notes.append(f"single feature map ({roi_level_names[0]}): every RoI is pooled from it, "
-                         "so there is no level assignment to show")
+            notes.append(
+                f"single feature map ({roi_level_names[0]}): every RoI is pooled from it, "
+                "so there is no level assignment to show"
+            )
         if proposals.shape[0] > 0:
             if roi_index is None:
-                roi_index = int(proposal_index[dets["scores"].argmax()]) if dets["scores"].numel() \
+                roi_index = (
+                    int(proposal_index[dets["scores"].argmax()])
+                    if dets["scores"].numel()
                     else int(proposal_scores.argmax())
+                )
             if not 0 <= roi_index < proposals.shape[0]:
                 raise ConfigError(f"roi_index {roi_index}: there are {proposals.shape[0]} proposals")
             lv = 0 if roi_levels is None else int(roi_levels[roi_index])
             fmap = features[geo["keys"][lv]][0].float()
             scale = geo["scales"][lv]
-            grid = roi_sampling_grid(proposals[roi_index].cpu(), output_size=geo["output_size"], spatial_scale=scale,
-                                     sampling_ratio=geo["sampling_ratio"], aligned=geo["aligned"], op=geo["op"],
-                                     feature_size=tuple(fmap.shape[-2:]))
-            roi = RoIGrid(roi_index, proposals[roi_index].cpu(), roi_level_names[lv], scale, grid["offset"],
-                          geo["op"], geo["output_size"], geo["sampling_ratio"], grid["grid"], grid["bins_y"],
-                          grid["bins_x"], grid["samples_y"], grid["samples_x"], fmap.mean(0).cpu(),
-                          pooled[roi_index].float().mean(0).cpu())
+            grid = roi_sampling_grid(
+                proposals[roi_index].cpu(),
+                output_size=geo["output_size"],
+                spatial_scale=scale,
+                sampling_ratio=geo["sampling_ratio"],
+                aligned=geo["aligned"],
+                op=geo["op"],
+                feature_size=tuple(fmap.shape[-2:]),
+            )
+            roi = RoIGrid(
+                roi_index,
+                proposals[roi_index].cpu(),
+                roi_level_names[lv],
+                scale,
+                grid["offset"],
+                geo["op"],
+                geo["output_size"],
+                geo["sampling_ratio"],
+                grid["grid"],
+                grid["bins_y"],
+                grid["bins_x"],
+                grid["samples_y"],
+                grid["samples_x"],
+                fmap.mean(0).cpu(),
+                pooled[roi_index].float().mean(0).cpu(),
+            )
         if roi_levels is not None:
             roi_levels = roi_levels.cpu()
 
@@ -380,30 +466,62 @@ def _explain(model, image, target, class_names, roi_index) -> ExplainTrace:
         class_names = ["__background__"] + [f"class {i}" for i in range(1, num_classes)]
     candidates = recorder["rpn.pre_nms"][0]
     return ExplainTrace(
-        original_image=image.float().cpu(), image=shown.cpu(), original_size=original_size, image_size=image_size,
-        padded_size=tuple(image_list.tensors.shape[-2:]), scale=(h / original_size[0], w / original_size[1]),
-        class_names=list(class_names), levels=levels,
-        rpn_settings={"pre_nms_top_n": rpn.pre_nms_top_n(), "post_nms_top_n": rpn.post_nms_top_n(),
-                      "nms_thresh": rpn.nms_thresh, "min_size": rpn.min_size, "score_thresh": rpn.score_thresh},
-        nms_candidates=candidates["boxes"].cpu(), nms_candidate_scores=candidates["scores"].cpu(),
+        original_image=image.float().cpu(),
+        image=shown.cpu(),
+        original_size=original_size,
+        image_size=image_size,
+        padded_size=tuple(image_list.tensors.shape[-2:]),
+        scale=(h / original_size[0], w / original_size[1]),
+        class_names=list(class_names),
+        levels=levels,
+        rpn_settings={
+            "pre_nms_top_n": rpn.pre_nms_top_n(),
+            "post_nms_top_n": rpn.post_nms_top_n(),
+            "nms_thresh": rpn.nms_thresh,
+            "min_size": rpn.min_size,
+            "score_thresh": rpn.score_thresh,
+        },
+        nms_candidates=candidates["boxes"].cpu(),
+        nms_candidate_scores=candidates["scores"].cpu(),
         nms_candidate_levels=candidates["levels"].cpu(),
-        proposals=proposals.cpu(), proposal_scores=proposal_scores.cpu(), filter_counts=dict(recorder["rpn.counts"][0]),
-        pooler=pooler_text, roi_level_names=roi_level_names, roi_levels=roi_levels, roi_level_bounds=bounds,
+        proposals=proposals.cpu(),
+        proposal_scores=proposal_scores.cpu(),
+        filter_counts=dict(recorder["rpn.counts"][0]),
+        pooler=pooler_text,
+        roi_level_names=roi_level_names,
+        roi_levels=roi_levels,
+        roi_level_bounds=bounds,
         roi=roi,
-        roi_labels=roi_labels.cpu(), roi_scores=roi_scores.cpu(), refined_boxes=refined.cpu(),
-        box_settings={"score_thresh": heads.score_thresh, "nms_thresh": heads.nms_thresh,
-                      "detections_per_img": heads.detections_per_img},
+        roi_labels=roi_labels.cpu(),
+        roi_scores=roi_scores.cpu(),
+        refined_boxes=refined.cpu(),
+        box_settings={
+            "score_thresh": heads.score_thresh,
+            "nms_thresh": heads.nms_thresh,
+            "detections_per_img": heads.detections_per_img,
+        },
         detections={k: final[k].cpu() for k in ("boxes", "labels", "scores")},
-        detection_boxes_resized=dets["boxes"].cpu(), detection_proposal_index=proposal_index.cpu(),
+        detection_boxes_resized=dets["boxes"].cpu(),
+        detection_proposal_index=proposal_index.cpu(),
         anchor_labels=None if anchor_labels is None else _to_cpu(anchor_labels),
-        times={k: clock.times[k] for k in STAGES if k in clock.times}, notes=notes)
+        times={k: clock.times[k] for k in STAGES if k in clock.times},
+        notes=notes,
+    )
 
 
 def _to_cpu(labels: AnchorLabels) -> AnchorLabels:
-    per_gt = [GtAnchors(*(v.cpu() if isinstance(v, torch.Tensor) else v for v in vars(g).values()))
-              for g in labels.per_gt]
-    return AnchorLabels(labels.fg_iou_thresh, labels.bg_iou_thresh, labels.gt_boxes.cpu(), labels.gt_labels.cpu(),
-                        labels.labels.cpu(), per_gt, labels.counts)
+    per_gt = [
+        GtAnchors(*(v.cpu() if isinstance(v, torch.Tensor) else v for v in vars(g).values())) for g in labels.per_gt
+    ]
+    return AnchorLabels(
+        labels.fg_iou_thresh,
+        labels.bg_iou_thresh,
+        labels.gt_boxes.cpu(),
+        labels.gt_labels.cpu(),
+        labels.labels.cpu(),
+        per_gt,
+        labels.counts,
+    )
 
 
 # ---- the whole command ------------------------------------------------------------------------------
@@ -417,9 +535,17 @@ class Explanation:
     summary_path: Path
 
 
-def explain(model, image: torch.Tensor, out_dir, *, target: dict | None = None,
-            class_names: list[str] | None = None, level: str | int | None = None,
-            score_threshold: float = 0.5, roi_index: int | None = None) -> Explanation:
+def explain(
+    model,
+    image: torch.Tensor,
+    out_dir,
+    *,
+    target: dict | None = None,
+    class_names: list[str] | None = None,
+    level: str | int | None = None,
+    score_threshold: float = 0.5,
+    roi_index: int | None = None,
+) -> Explanation:
     """Trace ``image`` through ``model`` and write one figure per stage and summary.txt into ``out_dir``."""
     from .figures import write_explain_figures, write_summary
 

@@ -10,6 +10,7 @@ An image is a path (any file Pillow reads, EXIF orientation applied), a PIL imag
 ``[H, W]`` / ``[H, W, 3|4]`` (uint8 0..255 or float 0..1) or a tensor ``[3, H, W]`` (uint8 or float
 0..1). Boxes come back as xyxy pixels of the image as given, float32 on the CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ from ..model.input_checks import image_problem
 class Detections:
     """The detections in one image, best first: boxes [D, 4] xyxy, scores [D], labels [D] (the
     model's label indices, 1..C) and their class names."""
+
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
@@ -42,9 +44,14 @@ class Detections:
         """COCO results records: ``{image_id, category_id, bbox: [x, y, w, h], score}``."""
         out = []
         for (x1, y1, x2, y2), score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist()):
-            out.append({"image_id": int(image_id), "category_id": int(label_to_cat_id.get(label, label)),
-                        "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                        "score": round(score, 5)})
+            out.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(label_to_cat_id.get(label, label)),
+                    "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                    "score": round(score, 5),
+                }
+            )
         return out
 
 
@@ -75,8 +82,10 @@ def to_image_tensor(image, *, name: str = "image") -> torch.Tensor:
     if problem is not None:
         raise ValueError(f"{name}: {problem}; the detector cannot use this image")
     if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
-        raise ValueError(f"{name}: float pixels must lie in [0, 1] (got {float(tensor.min()):.3g}.."
-                         f"{float(tensor.max()):.3g}); pass uint8 for 0..255")
+        raise ValueError(
+            f"{name}: float pixels must lie in [0, 1] (got {float(tensor.min()):.3g}.."
+            f"{float(tensor.max()):.3g}); pass uint8 for 0..255"
+        )
     return tensor
 
 
@@ -89,9 +98,17 @@ class Detector:
     left as it was. Without it (or for a model that has no such method), ``bf16`` means autocast.
     """
 
-    def __init__(self, model: torch.nn.Module, class_names: list[str], *, label_to_cat_id: dict[int, int] | None = None,
-                 device: torch.device | str = "cpu", score_threshold: float = 0.5, bf16: bool = False,
-                 optimize: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        class_names: list[str],
+        *,
+        label_to_cat_id: dict[int, int] | None = None,
+        device: torch.device | str = "cpu",
+        score_threshold: float = 0.5,
+        bf16: bool = False,
+        optimize: bool = True,
+    ):
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
         self.device = torch.device(device)
@@ -106,8 +123,16 @@ class Detector:
         self.bf16 = bf16
 
     @classmethod
-    def load(cls, weights: str | os.PathLike, *, arch: str = "fasterrcnn_resnet50_fpn", device: str = "auto",
-             score_threshold: float = 0.5, bf16: bool = False, optimize: bool = True) -> "Detector":
+    def load(
+        cls,
+        weights: str | os.PathLike,
+        *,
+        arch: str = "fasterrcnn_resnet50_fpn",
+        device: str = "auto",
+        score_threshold: float = 0.5,
+        bf16: bool = False,
+        optimize: bool = True,
+    ) -> Detector:
         """From one of our training checkpoints (last.pt/best.pt: architecture and class names come
         with it) or a torchvision-format detector checkpoint built with ``arch`` (COCO's names).
         ``weights`` may be a URL: it is read through torch.hub's cache."""
@@ -115,8 +140,15 @@ class Detector:
         model, names, label_to_cat_id = load_model_for_inference(weights, arch=arch, device=dev)
         if optimize and hasattr(model, "optimize_for_inference"):  # ours alone: prepared in place, no copy
             model.optimize_for_inference(dtype=torch.bfloat16 if bf16 else torch.float32)
-        return cls(model, names, label_to_cat_id=label_to_cat_id, device=dev, score_threshold=score_threshold,
-                   bf16=bf16, optimize=optimize)
+        return cls(
+            model,
+            names,
+            label_to_cat_id=label_to_cat_id,
+            device=dev,
+            score_threshold=score_threshold,
+            bf16=bf16,
+            optimize=optimize,
+        )
 
     def __call__(self, images, *, batch_size: int = 1) -> Detections | list[Detections]:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -125,7 +157,7 @@ class Detector:
         items = [images] if single else list(images)
         out: list[Detections] = []
         for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+            chunk = items[start : start + batch_size]
             tensors = [to_image_tensor(im, name=_describe(im, start + i)) for i, im in enumerate(chunk)]
             out.extend(self.detect(tensors))
         return out[0] if single else out
@@ -145,8 +177,10 @@ class Detector:
         results = []
         for d in raw:
             keep = d["scores"] >= self.score_threshold
-            boxes, scores, labels = (d[k][keep].float().cpu() if d[k].is_floating_point() else d[k][keep].cpu()
-                                     for k in ("boxes", "scores", "labels"))
+            boxes, scores, labels = (
+                d[k][keep].float().cpu() if d[k].is_floating_point() else d[k][keep].cpu()
+                for k in ("boxes", "scores", "labels")
+            )
             names = [self.name_of(int(lb)) for lb in labels]
             results.append(Detections(boxes, scores, labels, names))
         return results

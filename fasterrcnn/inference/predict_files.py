@@ -15,6 +15,7 @@ reported by name. A run that stops early (Ctrl-C, an error) still writes the res
 images.json then says ``"partial": true`` (``false`` for a whole run). Drawings a previous run left
 in ``images/`` (those its images.json lists) are removed first, so the folder shows this run only.
 """
+
 from __future__ import annotations
 
 import glob
@@ -30,10 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import load_image
 from ..data.report import DataError
+from ..engine.progress import Progress
 from ..files import open_temp
 from ..viz.detections import draw_detections
 from .detector import Detector, to_image_tensor
-from ..engine.progress import Progress
 
 log = logging.getLogger("fasterrcnn")
 
@@ -50,13 +51,18 @@ def collect_images(sources: list[str], *, recursive: bool = False) -> list[Path]
             pattern = "**/*" if recursive else "*"
             files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise DataError(f"{source}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})"
-                                + ("" if recursive else "; add --recursive to look in sub-folders"))
+                raise DataError(
+                    f"{source}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})"
+                    + ("" if recursive else "; add --recursive to look in sub-folders")
+                )
         elif path.is_file():
             files = [path]
         elif glob.has_magic(source):
-            files = sorted(Path(p) for p in glob.glob(source, recursive=True)
-                           if os.path.isfile(p) and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(
+                Path(p)
+                for p in glob.glob(source, recursive=True)
+                if os.path.isfile(p) and Path(p).suffix.lower() in IMAGE_SUFFIXES
+            )
             if not files:
                 raise DataError(f"{source}: the pattern matches no image file")
         else:
@@ -95,8 +101,11 @@ def ids_from_annotations(ann_file: str | os.PathLike, names: list[str], paths: l
         else:
             missing.append(name)
     if missing:
-        raise DataError(f"{ann_file}: no unique images[].file_name for {len(missing)} of the images: "
-                        + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        raise DataError(
+            f"{ann_file}: no unique images[].file_name for {len(missing)} of the images: "
+            + ", ".join(missing[:5])
+            + (" ..." if len(missing) > 5 else "")
+        )
     return ids
 
 
@@ -125,7 +134,7 @@ class JsonArrayWriter:
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
 
-    def __enter__(self) -> "JsonArrayWriter":
+    def __enter__(self) -> JsonArrayWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -166,9 +175,17 @@ class PredictSummary:
     partial: bool = False
 
 
-def predict_files(detector: Detector, paths: list[Path], out_dir: str | os.PathLike, *, batch_size: int = 1,
-                  workers: int = 1, draw: bool = True, ann_file: str | None = None,
-                  show_progress: bool = True) -> PredictSummary:
+def predict_files(
+    detector: Detector,
+    paths: list[Path],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    workers: int = 1,
+    draw: bool = True,
+    ann_file: str | None = None,
+    show_progress: bool = True,
+) -> PredictSummary:
     import time
 
     start = time.perf_counter()
@@ -178,10 +195,14 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: str | os.PathL
     ids = ids_from_annotations(ann_file, names, paths) if ann_file else list(range(1, len(paths) + 1))
     loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     skipped = []
-    progress = Progress(total=len(paths), desc="predict", unit="img", enabled=show_progress,
-                        every=max(1, len(paths) // 20))
-    categories = [{"id": detector.label_to_cat_id.get(label, label), "name": name}
-                  for label, name in enumerate(detector.class_names) if label > 0]
+    progress = Progress(
+        total=len(paths), desc="predict", unit="img", enabled=show_progress, every=max(1, len(paths) // 20)
+    )
+    categories = [
+        {"id": detector.label_to_cat_id.get(label, label), "name": name}
+        for label, name in enumerate(detector.class_names)
+        if label > 0
+    ]
     remove_previous_drawings(out_dir)
     # images.json is {"categories": [...], "images": [...], "partial": ...}, its images streamed like the results
     images_head = '{"categories": ' + json.dumps(categories) + ', "images": ['
@@ -196,8 +217,9 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: str | os.PathL
             for (i, tensor), dets in zip(good, found):
                 for record in dets.to_coco(ids[i], detector.label_to_cat_id):
                     results.write(record)
-                records.write({"id": ids[i], "file_name": names[i], "width": int(tensor.shape[2]),
-                               "height": int(tensor.shape[1])})
+                records.write(
+                    {"id": ids[i], "file_name": names[i], "width": int(tensor.shape[2]), "height": int(tensor.shape[1])}
+                )
                 if draw:
                     _write_drawing(tensor, dets, out_dir / "images" / names[i])
             done += len(batch)
@@ -206,17 +228,25 @@ def predict_files(detector: Detector, paths: list[Path], out_dir: str | os.PathL
         progress.close()
         results.close()
         records.close(suffix='], "partial": true}')
-        log.warning("predict stopped after %d of %d images (%s): the results for %d images are in %s and %s, "
-                    'which says "partial": true', done, len(paths), type(e).__name__, records.count,
-                    results.path, records.path)
+        log.warning(
+            "predict stopped after %d of %d images (%s): the results for %d images are in %s and %s, "
+            'which says "partial": true',
+            done,
+            len(paths),
+            type(e).__name__,
+            records.count,
+            results.path,
+            records.path,
+        )
         raise
     results.close()
     records.close()
     progress.close()
     for err in skipped:
         log.warning("skipped %s", err)
-    return PredictSummary(out_dir, records.count, results.count, skipped, time.perf_counter() - start,
-                          num_requested=len(paths))
+    return PredictSummary(
+        out_dir, records.count, results.count, skipped, time.perf_counter() - start, num_requested=len(paths)
+    )
 
 
 def remove_previous_drawings(out_dir: Path) -> list[Path]:

@@ -1,4 +1,5 @@
 """The detector: backbone, RPN, RoI heads, transform, and the builders that assemble them."""
+
 from .anchors import AnchorGenerator
 from .backbone import BackboneWithFPN, SingleMapBackbone, resnet_fpn_backbone, resnet_single_map_backbone
 from .builders import (

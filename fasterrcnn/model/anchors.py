@@ -12,6 +12,7 @@ where stride = padded image size // feature-map size.
 The layout (which of the A_l channels of the RPN head is which anchor) is part of the checkpoint
 format: torchvision's weights assume exactly this order.
 """
+
 import torch
 from torch import nn
 
@@ -48,13 +49,15 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
 
-    def grid_anchors(self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]],
-                     dtype=torch.float32, device=None) -> list[torch.Tensor]:
+    def grid_anchors(
+        self, grid_sizes: list[tuple[int, int]], strides: list[tuple[int, int]], dtype=torch.float32, device=None
+    ) -> list[torch.Tensor]:
         """Anchors of each level: [H_l * W_l * A_l, 4]."""
         if len(grid_sizes) != len(self.cell_anchors):
             raise ValueError(
                 f"the backbone gives {len(grid_sizes)} feature maps but the anchor generator was built for "
-                f"{len(self.cell_anchors)} levels (sizes={self.sizes}); give one tuple of sizes per feature map")
+                f"{len(self.cell_anchors)} levels (sizes={self.sizes}); give one tuple of sizes per feature map"
+            )
         out = []
         for base, (gh, gw), (sh, sw) in zip(self.cell_anchors, grid_sizes, strides):
             base = base.to(dtype=dtype, device=device)

@@ -5,6 +5,7 @@
     resnet_fpn_backbone:        ResNet C2..C5 -> FPN P2..P6 ("0", "1", "2", "3", "pool"), D channels
     resnet_single_map_backbone: ResNet up to C4 (stride 16) or C5 (stride 32) -> {"0": map}
 """
+
 from collections import OrderedDict
 
 import torch
@@ -37,9 +38,15 @@ class SingleMapBackbone(nn.Module):
         return self.body(x)
 
 
-def resnet_fpn_backbone(depth: int = 50, *, norm_layer: NormLayer = nn.BatchNorm2d, trainable_layers: int = 5,
-                        returned_layers: tuple[int, ...] = (1, 2, 3, 4), out_channels: int = 256,
-                        fpn_norm: str = "none") -> BackboneWithFPN:
+def resnet_fpn_backbone(
+    depth: int = 50,
+    *,
+    norm_layer: NormLayer = nn.BatchNorm2d,
+    trainable_layers: int = 5,
+    returned_layers: tuple[int, ...] = (1, 2, 3, 4),
+    out_channels: int = 256,
+    fpn_norm: str = "none",
+) -> BackboneWithFPN:
     if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > 4:
         raise ValueError(f"returned_layers must be a subset of 1..4, got {returned_layers}")
     return_stages = {STAGE_NAMES[k - 1]: str(i) for i, k in enumerate(returned_layers)}
@@ -48,8 +55,9 @@ def resnet_fpn_backbone(depth: int = 50, *, norm_layer: NormLayer = nn.BatchNorm
     return BackboneWithFPN(body, out_channels, fpn_norm)
 
 
-def resnet_single_map_backbone(depth: int = 50, *, feature: str = "c4", norm_layer: NormLayer = nn.BatchNorm2d,
-                               trainable_layers: int = 5) -> SingleMapBackbone:
+def resnet_single_map_backbone(
+    depth: int = 50, *, feature: str = "c4", norm_layer: NormLayer = nn.BatchNorm2d, trainable_layers: int = 5
+) -> SingleMapBackbone:
     stages = {"c4": 3, "c5": 4}
     if feature not in stages:
         raise ValueError(f"feature must be 'c4' or 'c5', got {feature!r}")

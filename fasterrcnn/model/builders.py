@@ -15,9 +15,10 @@ COCO weights) and ``num_classes`` defaults to the checkpoint's. ``weights_backbo
 ResNet checkpoint; FrozenBatchNorm2d with eps 1e-5. With neither, the model trains from scratch
 with ordinary BatchNorm and every layer trainable. Any other keyword goes to ``FasterRCNN``.
 """
+
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -35,8 +36,9 @@ from .weights import WeightsError, load_backbone_weights, load_detector_weights,
 PathOrURL = str | os.PathLike | None
 
 
-def _resolve(weights: PathOrURL, weights_backbone: PathOrURL, trainable_backbone_layers: int | None,
-             num_classes: int | None) -> tuple[Callable[[int], nn.Module], int, int, dict | None]:
+def _resolve(
+    weights: PathOrURL, weights_backbone: PathOrURL, trainable_backbone_layers: int | None, num_classes: int | None
+) -> tuple[Callable[[int], nn.Module], int, int, dict | None]:
     """-> (norm layer, trainable layers, num_classes, detector state_dict or None)."""
     state_dict = None
     if weights is not None:
@@ -56,17 +58,29 @@ def _resolve(weights: PathOrURL, weights_backbone: PathOrURL, trainable_backbone
         # Training from scratch needs BatchNorm that learns; freezing layers of a random network
         # would only freeze noise.
         if trainable_backbone_layers != 5:
-            raise ValueError("trainable_backbone_layers < 5 freezes layers, which only makes sense with "
-                             "weights or weights_backbone; without them every layer must train")
+            raise ValueError(
+                "trainable_backbone_layers < 5 freezes layers, which only makes sense with "
+                "weights or weights_backbone; without them every layer must train"
+            )
         norm_layer = nn.BatchNorm2d
     return norm_layer, trainable_backbone_layers, (91 if num_classes is None else num_classes), state_dict
 
 
-def fasterrcnn_resnet_fpn(depth: int = 50, *, num_classes: int | None = None, weights: PathOrURL = None,
-                          weights_backbone: PathOrURL = None, trainable_backbone_layers: int | None = None,
-                          fpn_channels: int = 256, anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
-                          aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), fpn_norm: str = "none",
-                          roi_op: str = "roi_align", roi_output_size: int = 7, **overrides) -> FasterRCNN:
+def fasterrcnn_resnet_fpn(
+    depth: int = 50,
+    *,
+    num_classes: int | None = None,
+    weights: PathOrURL = None,
+    weights_backbone: PathOrURL = None,
+    trainable_backbone_layers: int | None = None,
+    fpn_channels: int = 256,
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+    fpn_norm: str = "none",
+    roi_op: str = "roi_align",
+    roi_output_size: int = 7,
+    **overrides,
+) -> FasterRCNN:
     """Faster R-CNN with a ResNet-``depth`` + FPN backbone (torchvision's v1 layout at depth 50).
 
     ``anchor_sizes``: one anchor size per pyramid level P2..P6 (each with every aspect ratio); scale
@@ -75,16 +89,19 @@ def fasterrcnn_resnet_fpn(depth: int = 50, *, num_classes: int | None = None, we
     ``roi_op``: "roi_align" (sampling ratio 2) or "roi_pool" on the level of each RoI;
     ``roi_output_size``: the pooled grid (7: the v1 layout; the box head's first fc follows it).
     """
-    norm_layer, trainable, num_classes, state_dict = _resolve(weights, weights_backbone,
-                                                              trainable_backbone_layers, num_classes)
-    backbone = resnet_fpn_backbone(depth, norm_layer=norm_layer, trainable_layers=trainable,
-                                   out_channels=fpn_channels, fpn_norm=fpn_norm)
+    norm_layer, trainable, num_classes, state_dict = _resolve(
+        weights, weights_backbone, trainable_backbone_layers, num_classes
+    )
+    backbone = resnet_fpn_backbone(
+        depth, norm_layer=norm_layer, trainable_layers=trainable, out_channels=fpn_channels, fpn_norm=fpn_norm
+    )
     if weights_backbone is not None and weights is None:
         load_backbone_weights({"": backbone.body}, weights_backbone)
     if len(anchor_sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per level P2..P6 (5), got {anchor_sizes}")
-    overrides.setdefault("rpn_anchor_generator",
-                         AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),)))
+    overrides.setdefault(
+        "rpn_anchor_generator", AnchorGenerator(tuple((s,) for s in anchor_sizes), (tuple(aspect_ratios),))
+    )
     if roi_op not in ("roi_align", "roi_pool"):
         raise ValueError(f"roi_op must be 'roi_align' or 'roi_pool', got {roi_op!r}")
     pooler = MultiScaleRoIAlign if roi_op == "roi_align" else MultiScaleRoIPool
@@ -107,17 +124,29 @@ for _depth in (18, 34, 50, 101):
 # The paper's single-map defaults (Ren et al. 2015, Sec. 3.1 and 4): images scaled to a shorter side
 # of 600 (at most 1000), anchors of 128, 256 and 512 pixels at three aspect ratios, 2000 proposals
 # for training and 300 for testing, from up to 12000 / 6000 boxes before NMS.
-SINGLE_MAP_DEFAULTS = dict(min_size=600, max_size=1000,
-                           rpn_pre_nms_top_n_train=12000, rpn_pre_nms_top_n_test=6000,
-                           rpn_post_nms_top_n_train=2000, rpn_post_nms_top_n_test=300)
+SINGLE_MAP_DEFAULTS = dict(
+    min_size=600,
+    max_size=1000,
+    rpn_pre_nms_top_n_train=12000,
+    rpn_pre_nms_top_n_test=6000,
+    rpn_post_nms_top_n_train=2000,
+    rpn_post_nms_top_n_test=300,
+)
 
 
-def fasterrcnn_resnet50_single_map(*, feature: str = "c4", roi_op: str = "roi_pool", num_classes: int | None = None,
-                                   weights: PathOrURL = None, weights_backbone: PathOrURL = None,
-                                   trainable_backbone_layers: int | None = None,
-                                   anchor_sizes: tuple[int, ...] = (128, 256, 512),
-                                   aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), fpn_norm: str = "none",
-                          **overrides) -> FasterRCNN:
+def fasterrcnn_resnet50_single_map(
+    *,
+    feature: str = "c4",
+    roi_op: str = "roi_pool",
+    num_classes: int | None = None,
+    weights: PathOrURL = None,
+    weights_backbone: PathOrURL = None,
+    trainable_backbone_layers: int | None = None,
+    anchor_sizes: tuple[int, ...] = (128, 256, 512),
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+    fpn_norm: str = "none",
+    **overrides,
+) -> FasterRCNN:
     """Faster R-CNN on one ResNet-50 feature map, with 9 anchors per location.
 
     ``feature="c4"``: the RPN and RoI pooling read C4 (stride 16, 1024 channels); each RoI is pooled to
@@ -125,14 +154,15 @@ def fasterrcnn_resnet50_single_map(*, feature: str = "c4", roi_op: str = "roi_po
     ResNet detector of He et al. 2016. ``feature="c5"``: C5 (stride 32, 2048 channels), 7x7 pooling and
     the two-fc head. ``roi_op``: "roi_pool" (the original, quantised max) or "roi_align".
     """
-    norm_layer, trainable, num_classes, state_dict = _resolve(weights, weights_backbone,
-                                                              trainable_backbone_layers, num_classes)
+    norm_layer, trainable, num_classes, state_dict = _resolve(
+        weights, weights_backbone, trainable_backbone_layers, num_classes
+    )
     backbone = resnet_single_map_backbone(50, feature=feature, norm_layer=norm_layer, trainable_layers=trainable)
     anchor_generator = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
     rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0])
     if feature == "c4":
         pooler = SingleMapRoIPooler("0", 14, op=roi_op)
-        kind, blocks = RESNET_SPECS[50]
+        _, blocks = RESNET_SPECS[50]
         head = Res5Head(make_stage(Bottleneck, 1024, 512, blocks[3], 2, norm_layer), out_features=2048)
         if trainable < 1:  # res5 counts as the backbone's last layer for freezing
             head.requires_grad_(False)
@@ -143,17 +173,43 @@ def fasterrcnn_resnet50_single_map(*, feature: str = "c4", roi_op: str = "roi_po
         backbone_parts = {"": backbone.body}
     if weights_backbone is not None and weights is None:
         load_backbone_weights(backbone_parts, weights_backbone)
-    return _single_map_model(backbone, anchor_generator, rpn_head, pooler, head, num_classes=num_classes,
-                             overrides=overrides, weights=weights, state_dict=state_dict)
+    return _single_map_model(
+        backbone,
+        anchor_generator,
+        rpn_head,
+        pooler,
+        head,
+        num_classes=num_classes,
+        overrides=overrides,
+        weights=weights,
+        state_dict=state_dict,
+    )
 
 
-def _single_map_model(backbone, anchor_generator, rpn_head, pooler, head, *, num_classes: int, overrides: dict,
-                      weights: PathOrURL, state_dict) -> FasterRCNN:
+def _single_map_model(
+    backbone,
+    anchor_generator,
+    rpn_head,
+    pooler,
+    head,
+    *,
+    num_classes: int,
+    overrides: dict,
+    weights: PathOrURL,
+    state_dict,
+) -> FasterRCNN:
     """The detector around one feature map's parts, with the single-map defaults, loaded from ``weights``."""
     options = {**SINGLE_MAP_DEFAULTS, **overrides}
-    model = FasterRCNN(backbone, None, rpn_anchor_generator=anchor_generator, rpn_head=rpn_head,
-                       box_roi_pool=pooler, box_head=head,
-                       box_predictor=FastRCNNPredictor(head.out_features, num_classes), **options)
+    model = FasterRCNN(
+        backbone,
+        None,
+        rpn_anchor_generator=anchor_generator,
+        rpn_head=rpn_head,
+        box_roi_pool=pooler,
+        box_head=head,
+        box_predictor=FastRCNNPredictor(head.out_features, num_classes),
+        **options,
+    )
     if weights is not None:
         load_detector_weights(model, weights, state_dict=state_dict)
     return model
@@ -165,27 +221,44 @@ fasterrcnn_resnet50_c4.__doc__ = "Faster R-CNN on ResNet-50 C4 with a res5 head 
 fasterrcnn_resnet50_c5.__doc__ = "Faster R-CNN on ResNet-50 C5 with a 2-fc head (see fasterrcnn_resnet50_single_map)."
 
 
-def fasterrcnn_resnet18_c4(*, roi_op: str = "roi_align", roi_output_size: int = 7, num_classes: int | None = None,
-                           weights: PathOrURL = None, weights_backbone: PathOrURL = None,
-                           trainable_backbone_layers: int | None = None,
-                           anchor_sizes: tuple[int, ...] = (128, 256, 512),
-                           aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), representation_size: int = 1024,
-                           **overrides) -> FasterRCNN:
+def fasterrcnn_resnet18_c4(
+    *,
+    roi_op: str = "roi_align",
+    roi_output_size: int = 7,
+    num_classes: int | None = None,
+    weights: PathOrURL = None,
+    weights_backbone: PathOrURL = None,
+    trainable_backbone_layers: int | None = None,
+    anchor_sizes: tuple[int, ...] = (128, 256, 512),
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+    representation_size: int = 1024,
+    **overrides,
+) -> FasterRCNN:
     """Faster R-CNN on the C4 map of a ResNet-18 (stride 16, 256 channels): the RPN with
     ``len(anchor_sizes) * len(aspect_ratios)`` anchors per location, ``roi_op`` to
     ``roi_output_size`` squared bins, and the two-fc head (a res5 head per RoI would cost a CPU far
     more than the rest of the model). The single-map counterpart of ``fasterrcnn_resnet18_fpn``."""
-    norm_layer, trainable, num_classes, state_dict = _resolve(weights, weights_backbone,
-                                                              trainable_backbone_layers, num_classes)
+    norm_layer, trainable, num_classes, state_dict = _resolve(
+        weights, weights_backbone, trainable_backbone_layers, num_classes
+    )
     backbone = resnet_single_map_backbone(18, feature="c4", norm_layer=norm_layer, trainable_layers=trainable)
     if weights_backbone is not None and weights is None:
         load_backbone_weights({"": backbone.body}, weights_backbone)
     anchor_generator = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
     rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0])
     pooler = SingleMapRoIPooler("0", roi_output_size, op=roi_op, sampling_ratio=2)
-    head = TwoMLPHead(backbone.out_channels * roi_output_size ** 2, representation_size)
-    return _single_map_model(backbone, anchor_generator, rpn_head, pooler, head, num_classes=num_classes,
-                             overrides=overrides, weights=weights, state_dict=state_dict)
+    head = TwoMLPHead(backbone.out_channels * roi_output_size**2, representation_size)
+    return _single_map_model(
+        backbone,
+        anchor_generator,
+        rpn_head,
+        pooler,
+        head,
+        num_classes=num_classes,
+        overrides=overrides,
+        weights=weights,
+        state_dict=state_dict,
+    )
 
 
 BUILDERS = {

@@ -13,6 +13,7 @@ back to the unfolded weight.
 
 Shapes: x [B, I, H, W] -> [B, O, H', W']; weight [O, I, kh, kw]; scale, shift [O].
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +24,15 @@ from .frozen_bn import FrozenBatchNorm2d
 def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``norm(conv(x))``, one convolution when ``norm`` is a FrozenBatchNorm2d (any other norm, e.g. a
     training BatchNorm2d or the nn.Identity left by ``fast_path.fold_batchnorm``, runs as it is)."""
-    if (not isinstance(norm, FrozenBatchNorm2d) or conv.bias is not None or conv.padding_mode != "zeros"
-            or isinstance(conv.padding, str)):
+    if (
+        not isinstance(norm, FrozenBatchNorm2d)
+        or conv.bias is not None
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+    ):
         return norm(conv(x))
     scale, shift = norm.scale_and_shift()
-    return _ConvScaleShift.apply(x, conv.weight, scale, shift, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups)
+    return _ConvScaleShift.apply(x, conv.weight, scale, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class _ConvScaleShift(torch.autograd.Function):
@@ -55,8 +59,18 @@ class _ConvScaleShift(torch.autograd.Function):
         need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         folded = (weight * scale.reshape(-1, 1, 1, 1)).to(x.dtype)
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-            grad.to(x.dtype), x, folded, None, stride, padding, dilation, False, [0] * len(padding), groups,
-            [need_x, need_weight, False])
+            grad.to(x.dtype),
+            x,
+            folded,
+            None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(padding),
+            groups,
+            [need_x, need_weight, False],
+        )
         if need_weight:
             grad_weight = (grad_weight * scale.reshape(-1, 1, 1, 1).to(grad_weight.dtype)).to(weight.dtype)
         return grad_x, grad_weight, None, None, None, None, None, None

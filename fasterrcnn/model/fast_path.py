@@ -24,7 +24,10 @@ fast path".
 Shapes: conv weight [O, I, kh, kw], bias [O]; the norm's per-channel scale and shift [O]. RPN head, per
 level: [B, C, H, W] -> logits [B, A, H, W], deltas [B, 4A, H, W]. Box head: [R, D, P, P] -> [R, F].
 """
+
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +44,9 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CONV_BN_OWNERS = (ResNetBody, BasicBlock, Bottleneck)
 
 
-def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float32,
-                           channels_last: bool = True) -> nn.Module:
+def optimize_for_inference(
+    model: nn.Module, *, dtype: torch.dtype = torch.float32, channels_last: bool = True
+) -> nn.Module:
     """Prepare a FasterRCNN, in place, for fast inference, and return it (see the module docstring).
     Our RPNHead and TwoMLPHead are replaced by their fast forms; other heads keep their own forward."""
     if dtype not in DTYPES:
@@ -74,8 +78,12 @@ def _affine_of(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(scale, shift) in float64 of a norm layer that applies a fixed per-channel affine map, else None."""
     if isinstance(norm, FrozenBatchNorm2d):
         weight, bias, mean, var, eps = norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps
-    elif isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.track_running_stats \
-            and norm.running_mean is not None:
+    elif (
+        isinstance(norm, nn.BatchNorm2d)
+        and not norm.training
+        and norm.track_running_stats
+        and norm.running_mean is not None
+    ):
         weight = norm.weight if norm.affine else torch.ones_like(norm.running_mean)
         bias = norm.bias if norm.affine else torch.zeros_like(norm.running_mean)
         mean, var, eps = norm.running_mean, norm.running_var, norm.eps
@@ -117,7 +125,7 @@ def fold_batchnorm(module: nn.Module) -> int:
     for parent in list(module.modules()):
         if isinstance(parent, nn.Sequential):
             names = list(parent._modules)
-            for a, b in zip(names, names[1:]):
+            for a, b in itertools.pairwise(names):
                 if fold_conv_norm(parent._modules[a], parent._modules[b]):
                     parent._modules[b] = nn.Identity()
                     folded += 1
@@ -148,8 +156,8 @@ class FusedRPNHead(nn.Module):
         with torch.no_grad():
             self.outputs.weight.zero_()
             self.outputs.bias.zero_()
-            self.outputs.weight[:5 * a] = torch.cat([head.cls_logits.weight, head.bbox_pred.weight]).flatten(1)
-            self.outputs.bias[:5 * a] = torch.cat([head.cls_logits.bias, head.bbox_pred.bias])
+            self.outputs.weight[: 5 * a] = torch.cat([head.cls_logits.weight, head.bbox_pred.weight]).flatten(1)
+            self.outputs.bias[: 5 * a] = torch.cat([head.cls_logits.bias, head.bbox_pred.bias])
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         a = self.num_anchors
@@ -157,7 +165,7 @@ class FusedRPNHead(nn.Module):
         for f in features:
             out = self.outputs(self.conv(f).permute(0, 2, 3, 1))  # [B, H, W, 5A + padding]
             logits.append(out[..., :a].permute(0, 3, 1, 2))  # [B, A, H, W] views
-            deltas.append(out[..., a:5 * a].permute(0, 3, 1, 2))  # [B, 4A, H, W]
+            deltas.append(out[..., a : 5 * a].permute(0, 3, 1, 2))  # [B, 4A, H, W]
         return logits, deltas
 
 
@@ -171,8 +179,9 @@ class ChannelsLastTwoMLPHead(nn.Module):
         super().__init__()
         weight = head.fc6.weight.detach()
         if weight.shape[1] % channels:
-            raise ValueError(f"ChannelsLastTwoMLPHead: fc6 has {weight.shape[1]} inputs, "
-                             f"not a multiple of {channels} channels")
+            raise ValueError(
+                f"ChannelsLastTwoMLPHead: fc6 has {weight.shape[1]} inputs, not a multiple of {channels} channels"
+            )
         self.fc6 = nn.Linear(head.fc6.in_features, head.fc6.out_features, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.fc6.weight.copy_(weight.view(weight.shape[0], channels, -1).transpose(1, 2).reshape(weight.shape))

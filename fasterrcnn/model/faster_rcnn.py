@@ -21,6 +21,7 @@ torchvision's keyword arguments, so a user can bring any backbone (a module
 returning an ordered dict of feature maps, with ``out_channels``) and swap the anchors, the pooler,
 the box head or the predictor.
 """
+
 from collections import OrderedDict
 
 import torch
@@ -29,33 +30,53 @@ from torch import nn
 from ..ops import MultiScaleRoIAlign
 from . import fast_path
 from .anchors import AnchorGenerator
+from .input_checks import check_images, check_targets
 from .recorder import Recorder
 from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import DetectionTransform, ImageList
-from .input_checks import check_images, check_targets
 
 
 class FasterRCNN(nn.Module):
-    def __init__(self, backbone: nn.Module, num_classes: int | None = None, *,
-                 # transform
-                 min_size: int | tuple[int, ...] = 800, max_size: int = 1333,
-                 image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), size_divisible: int = 32,
-                 # RPN
-                 rpn_anchor_generator: AnchorGenerator | None = None, rpn_head: nn.Module | None = None,
-                 rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
-                 rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
-                 rpn_nms_thresh: float = 0.7, rpn_fg_iou_thresh: float = 0.7, rpn_bg_iou_thresh: float = 0.3,
-                 rpn_batch_size_per_image: int = 256, rpn_positive_fraction: float = 0.5,
-                 rpn_score_thresh: float = 0.0,
-                 # box head
-                 box_roi_pool: nn.Module | None = None, box_head: nn.Module | None = None,
-                 box_predictor: nn.Module | None = None,
-                 box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
-                 box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
-                 box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
-                 bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-                 representation_size: int = 1024, box_head_convs: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int | None = None,
+        *,
+        # transform
+        min_size: int | tuple[int, ...] = 800,
+        max_size: int = 1333,
+        image_mean=(0.485, 0.456, 0.406),
+        image_std=(0.229, 0.224, 0.225),
+        size_divisible: int = 32,
+        # RPN
+        rpn_anchor_generator: AnchorGenerator | None = None,
+        rpn_head: nn.Module | None = None,
+        rpn_pre_nms_top_n_train: int = 2000,
+        rpn_pre_nms_top_n_test: int = 1000,
+        rpn_post_nms_top_n_train: int = 2000,
+        rpn_post_nms_top_n_test: int = 1000,
+        rpn_nms_thresh: float = 0.7,
+        rpn_fg_iou_thresh: float = 0.7,
+        rpn_bg_iou_thresh: float = 0.3,
+        rpn_batch_size_per_image: int = 256,
+        rpn_positive_fraction: float = 0.5,
+        rpn_score_thresh: float = 0.0,
+        # box head
+        box_roi_pool: nn.Module | None = None,
+        box_head: nn.Module | None = None,
+        box_predictor: nn.Module | None = None,
+        box_score_thresh: float = 0.05,
+        box_nms_thresh: float = 0.5,
+        box_detections_per_img: int = 100,
+        box_fg_iou_thresh: float = 0.5,
+        box_bg_iou_thresh: float = 0.5,
+        box_batch_size_per_image: int = 512,
+        box_positive_fraction: float = 0.25,
+        bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        representation_size: int = 1024,
+        box_head_convs: tuple[int, ...] = (),
+    ):
         super().__init__()
         if not hasattr(backbone, "out_channels"):
             raise ValueError("the backbone must state its feature channels as backbone.out_channels")
@@ -70,12 +91,17 @@ class FasterRCNN(nn.Module):
         anchor_generator = rpn_anchor_generator or AnchorGenerator()
         head = rpn_head or RPNHead(out_channels, anchor_generator.num_anchors_per_location()[0])
         self.rpn = RegionProposalNetwork(
-            anchor_generator, head,
-            fg_iou_thresh=rpn_fg_iou_thresh, bg_iou_thresh=rpn_bg_iou_thresh,
-            batch_size_per_image=rpn_batch_size_per_image, positive_fraction=rpn_positive_fraction,
+            anchor_generator,
+            head,
+            fg_iou_thresh=rpn_fg_iou_thresh,
+            bg_iou_thresh=rpn_bg_iou_thresh,
+            batch_size_per_image=rpn_batch_size_per_image,
+            positive_fraction=rpn_positive_fraction,
             pre_nms_top_n={"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
-            nms_thresh=rpn_nms_thresh, score_thresh=rpn_score_thresh)
+            nms_thresh=rpn_nms_thresh,
+            score_thresh=rpn_score_thresh,
+        )
 
         if box_roi_pool is None:
             box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
@@ -89,11 +115,18 @@ class FasterRCNN(nn.Module):
         if box_predictor is None:
             box_predictor = FastRCNNPredictor(box_head.out_features, num_classes)
         self.roi_heads = RoIHeads(
-            box_roi_pool, box_head, box_predictor,
-            fg_iou_thresh=box_fg_iou_thresh, bg_iou_thresh=box_bg_iou_thresh,
-            batch_size_per_image=box_batch_size_per_image, positive_fraction=box_positive_fraction,
-            bbox_reg_weights=bbox_reg_weights, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
-            detections_per_img=box_detections_per_img)
+            box_roi_pool,
+            box_head,
+            box_predictor,
+            fg_iou_thresh=box_fg_iou_thresh,
+            bg_iou_thresh=box_bg_iou_thresh,
+            batch_size_per_image=box_batch_size_per_image,
+            positive_fraction=box_positive_fraction,
+            bbox_reg_weights=bbox_reg_weights,
+            score_thresh=box_score_thresh,
+            nms_thresh=box_nms_thresh,
+            detections_per_img=box_detections_per_img,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -107,8 +140,7 @@ class FasterRCNN(nn.Module):
         self.transform.memory_format = torch.channels_last
         return self
 
-    def optimize_for_inference(self, *, dtype: torch.dtype = torch.float32,
-                               channels_last: bool = True) -> "FasterRCNN":
+    def optimize_for_inference(self, *, dtype: torch.dtype = torch.float32, channels_last: bool = True) -> "FasterRCNN":
         """Prepare this model, in place, for fast inference, and return it (``fast_path``): eval mode, every
         BatchNorm folded into the conv before it, channels-last weights and images, the RPN head's two
         output convs fused and the box head reading the pooler's channels-last rows, and with
@@ -123,13 +155,16 @@ class FasterRCNN(nn.Module):
 
     def train(self, mode: bool = True) -> "FasterRCNN":
         if mode and getattr(self, "inference_only", False):
-            raise RuntimeError("this model was prepared by optimize_for_inference() (BatchNorm folded into its "
-                               "convolutions) and cannot train; build or load a fresh model to train")
+            raise RuntimeError(
+                "this model was prepared by optimize_for_inference() (BatchNorm folded into its "
+                "convolutions) and cannot train; build or load a fresh model to train"
+            )
         return super().train(mode)
 
     # ---- the stages ------------------------------------------------------------------------------
-    def preprocess(self, images: list[torch.Tensor], targets: list[dict] | None = None
-                   ) -> tuple[ImageList, list[dict] | None]:
+    def preprocess(
+        self, images: list[torch.Tensor], targets: list[dict] | None = None
+    ) -> tuple[ImageList, list[dict] | None]:
         """Check the inputs, then normalise, resize and pad: B x [3, H_i, W_i] in [0, 1] ->
         (ImageList(tensors [B, 3, Hp, Wp], image_sizes B x (H_i', W_i') resized), targets with their
         boxes resized, or None). Targets are required in training; given in eval mode (to record the
@@ -145,23 +180,33 @@ class FasterRCNN(nn.Module):
         feats = self.backbone(image_tensors)
         return OrderedDict([("0", feats)]) if isinstance(feats, torch.Tensor) else feats
 
-    def propose(self, images: ImageList, features: "OrderedDict[str, torch.Tensor]",
-                targets: list[dict] | None = None, recorder: Recorder | None = None
-                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    def propose(
+        self,
+        images: ImageList,
+        features: "OrderedDict[str, torch.Tensor]",
+        targets: list[dict] | None = None,
+        recorder: Recorder | None = None,
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """The RPN: -> (B x proposals [P_i, 4] in resized-image pixels, losses {loss_objectness,
         loss_rpn_box_reg} in training, else {}). Targets (resized, from ``preprocess``) are required in
         training."""
         return self.rpn(images, features, targets, recorder)
 
-    def detect(self, features: "OrderedDict[str, torch.Tensor]", proposals: list[torch.Tensor],
-               image_sizes: list[tuple[int, int]], targets: list[dict] | None = None,
-               recorder: Recorder | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    def detect(
+        self,
+        features: "OrderedDict[str, torch.Tensor]",
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict] | None = None,
+        recorder: Recorder | None = None,
+    ) -> tuple[list[dict], dict[str, torch.Tensor]]:
         """The RoI heads on the proposals: -> (B x {boxes [D_i, 4] (resized pixels), scores [D_i], labels
         [D_i]} in eval mode, [] in training; losses {loss_classifier, loss_box_reg} in training, else {})."""
         return self.roi_heads(features, proposals, image_sizes, targets, recorder)
 
-    def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
-                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+    def postprocess(
+        self, detections: list[dict], image_sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]
+    ) -> list[dict]:
         """Detections' boxes from each resized image (``image_sizes``) back to its original size."""
         return self.transform.postprocess(detections, image_sizes, original_sizes)
 

@@ -7,6 +7,7 @@ Shapes (inputs from a ResNet body, L inputs C2..C5 with channels in_channels_lis
     extra level:     P6 = max-pool(P5, kernel 1, stride 2) -> [B, D, ceil(H_5/2), ceil(W_5/2)], named "pool"
 Outputs keep the input names ("0".."3") and add "pool".
 """
+
 from collections import OrderedDict
 
 import torch
@@ -22,15 +23,17 @@ def conv_block(in_channels: int, out_channels: int, kernel_size: int, norm: str)
     layer = {"bn": lambda: nn.BatchNorm2d(out_channels), "gn": lambda: nn.GroupNorm(32, out_channels)}
     if norm not in layer:
         raise ValueError(f"norm must be 'none', 'bn' or 'gn', got {norm!r}")
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-                         layer[norm]())
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False), layer[norm]()
+    )
 
 
 class FeaturePyramidNetwork(nn.Module):
     """``norm``: "none" (torchvision's v1 layout), "bn" or "gn" after every conv (trains faster from scratch)."""
 
-    def __init__(self, in_channels_list: list[int], out_channels: int = 256, *, extra_max_pool: bool = True,
-                 norm: str = "none"):
+    def __init__(
+        self, in_channels_list: list[int], out_channels: int = 256, *, extra_max_pool: bool = True, norm: str = "none"
+    ):
         super().__init__()
         self.inner_blocks = nn.ModuleList(conv_block(c, out_channels, 1, norm) for c in in_channels_list)
         self.layer_blocks = nn.ModuleList(conv_block(out_channels, out_channels, 3, norm) for _ in in_channels_list)

@@ -10,6 +10,7 @@ Shapes: x [B, C, H, W] -> [B, C, H, W].
 The ResNet blocks do not call this layer's forward after a conv: ``conv_norm.conv_norm`` folds it into
 the convolution on the fly, using ``scale_and_shift``.
 """
+
 import torch
 from torch import nn
 

@@ -3,6 +3,7 @@
 The model is the first place a mistake in a user's data pipeline meets a wall; a clear refusal
 here is worth more than a NaN loss a thousand iterations later.
 """
+
 import torch
 
 
@@ -28,16 +29,20 @@ def image_problem(image: torch.Tensor) -> str | None:
 
 def check_images(images) -> None:
     if isinstance(images, torch.Tensor) and images.dim() == 4:
-        raise TypeError("images must be a list of Tensor[3, H, W] (one per image, each of its own size), "
-                        f"got one batched tensor of shape {tuple(images.shape)}; pass list(batch)")
+        raise TypeError(
+            "images must be a list of Tensor[3, H, W] (one per image, each of its own size), "
+            f"got one batched tensor of shape {tuple(images.shape)}; pass list(batch)"
+        )
     if not isinstance(images, (list, tuple)) or len(images) == 0:
         raise TypeError(f"images must be a non-empty list of Tensor[3, H, W], got {_describe(images)}")
     for i, im in enumerate(images):
         if not isinstance(im, torch.Tensor) or im.dim() != 3 or im.shape[0] != 3:
             raise ValueError(f"images[{i}]: expected a Tensor[3, H, W], got {_describe(im)}")
         if not im.is_floating_point():
-            raise TypeError(f"images[{i}]: expected a float tensor with values in [0, 1], got dtype {im.dtype} "
-                            "(convert uint8 images with image.float() / 255)")
+            raise TypeError(
+                f"images[{i}]: expected a float tensor with values in [0, 1], got dtype {im.dtype} "
+                "(convert uint8 images with image.float() / 255)"
+            )
         if im.shape[1] == 0 or im.shape[2] == 0:
             raise ValueError(f"images[{i}]: empty image of shape {tuple(im.shape)}")
 
@@ -61,8 +66,10 @@ def check_targets(targets, num_images: int, num_classes: int) -> None:
         if not boxes.is_floating_point():
             raise TypeError(f"targets[{i}]['boxes']: expected a float tensor, got dtype {boxes.dtype}")
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
-            raise ValueError(f"targets[{i}]['labels']: expected an int64 Tensor[{boxes.shape[0]}] (one label per box), "
-                             f"got {_describe(labels)}")
+            raise ValueError(
+                f"targets[{i}]['labels']: expected an int64 Tensor[{boxes.shape[0]}] (one label per box), "
+                f"got {_describe(labels)}"
+            )
         if labels.dtype != torch.int64:
             raise TypeError(f"targets[{i}]['labels']: expected dtype torch.int64, got {labels.dtype}")
         if boxes.shape[0] == 0:
@@ -74,10 +81,14 @@ def check_targets(targets, num_images: int, num_classes: int) -> None:
         degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
         if degenerate.any():
             j = int(degenerate.nonzero()[0])
-            raise ValueError(f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} is degenerate: expected x2 > x1 and "
-                             "y2 > y1 (boxes are (x1, y1, x2, y2) in pixels)")
+            raise ValueError(
+                f"targets[{i}]['boxes'][{j}] = {boxes[j].tolist()} is degenerate: expected x2 > x1 and "
+                "y2 > y1 (boxes are (x1, y1, x2, y2) in pixels)"
+            )
         out_of_range = (labels < 1) | (labels >= num_classes)
         if out_of_range.any():
             j = int(out_of_range.nonzero()[0])
-            raise ValueError(f"targets[{i}]['labels'][{j}] = {int(labels[j])} is out of range: expected 1..{num_classes - 1} "
-                             f"(0 is background; the model has num_classes={num_classes} including it)")
+            raise ValueError(
+                f"targets[{i}]['labels'][{j}] = {int(labels[j])} is out of range: expected 1..{num_classes - 1} "
+                f"(0 is background; the model has num_classes={num_classes} including it)"
+            )

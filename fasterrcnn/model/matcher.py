@@ -14,6 +14,7 @@ A batch is matched with a handful of tensor ops whatever B is (no loop over imag
 padding row (-1) never wins a prediction and never claims one, so each image's matches are those of
 its own [G_i, N] matrix; an image with no boxes at all gets only negatives.
 """
+
 import torch
 
 from ..ops.boxes import box_area
@@ -35,8 +36,9 @@ class Matcher:
         """[G, N] -> [N] (one image; G must be >= 1), or [B, G, N] -> [B, N] (a padded batch)."""
         if match_quality.dim() == 2:
             if match_quality.shape[0] == 0:
-                raise ValueError("Matcher needs at least one ground-truth box; handle images without objects "
-                                 "before matching")
+                raise ValueError(
+                    "Matcher needs at least one ground-truth box; handle images without objects before matching"
+                )
             return self._match(match_quality[None])[0]
         if match_quality.dim() != 3:
             raise ValueError(f"match_quality must be [G, N] or [B, G, N], got shape {tuple(match_quality.shape)}")
@@ -47,8 +49,11 @@ class Matcher:
         if n == 0 or num_gt == 0:  # nothing to match, or no image has a box: all negatives
             return torch.full((num_images, n), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=quality.device)
         best_iou, raw_matches = quality.max(dim=1)  # over ground truth: [B, N]
-        matches = torch.where(best_iou >= self.high_threshold, raw_matches,
-                              torch.where(best_iou < self.low_threshold, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS))
+        matches = torch.where(
+            best_iou >= self.high_threshold,
+            raw_matches,
+            torch.where(best_iou < self.low_threshold, BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS),
+        )
         if self.allow_low_quality_matches:
             # each gt's best predictions (all ties) get back their match; padding rows (-1) and gts
             # overlapping nothing (best 0) claim nothing: their "best" becomes 2, which no IoU equals
@@ -59,8 +64,9 @@ class Matcher:
         return matches
 
 
-def pad_ragged(tensors: list[torch.Tensor], *, min_length: int = 1, padding_value: float = 0.0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_ragged(
+    tensors: list[torch.Tensor], *, min_length: int = 1, padding_value: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """B x [L_i, ...] -> (padded [B, L, ...], valid bool [B, L]) with L = max(L_i, min_length).
 
     ``pad_sequence`` does the copying in one op, on the tensors' device (no host sync); ``min_length``

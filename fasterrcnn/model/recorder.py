@@ -42,6 +42,7 @@ R = sum R_i RoIs, C classes including background, D_i detections.
     in inference:
     roi_heads.proposal_index B x int64 [D_i]     the row of the image's proposals each detection came from
 """
+
 from typing import Any
 
 

@@ -12,8 +12,9 @@ people have, so those load by name. Bottleneck puts the stride on its 3x3 conv (
 A FrozenBatchNorm2d is folded into the conv before it on the fly (``conv_norm.conv_norm``): same
 parameters and state_dict, one pass over each feature map instead of three.
 """
+
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -81,9 +82,7 @@ def _shortcut(in_channels: int, out_channels: int, stride: int, norm_layer: Norm
     """A 1x1 projection when the block changes shape, else None (identity)."""
     if stride == 1 and in_channels == out_channels:
         return None
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), norm_layer(out_channels)
-    )
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), norm_layer(out_channels))
 
 
 def shortcut(downsample: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +92,9 @@ def shortcut(downsample: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return downsample(x)
 
 
-def make_stage(block: type, in_channels: int, width: int, num_blocks: int, stride: int,
-               norm_layer: NormLayer) -> nn.Sequential:
+def make_stage(
+    block: type, in_channels: int, width: int, num_blocks: int, stride: int, norm_layer: NormLayer
+) -> nn.Sequential:
     blocks = [block(in_channels, width, stride, norm_layer)]
     blocks += [block(width * block.expansion, width, 1, norm_layer) for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
@@ -107,8 +107,14 @@ class ResNetBody(nn.Module):
     ``return_stages`` (e.g. {"layer1": "0", "layer4": "3"}).
     """
 
-    def __init__(self, depth: int = 50, *, norm_layer: NormLayer = nn.BatchNorm2d,
-                 num_stages: int = 4, return_stages: dict[str, str] | None = None):
+    def __init__(
+        self,
+        depth: int = 50,
+        *,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        num_stages: int = 4,
+        return_stages: dict[str, str] | None = None,
+    ):
         super().__init__()
         if depth not in RESNET_SPECS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got {depth}")

@@ -17,6 +17,7 @@ pooled features [R, D, P, P] (P = 7 with FPN).
                    pooler level, class scores and per-class boxes, and in inference the proposal each
                    detection came from (see recorder.py).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,8 +51,13 @@ class ConvFCHead(nn.Module):
     form): [R, D, P, P] -> [R, representation_size]. Spatial features help classification when the
     backbone is trained from scratch."""
 
-    def __init__(self, in_channels: int, pool_size: tuple[int, int], conv_channels: tuple[int, ...] = (256,) * 4,
-                 representation_size: int = 1024):
+    def __init__(
+        self,
+        in_channels: int,
+        pool_size: tuple[int, int],
+        conv_channels: tuple[int, ...] = (256,) * 4,
+        representation_size: int = 1024,
+    ):
         super().__init__()
         layers, c = [], in_channels
         for out in conv_channels:
@@ -94,8 +100,9 @@ class FastRCNNPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def fastrcnn_loss(class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor,
-                  regression_targets: torch.Tensor) -> dict[str, torch.Tensor]:
+def fastrcnn_loss(
+    class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor, regression_targets: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """class_logits [R, K], box_deltas [R, 4K], labels [R] (0 = background), regression_targets [R, 4]
     (read for foreground RoIs only). Masks rather than selects the foreground: no host sync."""
     classification_loss = F.cross_entropy(class_logits, labels)
@@ -110,11 +117,21 @@ def fastrcnn_loss(class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: 
 
 
 class RoIHeads(nn.Module):
-    def __init__(self, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module, *,
-                 fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.5,
-                 batch_size_per_image: int = 512, positive_fraction: float = 0.25,
-                 bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
-                 score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100):
+    def __init__(
+        self,
+        box_roi_pool: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        *,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+    ):
         super().__init__()
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head
@@ -127,8 +144,9 @@ class RoIHeads(nn.Module):
         self.detections_per_img = detections_per_img
 
     # ---- training ----------------------------------------------------------------------------
-    def select_training_samples(self, proposals: list[torch.Tensor], targets: list[dict],
-                                recorder: Recorder | None = None):
+    def select_training_samples(
+        self, proposals: list[torch.Tensor], targets: list[dict], recorder: Recorder | None = None
+    ):
         """Add the gt boxes to the proposals, label them and sample, for the whole batch at once.
 
         -> (proposals B x [S_i, 4], labels B x [S_i], regression_targets B x [S_i, 4]); each image's
@@ -161,9 +179,14 @@ class RoIHeads(nn.Module):
         return list(boxes.split(counts)), list(labels.split(counts)), list(regression_targets.split(counts))
 
     # ---- inference ---------------------------------------------------------------------------
-    def postprocess_detections(self, class_logits: torch.Tensor, box_deltas: torch.Tensor,
-                               proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]],
-                               recorder: Recorder | None = None) -> list[dict]:
+    def postprocess_detections(
+        self,
+        class_logits: torch.Tensor,
+        box_deltas: torch.Tensor,
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        recorder: Recorder | None = None,
+    ) -> list[dict]:
         """-> B x {boxes, scores, labels}; a recorder gets, per image, the row of the image's proposals
         each detection was refined from (``roi_heads.proposal_index``).
 
@@ -180,11 +203,13 @@ class RoIHeads(nn.Module):
         rows, labels = torch.nonzero(scores[:, 1:] > self.score_thresh).unbind(1)  # [M] each, row-major
         labels = labels + 1
         scores = scores[rows, labels]
-        boxes = self.box_coder.decode(box_deltas.view(num_rois, num_classes, 4)[rows, labels],
-                                      torch.cat(proposals).to(torch.float32)[rows])
+        boxes = self.box_coder.decode(
+            box_deltas.view(num_rois, num_classes, 4)[rows, labels], torch.cat(proposals).to(torch.float32)[rows]
+        )
         counts = torch.tensor(boxes_per_image, device=device)
-        image = torch.repeat_interleave(torch.arange(len(proposals), device=device), counts,
-                                        output_size=num_rois)[rows]  # [M]
+        image = torch.repeat_interleave(torch.arange(len(proposals), device=device), counts, output_size=num_rois)[
+            rows
+        ]  # [M]
         sizes = torch.tensor(image_sizes, dtype=boxes.dtype, device=device)  # [B, 2] (h, w)
         boxes = clip_boxes_to_image(boxes, sizes[image])  # each box to its own image
         ok = remove_small_boxes(boxes, 1e-2)
@@ -195,12 +220,23 @@ class RoIHeads(nn.Module):
         if recorder is not None:
             first_row = torch.cumsum(counts, 0) - counts
             recorder.put("roi_heads.proposal_index", list((rows[keep] - first_row[image[keep]]).split(per_image)))
-        return [{"boxes": b, "scores": s, "labels": lb} for b, s, lb in
-                zip(boxes[keep].split(per_image), scores[keep].split(per_image), labels[keep].split(per_image))]
+        return [
+            {"boxes": b, "scores": s, "labels": lb}
+            for b, s, lb in zip(
+                boxes[keep].split(per_image), scores[keep].split(per_image), labels[keep].split(per_image)
+            )
+        ]
 
-    def record(self, recorder: Recorder, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
-               image_sizes: list[tuple[int, int]], pooled: torch.Tensor, class_logits: torch.Tensor,
-               box_deltas: torch.Tensor) -> None:
+    def record(
+        self,
+        recorder: Recorder,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        pooled: torch.Tensor,
+        class_logits: torch.Tensor,
+        box_deltas: torch.Tensor,
+    ) -> None:
         """What the second stage made of each RoI: its pooler level, its class scores and its box refined
         for every class (clipped to its image). Work done only for a recorder."""
         recorder.put("roi_heads.proposals", proposals)
@@ -215,14 +251,21 @@ class RoIHeads(nn.Module):
         rois = torch.cat(proposals).to(torch.float32) if proposals else box_deltas.new_zeros((0, 4))
         refined = self.box_coder.decode(box_deltas, rois).view(num_rois, num_classes, 4)
         sizes = torch.tensor(image_sizes, dtype=refined.dtype, device=refined.device)  # [B, 2] (h, w)
-        image = torch.repeat_interleave(torch.arange(len(proposals), device=refined.device),
-                                        torch.tensor([p.shape[0] for p in proposals], device=refined.device),
-                                        output_size=num_rois)
+        image = torch.repeat_interleave(
+            torch.arange(len(proposals), device=refined.device),
+            torch.tensor([p.shape[0] for p in proposals], device=refined.device),
+            output_size=num_rois,
+        )
         recorder.put("roi_heads.boxes_per_class", clip_boxes_to_image(refined, sizes[image][:, None, :]))
 
-    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]], targets: list[dict] | None = None,
-                recorder: Recorder | None = None):
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict] | None = None,
+        recorder: Recorder | None = None,
+    ):
         """-> (detections: B x {boxes, scores, labels} (empty list in training), losses dict)."""
         if self.training:
             if targets is None:

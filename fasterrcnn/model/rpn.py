@@ -16,6 +16,7 @@ Shapes: B images, L levels, A anchors per location (same on every level), N = su
                       counts after each filter, the proposals and their scores, and with targets the
                       matches (and in training the sampled anchors) into it (see recorder.py).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,10 +36,12 @@ class RPNHead(nn.Module):
     def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1):
         super().__init__()
         # conv.0.0.weight: torchvision's layout (a stack of conv+activation blocks)
-        self.conv = nn.Sequential(*[
-            nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True))
-            for _ in range(conv_depth)
-        ])
+        self.conv = nn.Sequential(
+            *[
+                nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1), nn.ReLU(inplace=True))
+                for _ in range(conv_depth)
+            ]
+        )
         self.cls_logits = nn.Conv2d(in_channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, 1)
         for m in self.modules():
@@ -76,11 +79,21 @@ def flatten_head_outputs(logits: list[torch.Tensor], deltas: list[torch.Tensor])
 
 
 class RegionProposalNetwork(nn.Module):
-    def __init__(self, anchor_generator: AnchorGenerator, head: nn.Module, *,
-                 fg_iou_thresh: float = 0.7, bg_iou_thresh: float = 0.3,
-                 batch_size_per_image: int = 256, positive_fraction: float = 0.5,
-                 pre_nms_top_n: dict[str, int] | None = None, post_nms_top_n: dict[str, int] | None = None,
-                 nms_thresh: float = 0.7, score_thresh: float = 0.0, min_size: float = 1e-3):
+    def __init__(
+        self,
+        anchor_generator: AnchorGenerator,
+        head: nn.Module,
+        *,
+        fg_iou_thresh: float = 0.7,
+        bg_iou_thresh: float = 0.3,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        pre_nms_top_n: dict[str, int] | None = None,
+        post_nms_top_n: dict[str, int] | None = None,
+        nms_thresh: float = 0.7,
+        score_thresh: float = 0.0,
+        min_size: float = 1e-3,
+    ):
         super().__init__()
         self.anchor_generator = anchor_generator
         self.head = head
@@ -103,20 +116,28 @@ class RegionProposalNetwork(nn.Module):
     # The whole batch is filtered at once: the per-level top-k, clipping, small-box and score filters
     # as masks over [B, K], then one NMS in which a box competes only with boxes of its own image and
     # level; the results are the same, box for box, as filtering each image on its own.
-    def top_k_indices(self, objectness: torch.Tensor, num_anchors_per_level: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_k_indices(
+        self, objectness: torch.Tensor, num_anchors_per_level: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """objectness [B, N] (logits) -> (indices [B, K] of the best pre_nms_top_n anchors of each
         level, in level order, and their levels int64 [K]). The logits rank as the sigmoid does."""
         top_idx, levels, offset = [], [], 0
         for i, n in enumerate(num_anchors_per_level):
             k = min(self.pre_nms_top_n(), n)
-            top_idx.append(objectness[:, offset:offset + n].topk(k, dim=1).indices + offset)
+            top_idx.append(objectness[:, offset : offset + n].topk(k, dim=1).indices + offset)
             levels.append(torch.full((k,), i, dtype=torch.int64, device=objectness.device))
             offset += n
         return torch.cat(top_idx, dim=1), torch.cat(levels)
 
-    def select_proposals(self, objectness: torch.Tensor, deltas: torch.Tensor, anchors: list[torch.Tensor],
-                         image_sizes: list[tuple[int, int]], num_anchors_per_level: list[int],
-                         recorder: Recorder | None = None) -> list[torch.Tensor]:
+    def select_proposals(
+        self,
+        objectness: torch.Tensor,
+        deltas: torch.Tensor,
+        anchors: list[torch.Tensor],
+        image_sizes: list[tuple[int, int]],
+        num_anchors_per_level: list[int],
+        recorder: Recorder | None = None,
+    ) -> list[torch.Tensor]:
         """objectness [B, N] (logits), deltas [B, N, 4], anchors B x [N, 4] -> B x proposals [P_i, 4].
 
         Per image: the top-k anchors of each level, decoded (only those: the others are never looked
@@ -142,26 +163,41 @@ class RegionProposalNetwork(nn.Module):
         flat = torch.nonzero(alive.reshape(-1)).flatten()  # (image, rank) flattened: image-major
         groups = torch.div(flat, k, rounding_mode="floor") * k + levels[flat % k]  # (image, level), distinct
         keep = flat[batched_nms(boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat], groups, self.nms_thresh)]
-        keep, after_nms = top_n_per_image(keep, torch.div(keep, k, rounding_mode="floor"), num_images,
-                                          self.post_nms_top_n())
+        keep, after_nms = top_n_per_image(
+            keep, torch.div(keep, k, rounding_mode="floor"), num_images, self.post_nms_top_n()
+        )
         per_image = torch.bincount(torch.div(keep, k, rounding_mode="floor"), minlength=num_images).tolist()
         proposals = list(boxes.reshape(-1, 4)[keep].split(per_image))
         if recorder is not None:
-            recorder.put("rpn.pre_nms", [{"boxes": b[ok], "scores": sc[ok], "levels": levels[ok]}
-                                         for b, sc, ok in zip(boxes, scores, alive)])
-            recorder.put("rpn.counts", [
-                {"anchors": int(objectness.shape[1]), "pre_nms_top_k": k, "after_small_box_removal": int(small_ok),
-                 "after_score_threshold": int(ok), "after_nms": int(n), "post_nms_top_n": p}
-                for small_ok, ok, n, p in zip(not_small.sum(1).tolist(), alive.sum(1).tolist(), after_nms.tolist(),
-                                              per_image)])
+            recorder.put(
+                "rpn.pre_nms",
+                [{"boxes": b[ok], "scores": sc[ok], "levels": levels[ok]} for b, sc, ok in zip(boxes, scores, alive)],
+            )
+            recorder.put(
+                "rpn.counts",
+                [
+                    {
+                        "anchors": int(objectness.shape[1]),
+                        "pre_nms_top_k": k,
+                        "after_small_box_removal": int(small_ok),
+                        "after_score_threshold": int(ok),
+                        "after_nms": int(n),
+                        "post_nms_top_n": p,
+                    }
+                    for small_ok, ok, n, p in zip(
+                        not_small.sum(1).tolist(), alive.sum(1).tolist(), after_nms.tolist(), per_image
+                    )
+                ],
+            )
             recorder.put("rpn.proposals", proposals)
             recorder.put("rpn.proposal_scores", list(scores.reshape(-1)[keep].split(per_image)))
             recorder.put("rpn.proposal_levels", list(levels[keep % k].split(per_image)))
         return proposals
 
     # ---- training targets and losses --------------------------------------------------------
-    def match_anchors(self, anchors: list[torch.Tensor], targets: list[dict],
-                      recorder: Recorder | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def match_anchors(
+        self, anchors: list[torch.Tensor], targets: list[dict], recorder: Recorder | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (matches [B, N] int64: gt index, or -1 negative, or -2 ignored; gt boxes [B, G, 4] padded).
         One batched IoU and match for the whole batch; an image without objects gets only negatives."""
         gt, gt_valid = pad_ragged([t["boxes"] for t in targets])  # [B, G, 4], [B, G]
@@ -175,9 +211,16 @@ class RegionProposalNetwork(nn.Module):
             recorder.put("rpn.matches", matches)
         return matches, gt
 
-    def compute_loss(self, objectness: torch.Tensor, deltas: torch.Tensor, matches: torch.Tensor,
-                     gt_boxes: torch.Tensor, anchors: torch.Tensor, generators=None,
-                     recorder: Recorder | None = None) -> dict[str, torch.Tensor]:
+    def compute_loss(
+        self,
+        objectness: torch.Tensor,
+        deltas: torch.Tensor,
+        matches: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        anchors: torch.Tensor,
+        generators=None,
+        recorder: Recorder | None = None,
+    ) -> dict[str, torch.Tensor]:
         """objectness [B, N], deltas [B, N, 4], matches [B, N] and gt_boxes [B, G, 4] from
         ``match_anchors``, anchors [N, 4] or [B, N, 4]. Only the sampled anchors (at most
         batch_size_per_image per image) are gathered and encoded; both losses are sums over the
@@ -191,10 +234,14 @@ class RegionProposalNetwork(nn.Module):
         index = torch.cat([sample.pos_index, sample.neg_index], dim=1)  # [B, P + Q]
         valid = torch.cat([sample.pos_valid, sample.neg_valid], dim=1)
         is_pos = (matches.gather(1, index) >= 0).to(torch.float32)
-        objectness_loss = F.binary_cross_entropy_with_logits(
-            objectness.gather(1, index).float(), is_pos, weight=valid.float(), reduction="sum") / num_sampled
+        objectness_loss = (
+            F.binary_cross_entropy_with_logits(
+                objectness.gather(1, index).float(), is_pos, weight=valid.float(), reduction="sum"
+            )
+            / num_sampled
+        )
 
-        num_images, num_pos = sample.pos_index.shape
+        num_images = sample.pos_index.shape[0]
         pos = sample.pos_index[..., None].expand(-1, -1, 4)  # [B, P, 4]
         pos_anchors = anchors.expand(num_images, -1, -1).gather(1, pos)
         pos_gt = matches.gather(1, sample.pos_index).clamp_(min=0)[..., None].expand(-1, -1, 4)
@@ -202,13 +249,19 @@ class RegionProposalNetwork(nn.Module):
         # (zero deltas, finite) and their loss is masked out
         pos_matched = torch.where(sample.pos_valid[..., None], gt_boxes.gather(1, pos_gt), pos_anchors)
         targets = self.box_coder.encode(pos_matched.reshape(-1, 4), pos_anchors.reshape(-1, 4))
-        box_loss = F.smooth_l1_loss(deltas.gather(1, pos).reshape(-1, 4).float(), targets, beta=1 / 9,
-                                    reduction="none").sum(dim=1)
+        box_loss = F.smooth_l1_loss(
+            deltas.gather(1, pos).reshape(-1, 4).float(), targets, beta=1 / 9, reduction="none"
+        ).sum(dim=1)
         box_loss = (box_loss * sample.pos_valid.reshape(-1)).sum() / num_sampled
         return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
 
-    def forward(self, images: ImageList, features: dict[str, torch.Tensor], targets: list[dict] | None = None,
-                recorder: Recorder | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    def forward(
+        self,
+        images: ImageList,
+        features: dict[str, torch.Tensor],
+        targets: list[dict] | None = None,
+        recorder: Recorder | None = None,
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """-> (proposals: B x [P_i, 4], losses: dict, empty when not training). Given targets outside
         training, the anchors are matched only for a recorder (no losses)."""
         if self.training and targets is None:
@@ -223,15 +276,21 @@ class RegionProposalNetwork(nn.Module):
             recorder.put("rpn.objectness", [lg.detach() for lg in logits])
             recorder.put("rpn.deltas", [dl.detach() for dl in deltas])
         objectness, deltas = flatten_head_outputs(logits, deltas)
-        boxes = self.select_proposals(objectness, deltas, anchors, images.image_sizes, num_anchors_per_level,
-                                      recorder)
+        boxes = self.select_proposals(objectness, deltas, anchors, images.image_sizes, num_anchors_per_level, recorder)
 
         losses = {}
         if targets is not None and (self.training or recorder is not None):
             matches, gt_boxes = self.match_anchors(anchors, targets, recorder)
             if self.training:
-                losses = self.compute_loss(objectness, deltas, matches, gt_boxes, _batch_anchors(anchors),
-                                           sample_generators(targets, stream=0), recorder)
+                losses = self.compute_loss(
+                    objectness,
+                    deltas,
+                    matches,
+                    gt_boxes,
+                    _batch_anchors(anchors),
+                    sample_generators(targets, stream=0),
+                    recorder,
+                )
         return boxes, losses
 
 

@@ -19,6 +19,7 @@ Randomness: torch's global RNG, or one generator per image (see ``sample_generat
 keys then come from its own generator only and number exactly its own candidates, so its sample does
 not depend on the other images of the batch or on the padding.
 """
+
 from typing import NamedTuple
 
 import torch
@@ -38,12 +39,15 @@ def sample_generators(targets: list[dict] | None, stream: int) -> list[torch.Gen
         raise ValueError(f"stream must be 0, 1 or 2, got {stream}")
     if not targets:
         return []
-    return [None if "sample_seed" not in t else
-            torch.Generator().manual_seed(int(t["sample_seed"]) * 3 + stream) for t in targets]
+    return [
+        None if "sample_seed" not in t else torch.Generator().manual_seed(int(t["sample_seed"]) * 3 + stream)
+        for t in targets
+    ]
 
 
 class Sample(NamedTuple):
     """Sampled candidates per image, as fixed-size index tensors with a validity mask."""
+
     pos_index: torch.Tensor  # int64 [B, P]
     pos_valid: torch.Tensor  # bool [B, P]
     neg_index: torch.Tensor  # int64 [B, Q]
@@ -65,8 +69,12 @@ class BalancedPositiveNegativeSampler:
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
 
-    def sample(self, labels: torch.Tensor, generators: list[torch.Generator | None] | None = None,
-               lengths: list[int] | None = None) -> Sample:
+    def sample(
+        self,
+        labels: torch.Tensor,
+        generators: list[torch.Generator | None] | None = None,
+        lengths: list[int] | None = None,
+    ) -> Sample:
         """labels [B, N]; ``lengths``: the real candidates of each image, a prefix of its row (the
         rest is padding, labelled -1), needed only to draw per-image generators' keys (default N)."""
         num_images, n = labels.shape
@@ -83,8 +91,9 @@ class BalancedPositiveNegativeSampler:
         neg_valid = (neg_keys < torch.inf) & (rank < room)
         return Sample(pos_index, pos_valid, neg_index, neg_valid)
 
-    def __call__(self, labels: list[torch.Tensor], generators: list[torch.Generator | None] | None = None
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def __call__(
+        self, labels: list[torch.Tensor], generators: list[torch.Generator | None] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-image label vectors -> per-image (positive mask, negative mask)."""
         lengths = [lab.shape[0] for lab in labels]
         padded, _ = pad_ragged(labels, padding_value=-1)
@@ -92,13 +101,22 @@ class BalancedPositiveNegativeSampler:
         return ([p[:k] for p, k in zip(pos, lengths)], [m[:k] for m, k in zip(neg, lengths)])
 
 
-def random_keys(num_images: int, n: int, generators: list[torch.Generator | None] | None,
-                lengths: list[int] | None, device: torch.device) -> torch.Tensor:
+def random_keys(
+    num_images: int,
+    n: int,
+    generators: list[torch.Generator | None] | None,
+    lengths: list[int] | None,
+    device: torch.device,
+) -> torch.Tensor:
     """Uniform float64 keys [B, N]: from the global RNG on ``device``, or, for an image with a
     generator, its first ``lengths[i]`` keys from that (CPU) generator and +inf for the padding."""
     if not generators or all(g is None for g in generators):
         return torch.rand(num_images, n, dtype=torch.float64, device=device)
     lengths = lengths or [n] * num_images
-    rows = [torch.rand(k, dtype=torch.float64, generator=g) if g is not None else
-            torch.rand(k, dtype=torch.float64, device=device) for g, k in zip(generators, lengths)]
+    rows = [
+        torch.rand(k, dtype=torch.float64, generator=g)
+        if g is not None
+        else torch.rand(k, dtype=torch.float64, device=device)
+        for g, k in zip(generators, lengths)
+    ]
     return pad_ragged([r.to(device) for r in rows], min_length=n, padding_value=torch.inf)[0]

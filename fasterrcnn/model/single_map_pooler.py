@@ -5,6 +5,7 @@ Shapes: features {"0": [B, D, H, W]}, proposals B x [R_i, 4] -> [sum R_i, D, P, 
 as MultiScaleRoIAlign's output).
 The map's stride is inferred as the pyramid pooler infers it (``ops.infer_scale``).
 """
+
 import torch
 from torch import nn
 
@@ -17,8 +18,15 @@ ROI_OPS = ("roi_align", "roi_pool")
 
 
 class SingleMapRoIPooler(nn.Module):
-    def __init__(self, featmap_name: str = "0", output_size: int = 7, *, op: str = "roi_align",
-                 sampling_ratio: int = 0, aligned: bool = False):
+    def __init__(
+        self,
+        featmap_name: str = "0",
+        output_size: int = 7,
+        *,
+        op: str = "roi_align",
+        sampling_ratio: int = 0,
+        aligned: bool = False,
+    ):
         super().__init__()
         if op not in ROI_OPS:
             raise ValueError(f"op must be one of {ROI_OPS}, got {op!r}")
@@ -28,14 +36,17 @@ class SingleMapRoIPooler(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
-    def roi_levels(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
-                   image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    def roi_levels(
+        self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]]
+    ) -> torch.Tensor:
         """The map each RoI is pooled from: always the one, int64 zeros ``[R]``."""
-        return torch.zeros(sum(p.shape[0] for p in proposals), dtype=torch.int64,
-                           device=features[self.featmap_name].device)
+        return torch.zeros(
+            sum(p.shape[0] for p in proposals), dtype=torch.int64, device=features[self.featmap_name].device
+        )
 
-    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor], image_sizes: list[tuple[int, int]]
+    ) -> torch.Tensor:
         feature = features[self.featmap_name]
         scale = infer_scale(feature, image_sizes)
         oh, ow = pair(self.output_size, "SingleMapRoIPooler")
@@ -43,6 +54,12 @@ class SingleMapRoIPooler(nn.Module):
         if self.op == "roi_pool":
             rows = roi_pool_rows(feature, proposals, (oh, ow), spatial_scale=scale)
         else:
-            rows = roi_align_rows(feature, proposals, (oh, ow), spatial_scale=scale,
-                                  sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+            rows = roi_align_rows(
+                feature,
+                proposals,
+                (oh, ow),
+                spatial_scale=scale,
+                sampling_ratio=self.sampling_ratio,
+                aligned=self.aligned,
+            )
         return rows_as_nchw(rows, oh, ow)  # [R, D, P, P], channels-last strides

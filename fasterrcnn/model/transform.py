@@ -10,6 +10,7 @@ Shapes: B images of their own sizes [3, H_i, W_i] in [0, 1]
     postprocess: detected boxes scaled from the resized size back to the original size
 The output keeps each image's resized (unpadded) size: boxes are clipped to it, not to the padding.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from .sampler import sample_generators
 @dataclass
 class ImageList:
     """A padded batch and the size of each image inside it (before padding)."""
+
     tensors: torch.Tensor  # [B, 3, Hp, Wp]
     image_sizes: list[tuple[int, int]]  # B x (H_i, W_i)
 
@@ -41,10 +43,14 @@ def resized_size(h: int, w: int, scale: float) -> tuple[int, int]:
 
 
 class DetectionTransform(nn.Module):
-    def __init__(self, min_size: int | tuple[int, ...] = 800, max_size: int = 1333,
-                 image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-                 image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
-                 size_divisible: int = 32):
+    def __init__(
+        self,
+        min_size: int | tuple[int, ...] = 800,
+        max_size: int = 1333,
+        image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        size_divisible: int = 32,
+    ):
         super().__init__()
         self.min_size = (min_size,) if isinstance(min_size, int) else tuple(min_size)
         self.max_size = max_size
@@ -89,7 +95,9 @@ class DetectionTransform(nn.Module):
             out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
         return batched.contiguous(memory_format=self.memory_format)
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> tuple[ImageList, list[dict] | None]:
+    def forward(
+        self, images: list[torch.Tensor], targets: list[dict] | None = None
+    ) -> tuple[ImageList, list[dict] | None]:
         out_images, out_targets = [], [] if targets is not None else None
         for i, image in enumerate(images):
             image, target = self.resize(self.normalize(image), None if targets is None else targets[i])
@@ -99,8 +107,9 @@ class DetectionTransform(nn.Module):
         sizes = [tuple(int(s) for s in im.shape[-2:]) for im in out_images]
         return ImageList(self.batch(out_images), sizes), out_targets
 
-    def postprocess(self, detections: list[dict], image_sizes: list[tuple[int, int]],
-                    original_sizes: list[tuple[int, int]]) -> list[dict]:
+    def postprocess(
+        self, detections: list[dict], image_sizes: list[tuple[int, int]], original_sizes: list[tuple[int, int]]
+    ) -> list[dict]:
         return [
             {**det, "boxes": resize_boxes(det["boxes"], size, orig)}
             for det, size, orig in zip(detections, image_sizes, original_sizes)

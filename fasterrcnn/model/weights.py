@@ -3,6 +3,7 @@
 Every file is read with ``torch.load(weights_only=True)``: a checkpoint is data and must never be
 able to run code. A path, a ``file://`` URL or an http(s) URL (through torch.hub's cache) is accepted.
 """
+
 import os
 import pickle
 import re
@@ -36,8 +37,9 @@ def local_weights_file(source: str | os.PathLike, *, progress: bool = False) -> 
         if os.path.isdir(source):
             found = [n for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(source, n))]
             hint = f" (this one holds {' and '.join(found)})" if found else ""
-            raise WeightsError(f"{source}: a folder, not a weights file; give the file itself, e.g. a run's "
-                               f"best.pt or last.pt{hint}")
+            raise WeightsError(
+                f"{source}: a folder, not a weights file; give the file itself, e.g. a run's best.pt or last.pt{hint}"
+            )
         if not os.path.isfile(source):
             raise FileNotFoundError(f"weights file not found: {source}")
         return source
@@ -49,11 +51,14 @@ def local_weights_file(source: str | os.PathLike, *, progress: bool = False) -> 
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         found = _HASH_IN_NAME.search(name)
         try:  # download_url_to_file writes a temporary file and renames it: no half file in the cache
-            torch.hub.download_url_to_file(source, cached, hash_prefix=found.group(1) if found else None,
-                                           progress=progress)
+            torch.hub.download_url_to_file(
+                source, cached, hash_prefix=found.group(1) if found else None, progress=progress
+            )
         except Exception as e:
-            raise WeightsError(f"cannot download {source}: {type(e).__name__}: {e} (without a network, download "
-                               f"the file elsewhere and pass its path, or place it at {cached})") from e
+            raise WeightsError(
+                f"cannot download {source}: {type(e).__name__}: {e} (without a network, download "
+                f"the file elsewhere and pass its path, or place it at {cached})"
+            ) from e
     return cached
 
 
@@ -67,14 +72,18 @@ def unsafe_pickle_message(source, error: BaseException) -> str | None:
     if "Unsupported global" in detail:
         what = f"it holds Python objects ({detail}) that only full unpickling could rebuild"
     elif not_a_torch_file(source) is not None:  # JSON, text: no unpickling would help, and no code is at stake
-        return (f"refusing to load {os.fspath(source)}: it is not a file of tensors and plain data, it is "
-                f"{not_a_torch_file(source)}; give a training checkpoint (last.pt/best.pt) or torchvision "
-                "detector weights")
+        return (
+            f"refusing to load {os.fspath(source)}: it is not a file of tensors and plain data, it is "
+            f"{not_a_torch_file(source)}; give a training checkpoint (last.pt/best.pt) or torchvision "
+            "detector weights"
+        )
     else:
         what = f"it is not a file of tensors and plain data ({detail}): it is damaged, or needs full unpickling"
-    return (f"refusing to load {os.fspath(source)}: {what}, and unpickling a file can run any code on this machine. "
-            "Checkpoints and weights are read as data only (tensors, dicts, lists, numbers, strings); if you made "
-            "this file yourself, save its tensors alone, e.g. torch.save(model.state_dict(), path)")
+    return (
+        f"refusing to load {os.fspath(source)}: {what}, and unpickling a file can run any code on this machine. "
+        "Checkpoints and weights are read as data only (tensors, dicts, lists, numbers, strings); if you made "
+        "this file yourself, save its tensors alone, e.g. torch.save(model.state_dict(), path)"
+    )
 
 
 def not_a_torch_file(source: str | os.PathLike) -> str | None:
@@ -88,8 +97,10 @@ def not_a_torch_file(source: str | os.PathLike) -> str | None:
     if head.startswith(b"PK") or head[:1] == b"\x80" or not head:
         return None
     kind = "a JSON or text file" if head.isascii() else "some other kind of file"
-    return f"not a PyTorch weights file at all: those are zip archives written by torch.save, this one starts " \
-           f"with {head!r} ({kind})"
+    return (
+        f"not a PyTorch weights file at all: those are zip archives written by torch.save, this one starts "
+        f"with {head!r} ({kind})"
+    )
 
 
 def load_data_only(source: str | os.PathLike):
@@ -105,8 +116,9 @@ def read_state_dict(source: str | os.PathLike, *, key: str = "model") -> "Ordere
         obj = load_data_only(path)
     except Exception as e:  # an unpickling refusal, a corrupt zip: say which file
         where = source if path == source else f"{source} (cached as {path})"
-        raise WeightsError(unsafe_pickle_message(where, e)
-                           or f"cannot read weights from {where}: {type(e).__name__}: {e}") from e
+        raise WeightsError(
+            unsafe_pickle_message(where, e) or f"cannot read weights from {where}: {type(e).__name__}: {e}"
+        ) from e
     if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
         obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -132,8 +144,11 @@ def check_compatible(model: nn.Module, state_dict: dict, source: str, *, ignore:
     ignored = lambda k: any(k.endswith(s) for s in ignore)  # noqa: E731
     missing = [k for k in expected if k not in state_dict and not ignored(k)]
     unexpected = [k for k in state_dict if k not in expected and not ignored(k)]
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
     if not (missing or unexpected or shapes):
         return
 
@@ -142,10 +157,12 @@ def check_compatible(model: nn.Module, state_dict: dict, source: str, *, ignore:
         more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
         return f"\n  {title} ({len(items)}):\n    {head}{more}" if items else ""
 
-    raise WeightsError(f"the weights in {source} do not fit this model ({type(model).__name__})"
-                     + listing("missing from the checkpoint", missing)
-                     + listing("unexpected in the checkpoint", unexpected)
-                     + listing("shape mismatch", shapes))
+    raise WeightsError(
+        f"the weights in {source} do not fit this model ({type(model).__name__})"
+        + listing("missing from the checkpoint", missing)
+        + listing("unexpected in the checkpoint", unexpected)
+        + listing("shape mismatch", shapes)
+    )
 
 
 def load_detector_weights(model: nn.Module, source: str | os.PathLike, *, state_dict: dict | None = None) -> None:
@@ -155,8 +172,9 @@ def load_detector_weights(model: nn.Module, source: str | os.PathLike, *, state_
         state_dict = read_state_dict(source)
     state_dict = upgrade_legacy_keys(state_dict)
     # BatchNorm's step counter has no FrozenBatchNorm counterpart; it is dropped on load.
-    state_dict = OrderedDict((k, v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked")
-                             or k in model.state_dict())
+    state_dict = OrderedDict(
+        (k, v) for k, v in state_dict.items() if not k.endswith("num_batches_tracked") or k in model.state_dict()
+    )
     check_compatible(model, state_dict, os.fspath(source))
     model.load_state_dict(state_dict, strict=True)
 
@@ -175,9 +193,10 @@ def load_backbone_weights(modules: dict[str, nn.Module], source: str | os.PathLi
     state = read_state_dict(source)
     body = "backbone.body."
     if any(k.startswith(body) for k in state):
-        state = OrderedDict((k[len(body):], v) for k, v in state.items() if k.startswith(body))
-    rest = OrderedDict((k, v) for k, v in state.items()
-                       if not k.startswith("fc.") and not k.endswith("num_batches_tracked"))
+        state = OrderedDict((k[len(body) :], v) for k, v in state.items() if k.startswith(body))
+    rest = OrderedDict(
+        (k, v) for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    )
     parts = {}
     for prefix in [p for p in modules if p]:
         parts[prefix] = OrderedDict((k, v) for k, v in rest.items() if k.startswith(prefix))

@@ -2,6 +2,7 @@
 
 Boxes are ``Tensor[N, 4]`` in ``(x1, y1, x2, y2)`` absolute pixels. Nothing here knows about the model.
 """
+
 from .box_coder import BoxCoder
 from .boxes import box_area, box_iou, clip_boxes_to_image, min_size_mask, remove_small_boxes
 from .nms import batched_nms, nms

@@ -1,20 +1,23 @@
 """Private helpers shared by the RoI operators."""
+
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-BoxesArg = Union[Tensor, Sequence[Tensor]]
+BoxesArg = Tensor | Sequence[Tensor]
 
 
 def convert_boxes_to_rois(boxes: BoxesArg, dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
     """``Tensor[K, 5]`` (batch_idx, x1, y1, x2, y2) or ``list[Tensor[L_i, 4]]`` -> ``Tensor[K, 5]`` in ``dtype``."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(f"{name} boxes: expected Tensor[K, 5] (batch_idx, x1, y1, x2, y2) or a list of "
-                             f"Tensor[L_i, 4], got a tensor of shape {tuple(boxes.shape)}")
+            raise ValueError(
+                f"{name} boxes: expected Tensor[K, 5] (batch_idx, x1, y1, x2, y2) or a list of "
+                f"Tensor[L_i, 4], got a tensor of shape {tuple(boxes.shape)}"
+            )
         return boxes.detach().to(device=device, dtype=dtype)
     parts = []
     for i, b in enumerate(boxes):
@@ -29,10 +32,7 @@ def convert_boxes_to_rois(boxes: BoxesArg, dtype: torch.dtype, device: torch.dev
 
 def pair(output_size: int | Sequence[int], name: str) -> tuple[int, int]:
     """``7 -> (7, 7)``, ``(7, 5) -> (7, 5)``."""
-    if isinstance(output_size, int):
-        out = (output_size, output_size)
-    else:
-        out = tuple(int(v) for v in output_size)
+    out = (output_size, output_size) if isinstance(output_size, int) else tuple(int(v) for v in output_size)
     if len(out) != 2 or out[0] <= 0 or out[1] <= 0:
         raise ValueError(f"{name} output_size: expected a positive int or (h, w), got {output_size!r}")
     return out  # type: ignore[return-value]
@@ -43,8 +43,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def roi_op_arguments(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
-                     name: str) -> tuple[int, int, Tensor, torch.dtype]:
+def roi_op_arguments(
+    input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], name: str
+) -> tuple[int, int, Tensor, torch.dtype]:
     """What every RoI operator checks first (shapes, output size, batch indices in ``[0, N)``):
     ``-> (oh, ow, rois[K, 5] in the compute dtype, compute dtype)``."""
     if input.dim() != 4:
@@ -55,7 +56,9 @@ def roi_op_arguments(input: Tensor, boxes: BoxesArg, output_size: int | Sequence
     n = input.shape[0]
     batch = rois[:, 0]
     if bool(((batch < 0) | (batch >= n) | (batch != batch.floor())).any()):
-        raise ValueError(f"{name} boxes: batch indices must be integers in [0, {n}), got {batch.unique().tolist()[:10]}")
+        raise ValueError(
+            f"{name} boxes: batch indices must be integers in [0, {n}), got {batch.unique().tolist()[:10]}"
+        )
     return oh, ow, rois, cdtype
 
 

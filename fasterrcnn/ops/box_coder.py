@@ -4,6 +4,7 @@ Shape legend: N boxes, K classes (class-specific deltas come as ``Tensor[N, 4K]`
 Deltas are ``(dx, dy, dw, dh)``: ``dx = wx * (gx - px) / pw``, ``dw = ww * log(gw / pw)``, with centres
 ``cx = x1 + 0.5 * w`` and widths ``w = x2 - x1`` (no +1 convention).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,11 @@ class BoxCoder:
     the weights, before ``exp``) so a wild prediction cannot overflow.
     """
 
-    def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
-                 bbox_xform_clip: float = math.log(1000.0 / 16)) -> None:
+    def __init__(
+        self,
+        weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
+        bbox_xform_clip: float = math.log(1000.0 / 16),
+    ) -> None:
         if len(weights) != 4:
             raise ValueError(f"BoxCoder weights: expected 4 numbers (wx, wy, ww, wh), got {weights!r}")
         self.weights = tuple(float(w) for w in weights)
@@ -78,6 +82,13 @@ class BoxCoder:
         pred_w = torch.exp(dw) * widths
         pred_h = torch.exp(dh) * heights
 
-        out = torch.stack((pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h,
-                           pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h), dim=2)  # [N, K, 4]
+        out = torch.stack(
+            (
+                pred_ctr_x - 0.5 * pred_w,
+                pred_ctr_y - 0.5 * pred_h,
+                pred_ctr_x + 0.5 * pred_w,
+                pred_ctr_y + 0.5 * pred_h,
+            ),
+            dim=2,
+        )  # [N, K, 4]
         return out.reshape(deltas.shape)

@@ -2,6 +2,7 @@
 
 Shape legend: N, M boxes; boxes are ``Tensor[..., 4]`` in ``(x1, y1, x2, y2)`` absolute pixels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,7 @@ def _pairwise_inter_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tenso
 def _safe_div(inter: Tensor, union: Tensor) -> Tensor:
     """``inter / union`` with 0 where ``union <= 0`` (two zero-area boxes), gradient-safe."""
     positive = union > 0
-    return torch.where(positive, inter / torch.where(positive, union, torch.ones_like(union)),
-                       torch.zeros_like(inter))
+    return torch.where(positive, inter / torch.where(positive, union, torch.ones_like(union)), torch.zeros_like(inter))
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ Batched NMS over many small groups (every group at most a block, as in per-class
 walk: all groups are padded to the largest one and resolved together, one [G, G_max, G_max] matrix and a
 batched fixed point (:func:`_greedy_small_groups`).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["nms", "batched_nms"]
+__all__ = ["batched_nms", "nms"]
 
 _BLOCK = 128
 # kept boxes per tile: _TILE * _BLOCK = 31744 pairs, under ATen's grain of 32768 elements (see the docstring)
@@ -91,8 +92,9 @@ def _suppresses(a: Tensor, b: Tensor, threshold: float, grouped: bool) -> Tensor
     union = torch.add(aarea, barea).sub_(inter)
     if threshold < 0:  # only then can a pair with IoU 0 (including a zero union) be suppressed: 0/0 must be 0
         positive = union > 0
-        iou = torch.where(positive, inter / torch.where(positive, union, torch.ones_like(union)),
-                          torch.zeros_like(inter))
+        iou = torch.where(
+            positive, inter / torch.where(positive, union, torch.ones_like(union)), torch.zeros_like(inter)
+        )
         sup = iou.gt_(threshold)
         if grouped:  # IoU 0 > threshold: mask the pairs of different groups explicitly
             sup.mul_(ag[0] == bg[0])
@@ -141,27 +143,27 @@ def _greedy_sorted(cols: Tensor, grouped: bool, iou_threshold: float) -> Tensor:
         blk = cols_b[:, :, start:end]
         # stage the block right after the kept boxes: the last tile then also holds the block's own rows,
         # so the [B, B] matrix of step 2 comes out of the same ops as the tail of step 1
-        kept[:, n_kept:n_kept + m] = cols[:, start:end]
+        kept[:, n_kept : n_kept + m] = cols[:, start:end]
 
         # 1) suppression by the kept boxes of earlier blocks, one tile at a time
         first = 0
         if grouped and n_kept > 0:
             # group-major order: kept boxes of groups below this block's first group cannot matter, and
             # they form a prefix of the kept list.
-            first = int(torch.searchsorted(kept[5, :n_kept], cols[5, start:start + 1]))
+            first = int(torch.searchsorted(kept[5, :n_kept], cols[5, start : start + 1]))
         last = max(first, n_kept + m - max(_TILE, m))  # the last tile: rows [last, n_kept + m)
         dead = None  # [B], 1. where suppressed
         for lo in range(first, last, _TILE):
             hi = min(lo + _TILE, last)
             hit = _suppresses(kept_t[:, lo:hi], blk, threshold, grouped).amax(dim=0)  # [T, B] -> [B]
             dead = hit if dead is None else torch.maximum(dead, hit, out=dead)
-        sup = _suppresses(kept_t[:, last:n_kept + m], blk, threshold, grouped)  # kept rows, then the block's
+        sup = _suppresses(kept_t[:, last : n_kept + m], blk, threshold, grouped)  # kept rows, then the block's
         if n_kept > last:
-            hit = sup[:n_kept - last].amax(dim=0)
+            hit = sup[: n_kept - last].amax(dim=0)
             dead = hit if dead is None else torch.maximum(dead, hit, out=dead)
 
         # 2) exact greedy inside the block by fixed-point iteration
-        sup = sup[n_kept - last:]  # [B, B], sup[j, i]: j would suppress i
+        sup = sup[n_kept - last :]  # [B, B], sup[j, i]: j would suppress i
         sup.mul_(upper if m == _BLOCK else upper[:m, :m])  # only j < i
         if dead is None:
             alive = torch.ones(m, dtype=dtype, device=device)  # [B] 1. / 0.
@@ -173,7 +175,7 @@ def _greedy_sorted(cols: Tensor, grouped: bool, iou_threshold: float) -> Tensor:
         if end < n:
             new_cols = cols[:, start:end][:, k]
             c = new_cols.shape[1]
-            kept[:, n_kept:n_kept + c] = new_cols
+            kept[:, n_kept : n_kept + c] = new_cols
             n_kept += c
     return keep
 
@@ -198,8 +200,9 @@ def _greedy_small_groups(cols: Tensor, groups: Tensor, iou_threshold: float) -> 
     group_of = torch.repeat_interleave(torch.arange(g, device=device), counts, output_size=n)
     slot = group_of * g_max + (torch.arange(n, device=device) - starts.index_select(0, group_of))  # [N]
     padded = cols.new_zeros((5, g * g_max)).index_copy_(1, slot, cols[:5])
-    sup = _suppresses(padded.view(5, g, g_max, 1), padded.view(5, g, 1, g_max), _threshold_in(dtype, iou_threshold),
-                      False)  # [G, G_max, G_max]
+    sup = _suppresses(
+        padded.view(5, g, g_max, 1), padded.view(5, g, 1, g_max), _threshold_in(dtype, iou_threshold), False
+    )  # [G, G_max, G_max]
     ar = torch.arange(g_max, device=device)
     sup.mul_((ar[:, None] < ar[None, :]).to(dtype))  # only j < i
     alive = cols.new_zeros(g * g_max).index_fill_(0, slot, 1).view(g, 1, g_max)

@@ -8,10 +8,11 @@ RoIs are pooled as rows and copied once to their place in the output. Building t
 1000 RoIs of 256 x 7 x 7 floats (measured in docs/design-decisions.md). A consumer that flattens it
 pays the transpose once; the box head ``optimize_for_inference`` swaps in (``model/fast_path.py``) reads it as it is.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +22,19 @@ from .boxes import box_area
 from .roi_align import roi_align_rows
 from .roi_pool import roi_pool_rows
 
-__all__ = ["MultiScalePooler", "MultiScaleRoIAlign", "MultiScaleRoIPool", "assign_fpn_levels", "infer_scale",
-           "rois_with_image_index"]
+__all__ = [
+    "MultiScalePooler",
+    "MultiScaleRoIAlign",
+    "MultiScaleRoIPool",
+    "assign_fpn_levels",
+    "infer_scale",
+    "rois_with_image_index",
+]
 
 
-def assign_fpn_levels(boxes: Tensor, k_min: int, k_max: int, canonical_scale: int = 224,
-                      canonical_level: int = 4, eps: float = 1e-6) -> Tensor:
+def assign_fpn_levels(
+    boxes: Tensor, k_min: int, k_max: int, canonical_scale: int = 224, canonical_level: int = 4, eps: float = 1e-6
+) -> Tensor:
     """Pyramid level of each box, relative to ``k_min``: ``Tensor[R, 4] -> int64[R]`` in ``[0, k_max - k_min]``.
 
     ``k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)`` clamped to ``[k_min, k_max]``
@@ -74,8 +82,9 @@ def rois_with_image_index(boxes: list[Tensor], dtype: torch.dtype, device: torch
     """B x ``[L_i, 4]`` -> ``[R, 5]`` rows ``(image index, x1, y1, x2, y2)``."""
     if not len(boxes):
         return torch.zeros((0, 5), dtype=dtype, device=device)
-    return torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1)
-                      for i, b in enumerate(boxes)]).to(device=device, dtype=dtype)
+    return torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1) for i, b in enumerate(boxes)]).to(
+        device=device, dtype=dtype
+    )
 
 
 class MultiScalePooler(nn.Module):
@@ -88,8 +97,14 @@ class MultiScalePooler(nn.Module):
     channels-last strides, see the module's docstring).
     """
 
-    def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], *,
-                 canonical_scale: int = 224, canonical_level: int = 4) -> None:
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | Sequence[int],
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
         super().__init__()
         name = type(self).__name__
         if not featmap_names:
@@ -99,15 +114,18 @@ class MultiScalePooler(nn.Module):
         self.canonical_scale = canonical_scale
         self.canonical_level = canonical_level
 
-    def scales_and_levels(self, features: Sequence[Tensor],
-                          image_sizes: Sequence[tuple[int, int]]) -> tuple[list[float], int, int]:
+    def scales_and_levels(
+        self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
+    ) -> tuple[list[float], int, int]:
         """Spatial scale of each map, and ``(k_min, k_max)`` of the first and last map."""
         scales = [infer_scale(f, image_sizes) for f in features]
         k_min = int(round(-math.log2(scales[0])))
         k_max = int(round(-math.log2(scales[-1])))
         if k_max - k_min + 1 != len(features):
-            raise ValueError(f"{type(self).__name__}: feature maps {self.featmap_names} have inferred scales "
-                             f"{scales}; expected one map per pyramid level from 2^-{k_min} to 2^-{k_max}")
+            raise ValueError(
+                f"{type(self).__name__}: feature maps {self.featmap_names} have inferred scales "
+                f"{scales}; expected one map per pyramid level from 2^-{k_min} to 2^-{k_max}"
+            )
         return scales, k_min, k_max
 
     def pool_rows(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
@@ -125,8 +143,9 @@ class MultiScalePooler(nn.Module):
     def _levels(self, boxes: Tensor, k_min: int, k_max: int) -> Tensor:
         return assign_fpn_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
 
-    def roi_levels(self, features: dict[str, Tensor], boxes: list[Tensor],
-                   image_sizes: list[tuple[int, int]]) -> Tensor:
+    def roi_levels(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> Tensor:
         """The map each RoI is pooled from, as forward chooses it: int64 ``[R]``, an index into ``featmap_names``."""
         maps = self._maps(features, image_sizes)
         _, k_min, k_max = self.scales_and_levels(maps, image_sizes)
@@ -135,8 +154,7 @@ class MultiScalePooler(nn.Module):
             return torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
         return self._levels(rois[:, 1:], k_min, k_max)
 
-    def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
-                image_sizes: list[tuple[int, int]]) -> Tensor:
+    def forward(self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
         maps = self._maps(features, image_sizes)
         scales, k_min, k_max = self.scales_and_levels(maps, image_sizes)
         # box coordinates in float32 at least, even on bfloat16 maps
@@ -171,10 +189,16 @@ class MultiScalePooler(nn.Module):
 class MultiScaleRoIAlign(MultiScalePooler):
     """RoIAlign over several feature maps, each RoI read from the level its size maps to (FPN's pooler)."""
 
-    def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], sampling_ratio: int, *,
-                 canonical_scale: int = 224, canonical_level: int = 4) -> None:
-        super().__init__(featmap_names, output_size, canonical_scale=canonical_scale,
-                         canonical_level=canonical_level)
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | Sequence[int],
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__(featmap_names, output_size, canonical_scale=canonical_scale, canonical_level=canonical_level)
         self.sampling_ratio = int(sampling_ratio)
 
     def pool_rows(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
@@ -185,10 +209,16 @@ class MultiScaleRoIPool(MultiScalePooler):
     """The same level assignment with Fast R-CNN's RoIPool (quantised max) on each map instead of
     RoIAlign; ``sampling_ratio`` is unused. For the RoIPool-against-RoIAlign experiment on a pyramid."""
 
-    def __init__(self, featmap_names: list[str], output_size: int | Sequence[int], sampling_ratio: int = 0, *,
-                 canonical_scale: int = 224, canonical_level: int = 4) -> None:
-        super().__init__(featmap_names, output_size, canonical_scale=canonical_scale,
-                         canonical_level=canonical_level)
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: int | Sequence[int],
+        sampling_ratio: int = 0,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ) -> None:
+        super().__init__(featmap_names, output_size, canonical_scale=canonical_scale, canonical_level=canonical_level)
         self.sampling_ratio = int(sampling_ratio)
 
     def pool_rows(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:

@@ -30,15 +30,17 @@ one rounding, 0.2%, of the float64 sum of the same bf16 inputs).
 :func:`roi_align_rows` returns the result before its final transpose, ``[K, oh*ow, C]`` (bins, then
 channels): :class:`~fasterrcnn.ops.poolers.MultiScaleRoIAlign` assembles the levels from it.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import BoxesArg, channels_last_rows, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments
+from ._utils import BoxesArg, channels_last_rows, empty_roi_rows, pair, roi_op_arguments, rows_as_nchw
 
 __all__ = ["RoIAlignGrid", "roi_align", "roi_align_grid", "roi_align_rows", "sample_coordinates"]
 
@@ -70,13 +72,15 @@ class _WeightedGather(torch.autograd.Function):
         counts = torch.bincount(flat, minlength=ctx.num_rows)
         offsets = torch.cumsum(counts, 0) - counts
         cell = torch.div(order, index.shape[1], rounding_mode="floor")
-        grad_feats = F.embedding_bag(cell, grad_out.contiguous(), offsets, mode="sum",
-                                     per_sample_weights=weight.reshape(-1)[order])
+        grad_feats = F.embedding_bag(
+            cell, grad_out.contiguous(), offsets, mode="sum", per_sample_weights=weight.reshape(-1)[order]
+        )
         return grad_feats, None, None
 
 
 class RoIAlignGrid(NamedTuple):
     """Where RoIAlign samples K RoIs, along each axis, in feature-map coordinates (cell c's centre at c)."""
+
     start_y: Tensor  # [K] the RoI's first edge
     start_x: Tensor
     bin_h: Tensor  # [K] the size of a bin
@@ -85,8 +89,9 @@ class RoIAlignGrid(NamedTuple):
     grid_w: Tensor
 
 
-def roi_align_grid(rois: Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int,
-                   aligned: bool) -> RoIAlignGrid:
+def roi_align_grid(
+    rois: Tensor, output_size: tuple[int, int], spatial_scale: float, sampling_ratio: int, aligned: bool
+) -> RoIAlignGrid:
     """The bins and sample counts of RoIs ``[K, 5]`` (image index, x1, y1, x2, y2 in input pixels): the
     semantics of the module docstring, computed once here for the op and for whoever shows the grid."""
     oh, ow = output_size
@@ -115,12 +120,14 @@ def sample_coordinates(start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: 
     i = torch.arange(max_grid, dtype=dtype, device=start.device)
     g = grid.clamp(min=1).to(dtype)
     # evaluated in the order of the reference formula
-    return (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) \
-        + (i[None, None, :] + 0.5) * bin_size[:, None, None] / g[:, None, None]
+    return (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]) + (i[None, None, :] + 0.5) * bin_size[
+        :, None, None
+    ] / g[:, None, None]
 
 
-def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: int, n_out: int,
-               size: int) -> tuple[Tensor, Tensor]:
+def _axis_taps(
+    start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: int, n_out: int, size: int
+) -> tuple[Tensor, Tensor]:
     """Bilinear taps along one axis.
 
     ``start, bin_size: [K]`` (float), ``grid: [K]`` (int64, samples per bin for each RoI, <= ``max_grid``).
@@ -143,8 +150,9 @@ def _axis_taps(start: Tensor, bin_size: Tensor, grid: Tensor, max_grid: int, n_o
     return index, weight
 
 
-def _bag_taps(rois: Tensor, oh: int, ow: int, grid: RoIAlignGrid, max_gh: int, max_gw: int,
-              height: int, width: int) -> tuple[Tensor, Tensor]:
+def _bag_taps(
+    rois: Tensor, oh: int, ow: int, grid: RoIAlignGrid, max_gh: int, max_gw: int, height: int, width: int
+) -> tuple[Tensor, Tensor]:
     """Taps for the RoIs ``rois[K, 5]`` and their ``grid``: ``(index int64[K*oh*ow, S], weight [K*oh*ow, S])``,
     ``S = 4*max_gh*max_gw``."""
     k = rois.shape[0]
@@ -172,8 +180,14 @@ def _round_up_2bits(g: Tensor) -> Tensor:
     return (g + step - 1) // step * step
 
 
-def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], spatial_scale: float = 1.0,
-              sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+def roi_align(
+    input: Tensor,
+    boxes: BoxesArg,
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
     """RoIAlign: ``input[N, C, H, W]``, boxes ``Tensor[K, 5]`` (batch_idx, x1, y1, x2, y2) or
     ``list[Tensor[L_i, 4]]`` (one per image, in input pixels) -> ``Tensor[K, C, oh, ow]``.
 
@@ -186,8 +200,14 @@ def roi_align(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], 
     return rows_as_nchw(rows, oh, ow).contiguous()
 
 
-def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], spatial_scale: float = 1.0,
-                   sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+def roi_align_rows(
+    input: Tensor,
+    boxes: BoxesArg,
+    output_size: int | Sequence[int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
     """:func:`roi_align` with its output as rows: ``Tensor[K, oh*ow, C]``, bin ``(ph, pw)`` at row
     ``ph * ow + pw``, in the input's dtype. ``_utils.rows_as_nchw(rows, oh, ow)`` is roi_align's result as a
     channels-last view, with no copy."""
@@ -210,8 +230,9 @@ def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[i
             bh, bw = _round_up_2bits(grid.grid_h), _round_up_2bits(grid.grid_w)
             keys = torch.stack((bh, bw), dim=1)
             uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
-            groups = [(torch.nonzero(inverse == j).flatten(), int(gy), int(gx))
-                      for j, (gy, gx) in enumerate(uniq.tolist())]
+            groups = [
+                (torch.nonzero(inverse == j).flatten(), int(gy), int(gx)) for j, (gy, gx) in enumerate(uniq.tolist())
+            ]
 
     outs, order = [], []
     for members, max_gh, max_gw in groups:
@@ -222,8 +243,9 @@ def roi_align_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[i
             hi = min(lo + chunk, size)
             sel = slice(lo, hi) if members is None else members[lo:hi]
             with torch.no_grad():
-                index, weight = _bag_taps(rois[sel], oh, ow, RoIAlignGrid(*(t[sel] for t in grid)),
-                                          max_gh, max_gw, height, width)
+                index, weight = _bag_taps(
+                    rois[sel], oh, ow, RoIAlignGrid(*(t[sel] for t in grid)), max_gh, max_gw, height, width
+                )
             outs.append(_WeightedGather.apply(feats, index, weight.to(feats.dtype)))
             if members is not None:
                 order.append(members[lo:hi])

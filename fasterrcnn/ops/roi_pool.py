@@ -24,15 +24,15 @@ order (for every input element, the order of the reference loops, so the sums ma
 Forward and backward run on the caller's intra-op threads; the op changes no thread setting itself.
 NaN inputs are not given any particular meaning.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from ._utils import (BoxesArg, empty_roi_rows, pair, rows_as_nchw, roi_op_arguments, to_channels_first,
-                     to_channels_last)
+from ._utils import BoxesArg, empty_roi_rows, pair, roi_op_arguments, rows_as_nchw, to_channels_first, to_channels_last
 
 __all__ = ["roi_pool", "roi_pool_bins", "roi_pool_rows"]
 
@@ -45,8 +45,9 @@ def _offset_dtype(max_width: int) -> torch.dtype:
     return torch.uint8 if max_width <= 256 else torch.int16 if max_width <= 32768 else torch.int32
 
 
-def _pool_bins(feats: Tensor, bin_img: Tensor, y0: Tensor, x0: Tensor, bh: Tensor, bw: Tensor,
-               with_argmax: bool) -> tuple[Tensor, Tensor | None]:
+def _pool_bins(
+    feats: Tensor, bin_img: Tensor, y0: Tensor, x0: Tensor, bh: Tensor, bw: Tensor, with_argmax: bool
+) -> tuple[Tensor, Tensor | None]:
     """Max over each bin: ``feats[N, H, W, C]`` (contiguous), per bin ``bin_img, y0, x0, bh, bw: int64[B]``
     (image, top-left corner, size) -> ``(out[B, C], argmax[B, C] or None)``. The argmax (int32 when it fits) is
     the flat index into ``feats`` (``pixel * C + channel``) of the first maximum in row-major order; an empty
@@ -123,7 +124,7 @@ def _pool_bins(feats: Tensor, bin_img: Tensor, y0: Tensor, x0: Tensor, bh: Tenso
             g = b - a
             # row r of a bin of height h reads row min(r, h - 1): padding repeats the bin's last row
             rows = row0[a:b, None] + torch.minimum(pad, h[a:b, None] - 1) * width  # [g, hpad]
-            vals = torch.index_select(rows_flat, 0, rows.view(-1), out=gather_buf[:g * hpad * c].view(-1, c))
+            vals = torch.index_select(rows_flat, 0, rows.view(-1), out=gather_buf[: g * hpad * c].view(-1, c))
             vals = vals.view(g, hpad, c)
             best = torch.amax(vals, dim=1)
             out.index_copy_(0, sel[a:b], best)
@@ -182,8 +183,9 @@ def _bin_edges(start: Tensor, roi: Tensor, n_out: int, size: int) -> tuple[Tenso
     return lo.clamp(0, size), hi.clamp(0, size)
 
 
-def roi_pool_bins(rois: Tensor, output_size: tuple[int, int], spatial_scale: float, height: int,
-                  width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def roi_pool_bins(
+    rois: Tensor, output_size: tuple[int, int], spatial_scale: float, height: int, width: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The cells each bin of RoIs ``[K, 5]`` (image index, x1, y1, x2, y2 in input pixels, float32 at least)
     covers on a ``height x width`` map: ``(h_lo, h_hi) int64[K, oh]``, ``(w_lo, w_hi) int64[K, ow]``, bin
     ``(p, q)`` = rows ``[h_lo[p], h_hi[p])`` x columns ``[w_lo[q], w_hi[q])`` (empty when lo == hi)."""
@@ -199,8 +201,7 @@ def roi_pool_bins(rois: Tensor, output_size: tuple[int, int], spatial_scale: flo
     return h_lo, h_hi, w_lo, w_hi
 
 
-def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
-             spatial_scale: float = 1.0) -> Tensor:
+def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], spatial_scale: float = 1.0) -> Tensor:
     """RoIPool: ``input[N, C, H, W]``, boxes ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]`` -> ``Tensor[K, C, oh, ow]``.
 
     Differentiable w.r.t. ``input`` (gradient to each bin's argmax).
@@ -210,11 +211,12 @@ def roi_pool(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
     return rows_as_nchw(rows, oh, ow).contiguous()
 
 
-def roi_pool_rows(input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int],
-                  spatial_scale: float = 1.0) -> Tensor:
+def roi_pool_rows(
+    input: Tensor, boxes: BoxesArg, output_size: int | Sequence[int], spatial_scale: float = 1.0
+) -> Tensor:
     """:func:`roi_pool` with its output as rows, ``Tensor[K, oh*ow, C]``
     (as :func:`~fasterrcnn.ops.roi_align.roi_align_rows`)."""
-    oh, ow, rois, cdtype = roi_op_arguments(input, boxes, output_size, "roi_pool")
+    oh, ow, rois, _ = roi_op_arguments(input, boxes, output_size, "roi_pool")
     n, c, height, width = input.shape
     k = rois.shape[0]
     if k == 0 or n * height * width == 0:

@@ -1,4 +1,5 @@
 """Writing a figure: one PNG, replaced atomically, so a kill mid-write leaves the previous picture whole."""
+
 import io
 from pathlib import Path
 
@@ -17,8 +18,9 @@ def save_png(fig, path, *, palette: bool = False) -> Path:
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png")
             image = Image.open(buffer).convert("RGB")
-            image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(f, format="PNG",
-                                                                                              optimize=True)
+            image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+                f, format="PNG", optimize=True
+            )
         else:
             fig.savefig(f, format="png")
     return path

@@ -1,13 +1,14 @@
 """The ablation grid in one picture: AP, AP50 and AP_small per cell, and each cell's time."""
+
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from ._save import save_png  # noqa: E402
+from ._save import save_png
 
 BARS = (("AP", "AP"), ("AP50", "AP50"), ("APs", "AP_small"))
 
@@ -17,8 +18,9 @@ def plot_ablation(rows: list[dict], path: str | Path) -> Path:
     names = [r["cell"] for r in rows]
     x = np.arange(len(rows))
     width = 0.8 / len(BARS)
-    fig, (ax, ax_t) = plt.subplots(2, 1, figsize=(max(6.0, 0.75 * len(rows) + 2), 7), sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax, ax_t) = plt.subplots(
+        2, 1, figsize=(max(6.0, 0.75 * len(rows) + 2), 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
     for i, (key, label) in enumerate(BARS):
         ax.bar(x + (i - (len(BARS) - 1) / 2) * width, [r[key] for r in rows], width, label=label)
     if rows:

@@ -4,14 +4,27 @@ Readable on dark and on light images: each box is a coloured line between two th
 each label sits on a filled box of its class colour, its text black or white by the colour's
 brightness. Line width and text size follow the image size.
 """
+
 from __future__ import annotations
 
 from PIL import Image, ImageDraw, ImageFont
 
 # Okabe-Ito and tab10-like colours, neighbours far apart (labels 1, 2, 3, 4 are sky blue, green,
 # yellow, vermillion), each readable with black or white text on it.
-PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (213, 94, 0), (0, 114, 178),
-           (204, 121, 167), (148, 103, 189), (188, 189, 34), (23, 190, 207), (255, 127, 14), (44, 160, 44)]
+PALETTE = [
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (213, 94, 0),
+    (0, 114, 178),
+    (204, 121, 167),
+    (148, 103, 189),
+    (188, 189, 34),
+    (23, 190, 207),
+    (255, 127, 14),
+    (44, 160, 44),
+]
 OUTLINE = (20, 20, 20)
 
 
@@ -42,7 +55,9 @@ def draw_detections(image: Image.Image, boxes, labels, names: list[str], scores=
     font = _font(max(10, round(short / 45)))
     boxes = boxes.tolist() if hasattr(boxes, "tolist") else list(boxes)
     labels = labels.tolist() if hasattr(labels, "tolist") else list(labels)
-    scores = (scores.tolist() if hasattr(scores, "tolist") else list(scores)) if scores is not None else [None] * len(boxes)
+    scores = (
+        (scores.tolist() if hasattr(scores, "tolist") else list(scores)) if scores is not None else [None] * len(boxes)
+    )
     order = sorted(range(len(boxes)), key=lambda i: -1.0 if scores[i] is None else scores[i])
     for i in order:
         x1, y1, x2, y2 = boxes[i]

@@ -4,6 +4,7 @@ Curves come as ``{class name: (recall, precision)}``: ``VocMetrics.curves`` (eac
 detection order) or ``CocoMetrics.curves`` (COCOeval's interpolated precision at IoU 0.5 on its 101
 recall thresholds).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -43,7 +44,12 @@ def plot_precision_recall(per_class_curves: Mapping[str, tuple], path, title: st
     ax.grid(True, alpha=0.3)
     if per_class_curves:
         small = len(per_class_curves) > 12
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=5 if small else 8,
-                  ncol=2 if len(per_class_curves) > 30 else 1, frameon=False)
+        ax.legend(
+            loc="center left",
+            bbox_to_anchor=(1.01, 0.5),
+            fontsize=5 if small else 8,
+            ncol=2 if len(per_class_curves) > 30 else 1,
+            frameon=False,
+        )
     fig.tight_layout()
     return save_png(fig, path)

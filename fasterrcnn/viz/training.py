@@ -1,13 +1,14 @@
 """Training curves from a run's metrics.csv rows: losses and learning rate, AP over evaluations."""
+
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ..model.loss_names import LOSS_NAMES  # noqa: E402
-from ._save import save_png  # noqa: E402
+from ..model.loss_names import LOSS_NAMES
+from ._save import save_png
 
 
 def _series(rows, kind, key):

@@ -9,8 +9,15 @@ import numpy as np
 from PIL import Image
 
 
-def make_image(path: Path, width: int = 40, height: int = 30, mode: str = "RGB", seed: int = 0,
-               fmt: str | None = None, **save_kwargs) -> Path:
+def make_image(
+    path: Path,
+    width: int = 40,
+    height: int = 30,
+    mode: str = "RGB",
+    seed: int = 0,
+    fmt: str | None = None,
+    **save_kwargs,
+) -> Path:
     """Write a random image of ``width`` x ``height`` in ``mode``."""
     rng = np.random.default_rng(seed)
     rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
@@ -41,8 +48,10 @@ def simple_coco(root: Path, annotations=None, images=None, size=(40, 30), catego
     """``root/images/1.png`` (and 2.png) plus ``root/ann.json``; returns the json path."""
     w, h = size
     if images is None:
-        images = [{"id": 1, "file_name": "1.png", "width": w, "height": h},
-                  {"id": 2, "file_name": "2.png", "width": w, "height": h}]
+        images = [
+            {"id": 1, "file_name": "1.png", "width": w, "height": h},
+            {"id": 2, "file_name": "2.png", "width": w, "height": h},
+        ]
     for img in images:
         name = img.get("file_name")
         iw, ih = img.get("width", w), img.get("height", h)
@@ -62,9 +71,11 @@ def voc_xml(filename: str, width: int, height: int, objects) -> str:
         f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
         for n, x1, y1, x2, y2, d in objects
     )
-    return (f"<annotation><folder>VOC2007</folder><filename>{filename}</filename>"
-            f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
-            f"<segmented>0</segmented>{objs}</annotation>")
+    return (
+        f"<annotation><folder>VOC2007</folder><filename>{filename}</filename>"
+        f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
+        f"<segmented>0</segmented>{objs}</annotation>"
+    )
 
 
 def make_voc(root: Path, items: dict, split: str = "train", size=(40, 30)) -> Path:

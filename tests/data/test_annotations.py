@@ -1,4 +1,5 @@
 """load_annotations: one image's ground truth from a COCO json or a VOC xml, in a model's labels."""
+
 import json
 
 import pytest
@@ -15,21 +16,25 @@ def test_annotations_from_coco_and_voc(tmp_path):
     # COCO, through the category ids: a model whose labels are the ids in reverse order
     names = CLASSES
     reverse = {label: 5 - label for label in range(1, 5)}
-    got, notes = load_annotations(paths.val_json, image_path, image_size=size, class_names=names,
-                                  label_to_cat_id=reverse)
+    got, notes = load_annotations(
+        paths.val_json, image_path, image_size=size, class_names=names, label_to_cat_id=reverse
+    )
     assert torch.equal(got["boxes"], target["boxes"])
     assert got["labels"].tolist() == [5 - v for v in target["labels"].tolist()] and notes == []
     # a model that knows only category 1: the other objects are left out, with a note
-    got, notes = load_annotations(paths.val_json, image_path, image_size=size, class_names=names[:2],
-                                  label_to_cat_id={1: 1})
+    got, notes = load_annotations(
+        paths.val_json, image_path, image_size=size, class_names=names[:2], label_to_cat_id={1: 1}
+    )
     assert got["labels"].tolist() == [1] * int((target["labels"] == 1).sum())
     assert (len(notes) == 1 and "left out" in notes[0]) or int((target["labels"] != 1).sum()) == 0
     # VOC: class names matched to the model's; 1-based inclusive pixels
     xml = tmp_path / "a.xml"
-    xml.write_text(f"<annotation><size><width>{size[1]}</width><height>{size[0]}</height></size>"
-                   "<object><name>star</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax>"
-                   "</bndbox></object><object><name>dragon</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
-                   "<ymax>5</ymax></bndbox></object></annotation>")
+    xml.write_text(
+        f"<annotation><size><width>{size[1]}</width><height>{size[0]}</height></size>"
+        "<object><name>star</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>40</xmax><ymax>50</ymax>"
+        "</bndbox></object><object><name>dragon</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax>"
+        "<ymax>5</ymax></bndbox></object></annotation>"
+    )
     got, notes = load_annotations(xml, image_path, image_size=size, class_names=names, label_to_cat_id={})
     assert got["boxes"].tolist() == [[10.0, 20.0, 40.0, 50.0]] and got["labels"].tolist() == [4]
     assert len(notes) == 1 and "dragon" in notes[0]

@@ -26,8 +26,7 @@ class Sized(torch.utils.data.Dataset):
         return [w / h for h, w in self.sizes]
 
 
-SIZES = [(10, 20), (20, 10), (10, 10), (10, 21), (30, 10), (10, 19), (12, 10), (10, 30), (20, 11), (10, 10),
-         (16, 17)]
+SIZES = [(10, 20), (20, 10), (10, 10), (10, 21), (30, 10), (10, 19), (12, 10), (10, 30), (20, 11), (10, 10), (16, 17)]
 
 
 def test_collate_keeps_lists():
@@ -82,7 +81,10 @@ def test_grouped_sampler_with_distributed_sampler():
 
 def test_make_data_loader_shuffle_is_seeded():
     ds = Sized(SIZES)
-    order = lambda seed: [t["image_id"].item() for _, ts in make_data_loader(ds, 2, True, seed=seed) for t in ts]
+
+    def order(seed):
+        return [t["image_id"].item() for _, ts in make_data_loader(ds, 2, True, seed=seed) for t in ts]
+
     assert order(1) == order(1)
     assert sorted(order(1)) == list(range(len(SIZES)))
     assert order(1) != order(2)

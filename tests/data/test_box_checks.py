@@ -2,10 +2,16 @@ import math
 
 import pytest
 
-from fasterrcnn.data.report import DataError
 from fasterrcnn.data.box_checks import (
-    CLIPPED, NEGATIVE_SIZE, NON_FINITE, OUTSIDE, ZERO_SIZE, check_box, resolve_inside,
+    CLIPPED,
+    NEGATIVE_SIZE,
+    NON_FINITE,
+    OUTSIDE,
+    ZERO_SIZE,
+    check_box,
+    resolve_inside,
 )
+from fasterrcnn.data.report import DataError
 
 
 def test_good_box_passes_unchanged():

@@ -11,13 +11,13 @@ from .helpers import make_voc, simple_coco
 def _coco_with_problems(tmp_path):
     images = [{"id": i, "file_name": f"{i}.png", "width": 120, "height": 120} for i in (1, 2, 3, 4)]
     anns = [
-        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},     # small (100)
-        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40]},     # medium (1600)
-        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0, 0, 100, 100]},   # large (10000)
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},  # small (100)
+        {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 40]},  # medium (1600)
+        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0, 0, 100, 100]},  # large (10000)
         {"id": 4, "image_id": 2, "category_id": 2, "bbox": [5, 5, 20, 20], "iscrowd": 1},
-        {"id": 5, "image_id": 2, "category_id": 7, "bbox": [5, 5, 20, 20]},     # unknown category
-        {"id": 6, "image_id": 1, "category_id": 2, "bbox": [5, 5, 0, 20]},      # zero size
-        {"id": 7, "image_id": 4, "category_id": 1, "bbox": [5, 5, 10, 10]},     # its image is missing
+        {"id": 5, "image_id": 2, "category_id": 7, "bbox": [5, 5, 20, 20]},  # unknown category
+        {"id": 6, "image_id": 1, "category_id": 2, "bbox": [5, 5, 0, 20]},  # zero size
+        {"id": 7, "image_id": 4, "category_id": 1, "bbox": [5, 5, 10, 10]},  # its image is missing
     ]  # image 3: no objects
     path = simple_coco(tmp_path, annotations=anns, images=images)
     (tmp_path / "images" / "4.png").unlink()
@@ -39,8 +39,20 @@ def test_coco_check_counts_sizes_empties_and_problems(tmp_path):
     kinds = sorted(p.kind for p in check.report)
     assert kinds == ["missing image", "unknown category id", "zero-size box"]
     text = str(check)
-    for needle in ("class", "objects", "small", "medium", "large", "total", "image id 3",
-                   "annotation id 5", "annotation id 6", "4.png", "ann.json", "3 problems"):
+    for needle in (
+        "class",
+        "objects",
+        "small",
+        "medium",
+        "large",
+        "total",
+        "image id 3",
+        "annotation id 5",
+        "annotation id 6",
+        "4.png",
+        "ann.json",
+        "3 problems",
+    ):
         assert needle in text, needle
 
 
@@ -51,8 +63,9 @@ def test_clean_synth_check_agrees_between_coco_and_voc(tmp_path):
     voc = check_dataset(paths.voc_root, classes=coco.class_names[1:])  # split: train (no trainval)
     assert voc.ok and voc.format == "VOC" and voc.num_images == 12
     for name, stats in coco.per_class.items():
-        assert {k: v for k, v in stats.items() if k != "crowd"} == \
-               {k: v for k, v in voc.per_class[name].items() if k != "difficult"}
+        assert {k: v for k, v in stats.items() if k != "crowd"} == {
+            k: v for k, v in voc.per_class[name].items() if k != "difficult"
+        }
     assert coco.sizes == voc.sizes and len(coco.empty_images) == len(voc.empty_images)
     assert check_dataset(paths.voc_root, voc_split="val").num_images == 4
 
@@ -72,8 +85,9 @@ def test_voc_root_with_its_own_class_names_is_checked_as_training_reads_it(tmp_p
 
 
 def test_voc_check_with_voc_classes_and_difficult(tmp_path):
-    root = make_voc(tmp_path / "v", {"a": [("dog", 1, 1, 10, 10, 1), ("cat", 1, 1, 40, 30, 0)], "b": []},
-                    split="trainval")
+    root = make_voc(
+        tmp_path / "v", {"a": [("dog", 1, 1, 10, 10, 1), ("cat", 1, 1, 40, 30, 0)], "b": []}, split="trainval"
+    )
     check = check_dataset(root)
     assert check.notes == ["split trainval"]
     assert check.class_names[1:4] == ["aeroplane", "bicycle", "bird"]

@@ -33,31 +33,83 @@ def _official(tmp_path):
     for iid, (w, h) in sizes.items():
         name = f"{iid:012d}.jpg"
         make_image(root / "val2017" / name, w, h, seed=iid, quality=95)
-        images.append({
-            "license": 4, "file_name": name,
-            "coco_url": f"http://images.cocodataset.org/val2017/{name}",
-            "height": h, "width": w, "date_captured": "2013-11-14 17:02:52",
-            "flickr_url": "http://farm7.staticflickr.com/6116/6255196340_da26cf2c9e_z.jpg", "id": iid,
-        })
+        images.append(
+            {
+                "license": 4,
+                "file_name": name,
+                "coco_url": f"http://images.cocodataset.org/val2017/{name}",
+                "height": h,
+                "width": w,
+                "date_captured": "2013-11-14 17:02:52",
+                "flickr_url": "http://farm7.staticflickr.com/6116/6255196340_da26cf2c9e_z.jpg",
+                "id": iid,
+            }
+        )
     annotations = [
-        {"segmentation": [[10.5, 4.2, 30.1, 4.2, 30.1, 20.9, 10.5, 20.9]], "area": 327.1057499999998,
-         "iscrowd": 0, "image_id": 139, "bbox": [10.5, 4.2, 19.6, 16.7], "category_id": 18, "id": 1768},
-        {"segmentation": [[1.0, 1.0, 8.25, 1.0, 8.25, 30.5]], "area": 105.2, "iscrowd": 0,
-         "image_id": 139, "bbox": [1.0, 1.0, 7.25, 29.5], "category_id": 1, "id": 1769},
+        {
+            "segmentation": [[10.5, 4.2, 30.1, 4.2, 30.1, 20.9, 10.5, 20.9]],
+            "area": 327.1057499999998,
+            "iscrowd": 0,
+            "image_id": 139,
+            "bbox": [10.5, 4.2, 19.6, 16.7],
+            "category_id": 18,
+            "id": 1768,
+        },
+        {
+            "segmentation": [[1.0, 1.0, 8.25, 1.0, 8.25, 30.5]],
+            "area": 105.2,
+            "iscrowd": 0,
+            "image_id": 139,
+            "bbox": [1.0, 1.0, 7.25, 29.5],
+            "category_id": 1,
+            "id": 1769,
+        },
         # crowd: RLE over the whole 48x32 image (column-major run lengths summing to h * w)
-        {"segmentation": {"counts": [100, 20, 300, 40, 1076], "size": [32, 48]}, "area": 60.0,
-         "iscrowd": 1, "image_id": 139, "bbox": [3.0, 3.0, 20.0, 12.0], "category_id": 1, "id": 900100139},
-        {"segmentation": [[2.3, 5.7, 29.9, 5.7, 29.9, 39.0]], "area": 470.77, "iscrowd": 0,
-         "image_id": 285, "bbox": [2.3, 5.7, 27.6, 33.3], "category_id": 90, "id": 2001},
-        {"segmentation": [[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]], "area": 8.0, "iscrowd": 0,
-         "image_id": 285, "bbox": [0.0, 0.0, 4.0, 4.0], "category_id": 3, "id": 2002},
+        {
+            "segmentation": {"counts": [100, 20, 300, 40, 1076], "size": [32, 48]},
+            "area": 60.0,
+            "iscrowd": 1,
+            "image_id": 139,
+            "bbox": [3.0, 3.0, 20.0, 12.0],
+            "category_id": 1,
+            "id": 900100139,
+        },
+        {
+            "segmentation": [[2.3, 5.7, 29.9, 5.7, 29.9, 39.0]],
+            "area": 470.77,
+            "iscrowd": 0,
+            "image_id": 285,
+            "bbox": [2.3, 5.7, 27.6, 33.3],
+            "category_id": 90,
+            "id": 2001,
+        },
+        {
+            "segmentation": [[0.0, 0.0, 4.0, 0.0, 4.0, 4.0]],
+            "area": 8.0,
+            "iscrowd": 0,
+            "image_id": 285,
+            "bbox": [0.0, 0.0, 4.0, 4.0],
+            "category_id": 3,
+            "id": 2002,
+        },
     ]  # image 632 has no annotations
     data = {
-        "info": {"description": "COCO 2017 Dataset", "url": "http://cocodataset.org", "version": "1.0",
-                 "year": 2017, "contributor": "COCO Consortium", "date_created": "2017/09/01"},
-        "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
-                      "name": "Attribution-NonCommercial-ShareAlike License"},
-                     {"url": "http://creativecommons.org/licenses/by/2.0/", "id": 4, "name": "Attribution License"}],
+        "info": {
+            "description": "COCO 2017 Dataset",
+            "url": "http://cocodataset.org",
+            "version": "1.0",
+            "year": 2017,
+            "contributor": "COCO Consortium",
+            "date_created": "2017/09/01",
+        },
+        "licenses": [
+            {
+                "url": "http://creativecommons.org/licenses/by-nc-sa/2.0/",
+                "id": 1,
+                "name": "Attribution-NonCommercial-ShareAlike License",
+            },
+            {"url": "http://creativecommons.org/licenses/by/2.0/", "id": 4, "name": "Attribution License"},
+        ],
         "images": images,
         "annotations": annotations,
         "categories": OFFICIAL_CATEGORIES,
@@ -72,8 +124,7 @@ def test_official_style_file_reads_correctly(tmp_path):
     ann_file = _official(tmp_path)
     ds = CocoDetection(ann_file)
     assert ds.image_root == ann_file.parent.parent / "val2017"  # guessed from the COCO layout
-    assert ds.class_names == ["__background__", "person", "bicycle", "car", "dog", "bottle", "chair",
-                              "toothbrush"]
+    assert ds.class_names == ["__background__", "person", "bicycle", "car", "dog", "bottle", "chair", "toothbrush"]
     assert ds.num_classes == 7
     assert ds.cat_id_to_label == {1: 1, 2: 2, 3: 3, 18: 4, 44: 5, 62: 6, 90: 7}
     assert ds.label_to_cat_id == {v: k for k, v in ds.cat_id_to_label.items()}
@@ -83,7 +134,7 @@ def test_official_style_file_reads_correctly(tmp_path):
 
     image, t = ds[0]
     assert image.shape == (3, 32, 48) and image.dtype == torch.float32
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
     assert t["image_id"].item() == 139 and t["image_id"].dtype == torch.int64
     expected = torch.tensor([[10.5, 4.2, 30.1, 20.9], [1.0, 1.0, 8.25, 30.5]], dtype=torch.float32)
     assert torch.allclose(t["boxes"], expected) and t["boxes"].dtype == torch.float32
@@ -118,7 +169,7 @@ def test_official_style_loads_in_pycocotools_with_same_boxes(tmp_path):
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[iid]))
         xyxy = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
         assert torch.allclose(ds.target(i)["boxes"], torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4))
-        assert [ds.label_to_cat_id[l] for l in ds.target(i)["labels"].tolist()] == [a["category_id"] for a in anns]
+        assert [ds.label_to_cat_id[lb] for lb in ds.target(i)["labels"].tolist()] == [a["category_id"] for a in anns]
     crowd = coco.loadAnns([900100139])[0]
     assert coco.annToMask(crowd).sum() == 60  # the hand-written RLE is a valid mask
 
@@ -155,8 +206,9 @@ def test_width_height_missing_read_from_header(tmp_path):
 def test_dataset_converts_image_modes(tmp_path, mode):
     ext = "jpg" if mode == "CMYK" else "png"
     make_image(tmp_path / "images" / f"1.{ext}", 40, 30, mode=mode)
-    path = write_json(tmp_path / "ann.json", coco_json(
-        [{"id": 1, "file_name": f"1.{ext}", "width": 40, "height": 30}], []))
+    path = write_json(
+        tmp_path / "ann.json", coco_json([{"id": 1, "file_name": f"1.{ext}", "width": 40, "height": 30}], [])
+    )
     image, _ = CocoDetection(path, tmp_path / "images")[0]
     assert image.shape == (3, 30, 40)
 
@@ -167,9 +219,13 @@ def test_exif_orientation_applied_boxes_unaffected(tmp_path):
     exif[0x0112] = 6
     (tmp_path / "images").mkdir()
     Image.fromarray(a).save(tmp_path / "images" / "r.jpg", exif=exif)
-    path = write_json(tmp_path / "ann.json", coco_json(
-        [{"id": 1, "file_name": "r.jpg", "width": 10, "height": 20}],
-        [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 15]}]))
+    path = write_json(
+        tmp_path / "ann.json",
+        coco_json(
+            [{"id": 1, "file_name": "r.jpg", "width": 10, "height": 20}],
+            [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 15]}],
+        ),
+    )
     image, t = CocoDetection(path, tmp_path / "images")[0]
     assert image.shape == (3, 20, 10)
     assert t["boxes"].tolist() == [[1.0, 2.0, 4.0, 17.0]]
@@ -267,16 +323,20 @@ def test_missing_categories(tmp_path):
 
 
 def test_duplicate_image_id(tmp_path):
-    images = [{"id": 1, "file_name": "1.png", "width": 40, "height": 30},
-              {"id": 1, "file_name": "2.png", "width": 40, "height": 30}]
+    images = [
+        {"id": 1, "file_name": "1.png", "width": 40, "height": 30},
+        {"id": 1, "file_name": "2.png", "width": 40, "height": 30},
+    ]
     path = simple_coco(tmp_path, images=images, annotations=[])
     with pytest.raises(DataError, match=r"ann\.json: images\[1\]: id: duplicate image id 1 \(first at images\[0\]\)"):
         CocoDetection(path, tmp_path / "images")
 
 
 def test_duplicate_annotation_id(tmp_path):
-    anns = [{"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]},
-            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2]}]
+    anns = [
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]},
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2]},
+    ]
     path = simple_coco(tmp_path, annotations=anns)
     with pytest.raises(DataError, match=r"ann\.json: annotations\[1\]: id: duplicate annotation id 3"):
         CocoDetection(path, tmp_path / "images")
@@ -356,8 +416,9 @@ def test_on_bad_image_must_be_known(tmp_path):
 
 def test_missing_size_and_missing_image(tmp_path):
     images = [{"id": 1, "file_name": "1.png", "width": 40, "height": 30}, {"id": 2, "file_name": "none.png"}]
-    path = simple_coco(tmp_path, images=images,
-                       annotations=[{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2]}])
+    path = simple_coco(
+        tmp_path, images=images, annotations=[{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2]}]
+    )
     (tmp_path / "images" / "none.png").unlink()
     with pytest.raises(DataError, match=r"ann\.json: image id 2: width/height: missing, and .*none\.png"):
         CocoDetection(path, tmp_path / "images")

@@ -1,5 +1,6 @@
 """Issue 20, data side: degenerate image sizes, duplicate category names, a VOC folder as COCO, the
 check-data progress when not on a terminal, and the COCO loading time against json.load."""
+
 import io
 import json
 import time
@@ -21,8 +22,16 @@ def _thin_set(tmp_path):
     for i, (w, h) in sizes.items():
         make_image(tmp_path / "img" / f"{i}.png", width=w, height=h)
         images.append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
-        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, min(w, 5), min(h, 5) or 1],
-                     "area": 1.0, "iscrowd": 0})
+        anns.append(
+            {
+                "id": i,
+                "image_id": i,
+                "category_id": 1,
+                "bbox": [0, 0, min(w, 5), min(h, 5) or 1],
+                "area": 1.0,
+                "iscrowd": 0,
+            }
+        )
     return write_json(tmp_path / "ann.json", coco_json(images, anns)), tmp_path / "img"
 
 
@@ -41,8 +50,9 @@ def test_degenerate_sizes_are_found_by_check_data_and_skipped_by_the_dataset(tmp
     assert tuple(image.shape) == (3, 30, 40)
 
 
-@pytest.mark.parametrize("w, h, bad", [(1, 1, True), (1, 50, True), (2, 200, False), (2, 201, True),
-                                       (640, 480, False), (10000, 99, True)])
+@pytest.mark.parametrize(
+    "w, h, bad", [(1, 1, True), (1, 50, True), (2, 200, False), (2, 201, True), (640, 480, False), (10000, 99, True)]
+)
 def test_degenerate_size_rule(w, h, bad):
     assert (degenerate_size(w, h) is not None) == bad
     assert (degenerate_size(h, w) is not None) == bad
@@ -86,11 +96,20 @@ def test_progress_lines_when_not_a_terminal(monkeypatch):
 
 
 def _big_coco(path, n_images=150_000, n_boxes=300_000):
-    images = [{"id": i, "file_name": f"train/img_{i:06d}.jpg", "width": 640, "height": 480}
-              for i in range(1, n_images + 1)]
-    anns = [{"id": j, "image_id": 1 + j % n_images, "category_id": 1 + j % 3,
-             "bbox": [10.5 + j % 7, 20.25, 100.0 + j % 13, 50.0], "area": 5000.0, "iscrowd": int(j % 50 == 0)}
-            for j in range(1, n_boxes + 1)]
+    images = [
+        {"id": i, "file_name": f"train/img_{i:06d}.jpg", "width": 640, "height": 480} for i in range(1, n_images + 1)
+    ]
+    anns = [
+        {
+            "id": j,
+            "image_id": 1 + j % n_images,
+            "category_id": 1 + j % 3,
+            "bbox": [10.5 + j % 7, 20.25, 100.0 + j % 13, 50.0],
+            "area": 5000.0,
+            "iscrowd": int(j % 50 == 0),
+        }
+        for j in range(1, n_boxes + 1)
+    ]
     anns[5]["bbox"] = [600.0, 400.0, 100.0, 100.0]  # clipped: the slow path still runs where needed
     anns[6]["bbox"] = [1.0, 1.0, 0.0, 5.0]  # zero size: skipped and reported
     cats = [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]

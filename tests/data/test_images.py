@@ -25,7 +25,7 @@ def test_modes_become_rgb(tmp_path, mode):
     img = load_image(path)
     assert img.mode == "RGB" and img.size == (9, 5)
     t = read_image(path)
-    assert t.shape == (3, 5, 9) and 0.0 <= t.min() and t.max() <= 1.0
+    assert t.shape == (3, 5, 9) and t.min() >= 0.0 and t.max() <= 1.0
 
 
 def test_grayscale_gives_three_equal_channels(tmp_path):

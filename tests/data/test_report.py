@@ -15,8 +15,14 @@ def test_report_counts_and_prints_every_problem():
     assert r.counts()[(SKIPPED_ANNOTATION, "zero-size box")] == 2
     assert "4 problems" in r.summary() and "zero-size box: 2" in r.summary()
     text = str(r)
-    for needle in ("annotation id 3", "annotation id 4", "annotation id 5", "image id 9", "x.jpg",
-                   "ann.json: annotation id 3: bbox: box [1, 1, 1, 5]"):
+    for needle in (
+        "annotation id 3",
+        "annotation id 4",
+        "annotation id 5",
+        "image id 9",
+        "x.jpg",
+        "ann.json: annotation id 3: bbox: box [1, 1, 1, 5]",
+    ):
         assert needle in text
 
 

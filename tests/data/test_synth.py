@@ -47,8 +47,9 @@ def test_loads_in_pycocotools_and_reads_back_identically(tmp_path):
         assert len(voc.report) == 0
         for i, iid in enumerate(ds.image_ids):
             anns = coco.loadAnns(coco.getAnnIds(imgIds=[iid]))
-            xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
-                                dtype=torch.float32).reshape(-1, 4)
+            xyxy = torch.tensor(
+                [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32
+            ).reshape(-1, 4)
             t = ds.target(i)
             assert torch.equal(t["boxes"], xyxy)
             assert t["labels"].tolist() == [a["category_id"] for a in anns]
@@ -95,8 +96,15 @@ def test_refuses_foreign_directory(tmp_path):
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(classes=("circle", "hexagon")), dict(classes=()), dict(image_size=(16, 16)), dict(num_train=-1),
-     dict(min_object_size=200), dict(image_format="gif"), dict(empty_fraction=2.0)],
+    [
+        dict(classes=("circle", "hexagon")),
+        dict(classes=()),
+        dict(image_size=(16, 16)),
+        dict(num_train=-1),
+        dict(min_object_size=200),
+        dict(image_format="gif"),
+        dict(empty_fraction=2.0),
+    ],
 )
 def test_invalid_parameters(tmp_path, bad):
     with pytest.raises(DataError, match="synth"):
@@ -110,7 +118,7 @@ def test_boxes_are_tight_visible_extents():
         image, anns, inst = draw_image(params, image_id, return_instances=True)
         assert image.shape == (96, 128, 3) and image.dtype == np.uint8
         assert inst.max() == len(anns) >= 1
-        for k, (label, (x, y, w, h), area, polygon) in enumerate(anns, start=1):
+        for k, (label, (x, y, w, h), area, _polygon) in enumerate(anns, start=1):
             ys, xs = np.nonzero(inst == k)
             assert (x, y, x + w - 1, y + h - 1) == (xs.min(), ys.min(), xs.max(), ys.max())
             assert area == len(xs)
@@ -148,8 +156,14 @@ def test_colour_does_not_determine_class():
 
 
 def test_other_shapes_and_png(tmp_path):
-    paths = generate(tmp_path / "s", num_train=6, num_val=2, image_size=(64, 64), image_format="png",
-                     classes=("cross", "ellipse", "circle"))
+    paths = generate(
+        tmp_path / "s",
+        num_train=6,
+        num_val=2,
+        image_size=(64, 64),
+        image_format="png",
+        classes=("cross", "ellipse", "circle"),
+    )
     ds = CocoDetection(paths.train_json)
     assert ds.class_names == ["__background__", "cross", "ellipse", "circle"]
     assert len(list(paths.train_images.glob("*.png"))) == 6
@@ -169,8 +183,10 @@ def test_pycocotools_evaluation_runs_unchanged(tmp_path, capsys):
 
     paths = generate(tmp_path / "s", **SMALL)
     gt = COCO(str(paths.val_json))
-    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in gt.dataset["annotations"]]
+    results = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in gt.dataset["annotations"]
+    ]
     ev = COCOeval(gt, gt.loadRes(results), "bbox")
     ev.evaluate(), ev.accumulate(), ev.summarize()
     assert ev.stats[0] == pytest.approx(1.0)  # ground truth scored against itself: AP 1

@@ -3,7 +3,12 @@ import torch
 from PIL import Image
 
 from fasterrcnn.data.transforms import (
-    ColorJitter, Compose, RandomHorizontalFlip, RandomResize, ToTensor, train_transforms,
+    ColorJitter,
+    Compose,
+    RandomHorizontalFlip,
+    RandomResize,
+    ToTensor,
+    train_transforms,
 )
 
 
@@ -92,7 +97,7 @@ def test_resize_short_side_and_max_size():
     img, t = RandomResize([40], 45)(image, target)  # long side capped: 30 -> 45, 20 -> 30
     assert img.shape == (3, 30, 45)
     assert torch.allclose(t["boxes"], target["boxes"] * 1.5)
-    assert 0.0 <= img.min() and img.max() <= 1.0
+    assert img.min() >= 0.0 and img.max() <= 1.0
 
 
 def test_resize_choice_is_random_and_reproducible():
@@ -116,7 +121,7 @@ def test_color_jitter_range_and_boxes():
     torch.manual_seed(1)
     img, t = ColorJitter(0.8, 0.8, 0.8)(image, target)
     assert img.shape == image.shape and not torch.equal(img, image)
-    assert 0.0 <= img.min() and img.max() <= 1.0
+    assert img.min() >= 0.0 and img.max() <= 1.0
     assert torch.equal(t["boxes"], target["boxes"])
     img, _ = ColorJitter()(image, target)
     assert torch.equal(img, image)

@@ -9,11 +9,14 @@ from .helpers import make_image, make_voc, voc_xml
 
 
 def _voc(tmp_path):
-    return make_voc(tmp_path / "VOC2007", {
-        "000005": [("chair", 1, 1, 40, 30, 0), ("person", 5, 6, 10, 20, 1)],
-        "000007": [("car", 11, 3, 11, 3, 0)],  # a single pixel: xmin == xmax
-        "000009": [],
-    })
+    return make_voc(
+        tmp_path / "VOC2007",
+        {
+            "000005": [("chair", 1, 1, 40, 30, 0), ("person", 5, 6, 10, 20, 1)],
+            "000007": [("car", 11, 3, 11, 3, 0)],  # a single pixel: xmin == xmax
+            "000009": [],
+        },
+    )
 
 
 def test_reads_voc_layout_with_default_classes(tmp_path):
@@ -130,8 +133,7 @@ def test_split_entry_escaping_root(tmp_path):
 
 def test_missing_size_read_from_header(tmp_path):
     root = _voc(tmp_path)
-    (root / "Annotations" / "000009.xml").write_text(
-        "<annotation><filename>000009.jpg</filename></annotation>")
+    (root / "Annotations" / "000009.xml").write_text("<annotation><filename>000009.jpg</filename></annotation>")
     ds = VocDetection(root)
     assert ds.records[2].width == 40 and ds.records[2].height == 30
 

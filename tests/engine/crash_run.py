@@ -11,6 +11,7 @@ MODE:
                     the step, save last.pt and exit with 143
 The exit code is the CLI's (or -9 for the kills).
 """
+
 import io
 import os
 import signal

@@ -3,6 +3,7 @@ classes it trains and that every image file it will read exists (validation imag
 a second Ctrl-C during a checkpoint write aborts cleanly; --resume names what is wrong with the
 file given; a run name is a plain folder name; iterations and epochs are not both given; a failed
 run leaves no empty run folder."""
+
 import logging
 import os
 import signal
@@ -21,8 +22,13 @@ from ..data.helpers import make_voc, simple_coco
 from .helpers import TINY_MODEL, tiny_config
 
 TINY = [f"model.options.{k}={v}" for k, v in TINY_MODEL.items()] + [
-    "model.arch=fasterrcnn_resnet18_fpn", "train.iterations=2", "train.batch_size=1", "data.workers=0",
-    "train.name=t", "train.device=cpu"]
+    "model.arch=fasterrcnn_resnet18_fpn",
+    "train.iterations=2",
+    "train.batch_size=1",
+    "data.workers=0",
+    "train.name=t",
+    "train.device=cpu",
+]
 
 
 def _train(tmp_path, capsys, *overrides):
@@ -43,10 +49,13 @@ def test_a_voc_root_with_its_own_class_names_is_refused_before_training(tmp_path
     assert not (tmp_path / "runs" / "t").exists()  # the failed run removed the folder it made
 
 
-@pytest.mark.parametrize("annotations, needle", [
-    ([{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5], "iscrowd": 1}], "all crowd boxes"),
-    ([], "no usable annotation"),
-])
+@pytest.mark.parametrize(
+    "annotations, needle",
+    [
+        ([{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5], "iscrowd": 1}], "all crowd boxes"),
+        ([], "no usable annotation"),
+    ],
+)
 def test_a_coco_set_with_only_crowd_boxes_or_no_annotations_is_refused(tmp_path, capsys, annotations, needle):
     """Issue 20 #3: a COCO set with only crowd boxes, or none, trained with no warning at all."""
     ann = simple_coco(tmp_path / "coco", annotations=annotations)
@@ -66,10 +75,18 @@ def test_a_wrong_validation_image_folder_is_found_before_training(tmp_path, caps
     """Issue 20 #4: data.val_images falls back to data.train_images; a val json whose images are
     elsewhere failed only at the end-of-run evaluation. Now: before training, naming the option."""
     train_ann = simple_coco(tmp_path / "train")
-    val_ann = simple_coco(tmp_path / "val", images=[{"id": 1, "file_name": "v1.png", "width": 40, "height": 30}],
-                          annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5]}])
-    rc, err = _train(tmp_path, capsys, f"data.train={train_ann}", f"data.train_images={tmp_path / 'train' / 'images'}",
-                     f"data.val={val_ann}")
+    val_ann = simple_coco(
+        tmp_path / "val",
+        images=[{"id": 1, "file_name": "v1.png", "width": 40, "height": 30}],
+        annotations=[{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5]}],
+    )
+    rc, err = _train(
+        tmp_path,
+        capsys,
+        f"data.train={train_ann}",
+        f"data.train_images={tmp_path / 'train' / 'images'}",
+        f"data.val={val_ann}",
+    )
     assert rc == 2 and str(val_ann) in err and "1 of the 1 validation images are not found" in err
     assert "v1.png" in err and "set data.val_images" in err
     assert not (tmp_path / "runs" / "t").exists()
@@ -80,10 +97,17 @@ def test_resume_may_fix_the_validation_images(tmp_path, capsys):
     data.val_images may now be given with --resume, and are checked before any work."""
     box = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5], "area": 50, "iscrowd": 0}
     train_ann = simple_coco(tmp_path / "train", annotations=[box])
-    val_ann = simple_coco(tmp_path / "val", images=[{"id": 1, "file_name": "v1.png", "width": 40, "height": 30}],
-                          annotations=[box])
-    rc, _ = _train(tmp_path, capsys, f"data.train={train_ann}", f"data.train_images={tmp_path / 'train' / 'images'}",
-                   f"data.val={train_ann}", "train.iterations=1")
+    val_ann = simple_coco(
+        tmp_path / "val", images=[{"id": 1, "file_name": "v1.png", "width": 40, "height": 30}], annotations=[box]
+    )
+    rc, _ = _train(
+        tmp_path,
+        capsys,
+        f"data.train={train_ann}",
+        f"data.train_images={tmp_path / 'train' / 'images'}",
+        f"data.val={train_ann}",
+        "train.iterations=1",
+    )
     last = tmp_path / "runs" / "t" / "last.pt"
     assert rc == 0 and last.is_file()
     rc = main(["train", "--resume", str(last), f"data.val={val_ann}"])
@@ -134,6 +158,7 @@ def test_a_second_ctrl_c_during_the_checkpoint_write_aborts_cleanly(tmp_path, mo
     cfg = tiny_config(tmp_path, tmp_path / "synth", "train.iterations=3", "train.checkpoint_every=1")
     config = tmp_path / "c.yaml"
     import yaml
+
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     with caplog.at_level(logging.INFO, logger="fasterrcnn"):
         rc = main(["train", "--config", str(config)])

@@ -7,6 +7,7 @@ The runs are tiny (8 training images of 96x128, batch 2, 6 iterations, so the ru
 boundary and resumes in the middle of an epoch) and single-threaded, so that two processes compute
 exactly the same floats.
 """
+
 import csv
 import os
 import signal
@@ -30,8 +31,14 @@ from .helpers import tiny_config
 ROOT = Path(__file__).resolve().parents[2]
 CRASH_RUN = Path(__file__).with_name("crash_run.py")
 # bit-identical resumes are a CPU property (CUDA kernels with atomics are not deterministic)
-RUN = ("train.iterations=6", "train.checkpoint_every=2", "train.threads=1", "train.device=cpu", "data.hflip=0.5",
-       "data.synth_num_train=8")
+RUN = (
+    "train.iterations=6",
+    "train.checkpoint_every=2",
+    "train.threads=1",
+    "train.device=cpu",
+    "data.hflip=0.5",
+    "data.synth_num_train=8",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +76,13 @@ def _env():
 
 
 def _crash(mode: str, n: int, *train_args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(CRASH_RUN), mode, str(n), *map(str, train_args)], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(CRASH_RUN), mode, str(n), *map(str, train_args)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _assert_same_weights(state, reference_state):
@@ -122,8 +134,14 @@ def test_ctrl_c_to_the_process_group_stops_cleanly_with_workers(tmp_path, synth_
     """SIGINT to the whole group, as a terminal sends it: the DataLoader worker ignores it, the main
     process finishes its step, saves last.pt, says how to resume and exits with 130."""
     config = _write_config(tmp_path, synth_dir, "data.workers=1", "train.iterations=500", "train.checkpoint_every=0")
-    proc = subprocess.Popen([sys.executable, "-m", "fasterrcnn", "train", "--config", str(config)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fasterrcnn", "train", "--config", str(config)],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = tmp_path / "runs" / "t" / "metrics.csv"
     try:
         deadline = time.monotonic() + 120
@@ -153,8 +171,12 @@ def test_resume_drops_metrics_rows_after_the_checkpoint_and_a_cut_last_line(tmp_
     log.write({"kind": "eval", "iteration": 3, "epoch": 0, "AP": 0.5})
     with open(path, "a", newline="") as f:
         f.write("train,4,0,0.01,2.5")  # a row cut short by a kill
-    assert [(r["kind"], int(r["iteration"])) for r in read_metrics(path)] == \
-        [("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
+    assert [(r["kind"], int(r["iteration"])) for r in read_metrics(path)] == [
+        ("train", 1),
+        ("train", 2),
+        ("train", 3),
+        ("eval", 3),
+    ]
 
     MetricsLog(path, resume_iteration=2)  # the checkpoint is of iteration 2: 3 and the eval at 3 are redone
     with open(path, newline="") as f:

@@ -1,6 +1,7 @@
 """Two CPU processes under torchrun (gloo) end with the weights of one process with the same global
 batch: gradients are averaged, the samplers shard the data, per-image sampling is seeded per image,
 and BatchNorm is frozen (weights_backbone), so nothing depends on how the batch was split."""
+
 import os
 import socket
 import subprocess
@@ -26,8 +27,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     backbone = tmp_path / "resnet18.pth"
     torch.manual_seed(0)
     torch.save(ResNetBody(18).state_dict(), backbone)
-    common = ("train.iterations=3", "data.hflip=0.0", f"model.weights_backbone={backbone}",
-              "solver.warmup_iters=0", "solver.lr=0.02")
+    common = (
+        "train.iterations=3",
+        "data.hflip=0.0",
+        f"model.weights_backbone={backbone}",
+        "solver.warmup_iters=0",
+        "solver.lr=0.02",
+    )
     single = tiny_config(tmp_path / "one", tmp_path / "synth", *common, "train.batch_size=4")
     result = train(single, show_progress=False)
 
@@ -35,8 +41,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     config_path = tmp_path / "two.yaml"
     config_path.write_text(yaml.safe_dump(double.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "fasterrcnn", "train", "--config", str(config_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "fasterrcnn",
+        "train",
+        "--config",
+        str(config_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 process(es)" in proc.stderr

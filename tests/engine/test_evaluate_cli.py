@@ -1,5 +1,7 @@
 """`fasterrcnn evaluate` on a checkpoint of a short run: the tables, the json files, and the errors."""
+
 import json
+from typing import ClassVar
 
 import pytest
 import torch
@@ -21,8 +23,19 @@ def short_run(tmp_path_factory):
 def test_evaluate_writes_coco_and_voc_numbers(short_run, tmp_path, capsys):
     result, synth = short_run
     out = tmp_path / "ev"
-    rc = main(["evaluate", "--weights", str(result.run_dir / "last.pt"),
-               "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out), "--batch-size", "2"])
+    rc = main(
+        [
+            "evaluate",
+            "--weights",
+            str(result.run_dir / "last.pt"),
+            "--data",
+            str(synth / "annotations" / "instances_val.json"),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "AP50" in text and "VOC2007 11-point" in text and "circle" in text
@@ -36,6 +49,7 @@ def test_evaluate_writes_coco_and_voc_numbers(short_run, tmp_path, capsys):
 def test_no_detections_gives_zero_with_a_message(short_run, tmp_path, capsys, monkeypatch):
     result, synth = short_run
     import fasterrcnn.engine.setup as setup
+
     original = setup.load_model_for_inference
 
     def silent_model(*args, **kwargs):
@@ -44,8 +58,15 @@ def test_no_detections_gives_zero_with_a_message(short_run, tmp_path, capsys, mo
         return model, names, mapping
 
     monkeypatch.setattr(setup, "load_model_for_inference", silent_model)
-    rc = main(["evaluate", "--weights", str(result.run_dir / "last.pt"),
-               "--data", str(synth / "annotations" / "instances_val.json")])
+    rc = main(
+        [
+            "evaluate",
+            "--weights",
+            str(result.run_dir / "last.pt"),
+            "--data",
+            str(synth / "annotations" / "instances_val.json"),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "no detections" in text.lower()
@@ -66,15 +87,18 @@ def test_ground_truth_moves_into_the_models_label_space():
     from fasterrcnn.engine.evaluator import targets_in_model_labels
 
     class Data:  # a COCO dataset with categories 3 and 7 as labels 1 and 2
-        label_to_cat_id = {1: 3, 2: 7}
+        label_to_cat_id: ClassVar[dict[int, int]] = {1: 3, 2: 7}
 
         def __len__(self):
             return 1
 
         def target(self, i):
-            return {"boxes": torch.tensor([[0.0, 0, 5, 5], [1.0, 1, 6, 6], [2.0, 2, 8, 8]]),
-                    "labels": torch.tensor([1, 2, 1]), "iscrowd": torch.zeros(3, dtype=torch.int64),
-                    "image_id": torch.tensor(5)}
+            return {
+                "boxes": torch.tensor([[0.0, 0, 5, 5], [1.0, 1, 6, 6], [2.0, 2, 8, 8]]),
+                "labels": torch.tensor([1, 2, 1]),
+                "iscrowd": torch.zeros(3, dtype=torch.int64),
+                "image_id": torch.tensor(5),
+            }
 
     # a model in torchvision's layout (label == category id) that knows category 3 but not 7
     (t,) = targets_in_model_labels(Data(), {i: i for i in range(1, 5)})
@@ -84,18 +108,29 @@ def test_ground_truth_moves_into_the_models_label_space():
     assert same["labels"].tolist() == [1, 2, 1]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--device", "gpu"], "device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
-    (["--weights", "{tmp}/nope.pt"], "weights file not found: {tmp}/nope.pt"),
-    (["--data", "{tmp}/nope.json"], "nope.json: annotation file not found"),
-    (["--out", "{tmp}/a_file/out"], "a_file/out"),
-] + ([] if torch.cuda.is_available() else [(["--amp", "fp16"], "--amp fp16 needs a CUDA device")]))
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--device", "gpu"], "device 'gpu' is not a device: use auto, cpu, cuda or cuda:N"),
+        (["--weights", "{tmp}/nope.pt"], "weights file not found: {tmp}/nope.pt"),
+        (["--data", "{tmp}/nope.json"], "nope.json: annotation file not found"),
+        (["--out", "{tmp}/a_file/out"], "a_file/out"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--amp", "fp16"], "--amp fp16 needs a CUDA device")]),
+)
 def test_bad_values_are_clear_errors(short_run, tmp_path, capsys, args, message):
     result, synth = short_run
     (tmp_path / "a_file").write_text("not a folder")
-    argv = ["evaluate", "--weights", str(result.run_dir / "last.pt"),
-            "--data", str(synth / "annotations" / "instances_val.json"), "--batch-size", "2"]
+    argv = [
+        "evaluate",
+        "--weights",
+        str(result.run_dir / "last.pt"),
+        "--data",
+        str(synth / "annotations" / "instances_val.json"),
+        "--batch-size",
+        "2",
+    ]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in args]  # (a repeated option: the last one counts)
     rc = main(argv)
     err = capsys.readouterr().err
@@ -108,8 +143,15 @@ def test_the_optimised_evaluation_scores_as_the_model_as_trained(short_run, tmp_
     summaries, predictions = {}, {}
     for flag in ("", "--no-optimize"):
         out = tmp_path / (flag or "optimised")
-        argv = ["evaluate", "--weights", str(result.run_dir / "last.pt"),
-                "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out)]
+        argv = [
+            "evaluate",
+            "--weights",
+            str(result.run_dir / "last.pt"),
+            "--data",
+            str(synth / "annotations" / "instances_val.json"),
+            "--out",
+            str(out),
+        ]
         assert main(argv + ([flag] if flag else [])) == 0
         summaries[flag] = json.loads((out / "summary.json").read_text())
         predictions[flag] = json.loads((out / "predictions.json").read_text())
@@ -130,6 +172,7 @@ def test_the_optimised_evaluation_scores_as_the_model_as_trained(short_run, tmp_
 def test_evaluate_in_bf16_runs_the_network_in_bf16(short_run, tmp_path, capsys, monkeypatch):
     result, synth = short_run
     import fasterrcnn.engine.evaluator as evaluator
+
     seen = []
     original = evaluator.predict_dataset
 
@@ -139,8 +182,22 @@ def test_evaluate_in_bf16_runs_the_network_in_bf16(short_run, tmp_path, capsys, 
 
     monkeypatch.setattr(evaluator, "predict_dataset", spy)
     out = tmp_path / "bf16"
-    assert main(["evaluate", "--weights", str(result.run_dir / "last.pt"), "--amp", "bf16",
-                 "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(result.run_dir / "last.pt"),
+                "--amp",
+                "bf16",
+                "--data",
+                str(synth / "annotations" / "instances_val.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     # the optimised copy is cast to bfloat16 (no autocast on top), and the detections come back as usual
     assert seen == [(torch.bfloat16, "none")]
@@ -170,22 +227,39 @@ def test_categories_are_matched_by_name_not_id(short_run, tmp_path, capsys, kind
     result, synth = short_run
     val = synth / "annotations" / "instances_val.json"
     ids = sorted(c["id"] for c in json.loads(val.read_text())["categories"])
-    new_ids = dict(zip(ids, list(reversed(ids)) if kind == "swapped" else [7, 42, 1000, 5000][:len(ids)]))
+    new_ids = dict(zip(ids, list(reversed(ids)) if kind == "swapped" else [7, 42, 1000, 5000][: len(ids)]))
     other, _ = _renumbered(val, tmp_path / "instances_val.json", new_ids)
     weights = str(result.run_dir / "last.pt")
     assert main(["evaluate", "--weights", weights, "--data", str(val), "--out", str(tmp_path / "a")]) == 0
     capsys.readouterr()
-    assert main(["evaluate", "--weights", weights, "--data", str(other), "--images", str(default_image_root(val)),
-                 "--out", str(tmp_path / "b")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                weights,
+                "--data",
+                str(other),
+                "--images",
+                str(default_image_root(val)),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "categories matched by name" in text
-    assert json.loads((tmp_path / "a" / "summary.json").read_text()) == \
-        json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert json.loads((tmp_path / "a" / "summary.json").read_text()) == json.loads(
+        (tmp_path / "b" / "summary.json").read_text()
+    )
     # every detection lands in the category of the same name as before
     for folder, ann in (("a", val), ("b", other)):
         names = {c["id"]: c["name"] for c in json.loads(ann.read_text())["categories"]}
-        found = [(r["image_id"], names[r["category_id"]], r["score"])
-                 for r in json.loads((tmp_path / folder / "predictions.json").read_text())]
+        found = [
+            (r["image_id"], names[r["category_id"]], r["score"])
+            for r in json.loads((tmp_path / folder / "predictions.json").read_text())
+        ]
         if folder == "a":
             expected = sorted(found)
         else:
@@ -197,13 +271,20 @@ def test_match_categories_by_name_unit():
     from fasterrcnn.engine.evaluator import match_categories_by_name
 
     model = ["__background__", "triangle", "star", "moon"]  # checkpoint: triangle=3, star=4, moon=9
-    mapping, notes = match_categories_by_name(model, {1: 3, 2: 4, 3: 9}, ["__background__", "star", "triangle"],
-                                              {1: 3, 2: 4}, data_source="val.json", model_source="w.pt")
+    mapping, notes = match_categories_by_name(
+        model,
+        {1: 3, 2: 4, 3: 9},
+        ["__background__", "star", "triangle"],
+        {1: 3, 2: 4},
+        data_source="val.json",
+        model_source="w.pt",
+    )
     assert mapping == {1: 4, 2: 3}  # triangle -> the json's 4, star -> its 3; moon not in the data
     assert "'star' (model id 4, data id 3)" in notes[0] and "moon" in notes[1]
     with pytest.raises(DataError, match=r"val.json: categories 'sun' \(id 5\) are not classes of the model in w.pt"):
-        match_categories_by_name(model, {1: 3, 2: 4, 3: 9}, ["__background__", "sun"], {1: 5},
-                                 data_source="val.json", model_source="w.pt")
+        match_categories_by_name(
+            model, {1: 3, 2: 4, 3: 9}, ["__background__", "sun"], {1: 5}, data_source="val.json", model_source="w.pt"
+        )
 
 
 def test_other_category_names_are_refused_before_inference(short_run, tmp_path, capsys, monkeypatch):
@@ -218,8 +299,17 @@ def test_other_category_names_are_refused_before_inference(short_run, tmp_path, 
         raise AssertionError("inference ran")
 
     monkeypatch.setattr(evaluator, "predict_dataset", no_inference)
-    rc = main(["evaluate", "--weights", str(result.run_dir / "last.pt"), "--data", str(other),
-               "--images", str(default_image_root(val))])
+    rc = main(
+        [
+            "evaluate",
+            "--weights",
+            str(result.run_dir / "last.pt"),
+            "--data",
+            str(other),
+            "--images",
+            str(default_image_root(val)),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "'thing" in err and "not classes of the model" in err and "Traceback" not in err
@@ -230,8 +320,17 @@ def test_out_that_is_a_file_or_cannot_be_made_names_the_option(short_run, tmp_pa
     result, synth = short_run
     (tmp_path / "file").write_text("x")
     for out, needle in ((tmp_path / "file", "this is a file"), (tmp_path / "file" / "sub", "cannot create")):
-        rc = main(["evaluate", "--weights", str(result.run_dir / "last.pt"),
-                   "--data", str(synth / "annotations" / "instances_val.json"), "--out", str(out)])
+        rc = main(
+            [
+                "evaluate",
+                "--weights",
+                str(result.run_dir / "last.pt"),
+                "--data",
+                str(synth / "annotations" / "instances_val.json"),
+                "--out",
+                str(out),
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and f"--out {out}" in err and needle in err and "[Errno" not in err
 
@@ -244,8 +343,11 @@ def test_an_image_the_model_cannot_use_is_scored_empty_named_and_counted(caplog)
 
     nan = torch.rand(3, 40, 50)
     nan[0, 1, 2] = float("nan")
-    items = [(torch.rand(3, 40, 50), {"image_id": torch.tensor(1)}), (nan, {"image_id": torch.tensor(2)}),
-             (torch.rand(3, 1, 400), {"image_id": torch.tensor(3)})]
+    items = [
+        (torch.rand(3, 40, 50), {"image_id": torch.tensor(1)}),
+        (nan, {"image_id": torch.tensor(2)}),
+        (torch.rand(3, 1, 400), {"image_id": torch.tensor(3)}),
+    ]
 
     class Items(torch.utils.data.Dataset):
         def __len__(self):

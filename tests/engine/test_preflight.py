@@ -1,5 +1,6 @@
 """Early, clear failures: each refused before the first training step -- most before any data is
 read (the synthetic dataset is not even generated) -- with a message saying what to change."""
+
 import os
 import shutil
 from collections import namedtuple
@@ -87,10 +88,13 @@ def test_checkpoint_size_estimate_is_close_to_the_real_size(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-@pytest.mark.parametrize("override, message", [
-    ("train.device=cuda", r"device 'cuda' asks for CUDA, but no GPU is available here"),
-    ("train.amp=fp16", r"train.amp=fp16 needs a CUDA device, and this run is on cpu"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.device=cuda", r"device 'cuda' asks for CUDA, but no GPU is available here"),
+        ("train.amp=fp16", r"train.amp=fp16 needs a CUDA device, and this run is on cpu"),
+    ],
+)
 def test_gpu_settings_without_a_gpu_are_refused_before_reading_data(tmp_path, override, message):
     no_data = tmp_path / "synth"
     with pytest.raises(ConfigError, match=message):
@@ -120,8 +124,11 @@ def test_weights_of_another_architecture_are_refused_before_training(tmp_path, s
 
 
 def test_training_set_smaller_than_a_batch_is_refused(tmp_path, synth_dir):
-    with pytest.raises(ConfigError, match=r"the training set has 12 usable image\(s\), fewer than one batch "
-                                          r"\(train.batch_size=16 x 1 process\(es\)\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the training set has 12 usable image\(s\), fewer than one batch "
+        r"\(train.batch_size=16 x 1 process\(es\)\)",
+    ):
         train(tiny_config(tmp_path, synth_dir, "train.batch_size=16"), show_progress=False)
     assert _nothing_written(tmp_path)
 

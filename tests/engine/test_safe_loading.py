@@ -1,6 +1,7 @@
 """A checkpoint cannot run code: a crafted pickle whose unpickling would create a marker file is
 refused, with a message naming the file, through every way a file reaches torch.load -- and the
 package calls torch.load nowhere without weights_only=True."""
+
 import ast
 import pickle
 from pathlib import Path
@@ -101,8 +102,10 @@ def test_every_load_in_the_package_is_weights_only():
     for path in sorted(package.rglob("*.py")):
         for owner, name, node in _calls(ast.parse(path.read_text(), str(path))):
             where = f"{path.relative_to(package.parent)}:{node.lineno}"
-            if (owner, name) in (("torch", "load"), ("hub", "load_state_dict_from_url")) or \
-                    name == "load_state_dict_from_url":
+            if (owner, name) in (
+                ("torch", "load"),
+                ("hub", "load_state_dict_from_url"),
+            ) or name == "load_state_dict_from_url":
                 loads += 1
                 flag = [k.value for k in node.keywords if k.arg == "weights_only"]
                 if not (flag and isinstance(flag[0], ast.Constant) and flag[0].value is True):

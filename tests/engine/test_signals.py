@@ -1,5 +1,6 @@
 """StopRequest: the first signal only asks, a second Ctrl-C aborts, handlers are put back.
 (The end-to-end stops of a real run are in test_crash_safety.py.)"""
+
 import os
 import signal
 
@@ -28,8 +29,10 @@ def test_sigterm_first_and_the_exit_codes():
     assert stop.signum == signal.SIGTERM
     stopped = TrainingInterrupted(signal.SIGTERM, "runs/x/last.pt", 7, 100)
     assert isinstance(stopped, KeyboardInterrupt) and stopped.exit_code == 143
-    assert str(stopped) == ("SIGTERM: stopped after iteration 7 of 100 and saved runs/x/last.pt; "
-                            "continue with: fasterrcnn train --resume runs/x/last.pt")
+    assert str(stopped) == (
+        "SIGTERM: stopped after iteration 7 of 100 and saved runs/x/last.pt; "
+        "continue with: fasterrcnn train --resume runs/x/last.pt"
+    )
     assert TrainingInterrupted(signal.SIGINT, "l.pt", 1, 2).exit_code == 130
 
 

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+import fasterrcnn.engine.trainer as trainer_mod
 from fasterrcnn.engine.checkpoint import load_checkpoint
 from fasterrcnn.engine.config import ConfigError
-import fasterrcnn.engine.trainer as trainer_mod
 from fasterrcnn.engine.trainer import NonFiniteLossError, train
 
 from .helpers import tiny_config
@@ -26,8 +26,16 @@ def test_a_short_run_writes_every_output(tmp_path, synth_dir):
     cfg = tiny_config(tmp_path, synth_dir, "train.iterations=3")
     result = train(cfg, show_progress=False)
     run = result.run_dir
-    for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "predictions.json", "eval.json",
-                 "losses.png", "ap.png"):
+    for name in (
+        "config.yaml",
+        "last.pt",
+        "best.pt",
+        "metrics.csv",
+        "predictions.json",
+        "eval.json",
+        "losses.png",
+        "ap.png",
+    ):
         assert (run / name).exists(), name
     state = load_checkpoint(run / "last.pt")
     assert state["iteration"] == 3 and state["class_names"][0] == "__background__"
@@ -67,8 +75,14 @@ def test_resume_continues_the_same_loss_sequence(tmp_path, synth_dir, monkeypatc
 
 
 def test_non_finite_loss_stops_with_the_iteration_and_values_and_writes_nothing(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, "solver.lr=1e6", "solver.warmup_iters=0", "train.iterations=30",
-                      "train.checkpoint_every=1000")
+    cfg = tiny_config(
+        tmp_path,
+        synth_dir,
+        "solver.lr=1e6",
+        "solver.warmup_iters=0",
+        "train.iterations=30",
+        "train.checkpoint_every=1000",
+    )
     with pytest.raises(NonFiniteLossError, match=r"iteration \d+: the loss is not finite \(loss_objectness="):
         train(cfg, show_progress=False)
     assert not (tmp_path / "runs" / "t" / "last.pt").exists()
@@ -85,8 +99,15 @@ def test_existing_run_is_not_overwritten_and_cuda_without_gpu_is_refused(tmp_pat
 
 
 def test_gradient_accumulation_and_clipping(tmp_path, synth_dir):
-    cfg = tiny_config(tmp_path, synth_dir, "train.iterations=2", "solver.accumulate=2", "solver.clip_grad_norm=1.0",
-                      "solver.optimizer=adamw", "solver.lr=0.001")
+    cfg = tiny_config(
+        tmp_path,
+        synth_dir,
+        "train.iterations=2",
+        "solver.accumulate=2",
+        "solver.clip_grad_norm=1.0",
+        "solver.optimizer=adamw",
+        "solver.lr=0.001",
+    )
     result = train(cfg, show_progress=False)
     state = load_checkpoint(result.run_dir / "last.pt")
     assert state["iteration"] == 2

@@ -1,4 +1,5 @@
 """COCO evaluation against pycocotools called directly in the test on small hand-made cases."""
+
 import contextlib
 import io
 import json
@@ -19,28 +20,36 @@ CAT_TO_LABEL = {c: label for label, c in LABEL_TO_CAT.items()}
 # (image_id, category_id, xywh, iscrowd): small (< 32^2), medium and large objects, crowd regions,
 # image 4 without any annotation.
 ANNOTATIONS = [
-    (1, 1, [10, 10, 20, 20], 0),      # small cat
-    (1, 1, [50, 40, 60, 50], 0),      # medium cat
-    (1, 3, [100, 100, 90, 95], 0),    # large dog
-    (1, 3, [0, 150, 40, 40], 1),      # dog crowd
-    (2, 7, [30, 30, 15, 12], 0),      # small bird
-    (2, 7, [60, 60, 28, 30], 0),      # small bird
-    (2, 1, [80, 20, 110, 120], 0),    # large cat
-    (2, 7, [0, 120, 80, 70], 1),      # bird crowd
-    (3, 3, [20, 20, 40, 60], 0),      # medium dog
-    (3, 3, [90, 90, 50, 45], 0),      # medium dog
-    (3, 7, [150, 10, 30, 25], 0),     # small bird (750)
-    (3, 1, [5, 140, 150, 55], 0),     # medium cat (8250 < 96^2)
-    (5, 1, [10, 10, 30, 30], 0),      # small cat
-    (5, 3, [60, 60, 100, 100], 0),    # large dog
+    (1, 1, [10, 10, 20, 20], 0),  # small cat
+    (1, 1, [50, 40, 60, 50], 0),  # medium cat
+    (1, 3, [100, 100, 90, 95], 0),  # large dog
+    (1, 3, [0, 150, 40, 40], 1),  # dog crowd
+    (2, 7, [30, 30, 15, 12], 0),  # small bird
+    (2, 7, [60, 60, 28, 30], 0),  # small bird
+    (2, 1, [80, 20, 110, 120], 0),  # large cat
+    (2, 7, [0, 120, 80, 70], 1),  # bird crowd
+    (3, 3, [20, 20, 40, 60], 0),  # medium dog
+    (3, 3, [90, 90, 50, 45], 0),  # medium dog
+    (3, 7, [150, 10, 30, 25], 0),  # small bird (750)
+    (3, 1, [5, 140, 150, 55], 0),  # medium cat (8250 < 96^2)
+    (5, 1, [10, 10, 30, 30], 0),  # small cat
+    (5, 3, [60, 60, 100, 100], 0),  # large dog
 ]
 
 
 def gt_dataset():
     images = [{"id": i, "width": 200, "height": 200, "file_name": f"{i:06d}.jpg"} for i in (1, 2, 3, 4, 5)]
-    anns = [{"id": k + 1, "image_id": img, "category_id": cat, "bbox": [float(v) for v in box],
-             "area": float(box[2] * box[3]), "iscrowd": crowd}
-            for k, (img, cat, box, crowd) in enumerate(ANNOTATIONS)]
+    anns = [
+        {
+            "id": k + 1,
+            "image_id": img,
+            "category_id": cat,
+            "bbox": [float(v) for v in box],
+            "area": float(box[2] * box[3]),
+            "iscrowd": crowd,
+        }
+        for k, (img, cat, box, crowd) in enumerate(ANNOTATIONS)
+    ]
     return {"images": images, "annotations": anns, "categories": CATEGORIES}
 
 
@@ -68,12 +77,12 @@ def make_detections():
         per_image[img].append((box, label, score))
         if not crowd and rng.random() < 0.4:  # a lower-scored duplicate
             per_image[img].append(([b + 1.5 for b in box], label, score / 2))
-    per_image[1].append(([150.0, 10.0, 190.0, 40.0], 1, 0.9))        # FP cat
-    per_image[1].append(([12.0, 11.0, 31.0, 29.5], 2, 0.55))         # dog on the small cat: wrong class
-    per_image[2].append(([81.0, 22.0, 188.0, 141.0], 1, 0.35))       # second cat on the large cat
-    per_image[3].append(([100.0, 100.0, 180.0, 190.0], 4, 0.8))      # fish (no fish ground truth)
-    per_image[4].append(([10.0, 10.0, 60.0, 60.0], 3, 0.7))          # bird on the empty image
-    per_image[4].append(([100.0, 120.0, 104.0, 126.0], 1, 0.2))      # tiny cat on the empty image
+    per_image[1].append(([150.0, 10.0, 190.0, 40.0], 1, 0.9))  # FP cat
+    per_image[1].append(([12.0, 11.0, 31.0, 29.5], 2, 0.55))  # dog on the small cat: wrong class
+    per_image[2].append(([81.0, 22.0, 188.0, 141.0], 1, 0.35))  # second cat on the large cat
+    per_image[3].append(([100.0, 100.0, 180.0, 190.0], 4, 0.8))  # fish (no fish ground truth)
+    per_image[4].append(([10.0, 10.0, 60.0, 60.0], 3, 0.7))  # bird on the empty image
+    per_image[4].append(([100.0, 120.0, 104.0, 126.0], 1, 0.2))  # tiny cat on the empty image
     dets = {}
     for img, items in per_image.items():
         boxes = torch.tensor([b for b, _, _ in items], dtype=torch.float32).reshape(-1, 4)
@@ -89,8 +98,14 @@ def reference_results(image_ids, dets):
     for img in image_ids:
         d = dets[img]
         for (x1, y1, x2, y2), label, score in zip(d["boxes"].tolist(), d["labels"].tolist(), d["scores"].tolist()):
-            out.append({"image_id": img, "category_id": LABEL_TO_CAT[label],
-                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+            out.append(
+                {
+                    "image_id": img,
+                    "category_id": LABEL_TO_CAT[label],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": score,
+                }
+            )
     return out
 
 
@@ -117,15 +132,20 @@ def gt_json(tmp_path):
 def run_ours(coco_gt, image_ids, dets, batch=2):
     ev = CocoEvaluator(coco_gt, LABEL_TO_CAT)
     for start in range(0, len(image_ids), batch):
-        ids = image_ids[start:start + batch]
+        ids = image_ids[start : start + batch]
         ev.update(ids, [dets[i] for i in ids])
     return ev, ev.evaluate()
 
 
 def test_detections_to_coco_results_mapping_and_xywh():
-    dets = [{"boxes": torch.tensor([[10.0, 20.0, 40.0, 70.0], [0.5, 1.5, 2.0, 3.0]]),
-             "labels": torch.tensor([2, 4]), "scores": torch.tensor([0.75, 0.25])},
-            {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}]
+    dets = [
+        {
+            "boxes": torch.tensor([[10.0, 20.0, 40.0, 70.0], [0.5, 1.5, 2.0, 3.0]]),
+            "labels": torch.tensor([2, 4]),
+            "scores": torch.tensor([0.75, 0.25]),
+        },
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)},
+    ]
     res = detections_to_coco_results([42, 43], dets, LABEL_TO_CAT)
     assert res == [
         {"image_id": 42, "category_id": 3, "bbox": [10.0, 20.0, 30.0, 50.0], "score": 0.75},
@@ -134,8 +154,9 @@ def test_detections_to_coco_results_mapping_and_xywh():
     assert all(isinstance(v, float) for r in res for v in r["bbox"] + [r["score"]])
     assert all(type(r["image_id"]) is int and type(r["category_id"]) is int for r in res)
     with pytest.raises(ValueError, match="label 5 has no category id"):
-        detections_to_coco_results([1], [{"boxes": torch.zeros(1, 4), "labels": torch.tensor([5]),
-                                          "scores": torch.ones(1)}], LABEL_TO_CAT)
+        detections_to_coco_results(
+            [1], [{"boxes": torch.zeros(1, 4), "labels": torch.tensor([5]), "scores": torch.ones(1)}], LABEL_TO_CAT
+        )
     with pytest.raises(ValueError, match="one detection dict per image id"):
         detections_to_coco_results([1, 2], dets[:1], LABEL_TO_CAT)
 
@@ -166,13 +187,13 @@ def test_per_class_ap_matches_single_category_cocoeval():
     assert [c.num_gt for c in m.per_class] == [5, 4, 3, 0]  # crowd objects are not counted
     for c in m.per_class[:3]:
         alone = reference_stats(coco_gt, results, ids, cat_ids=[c.category_id])
-        assert c.AP == pytest.approx(alone[0], abs=1e-12)
-        assert c.AP50 == pytest.approx(alone[1], abs=1e-12)
+        assert pytest.approx(alone[0], abs=1e-12) == c.AP
+        assert pytest.approx(alone[1], abs=1e-12) == c.AP50
     fish = m.per_class[3]
     assert fish.AP == -1.0 and fish.AP50 == -1.0 and not fish.has_gt and fish.num_detections == 1
     # COCOeval leaves the category without ground truth out of its mean, and so do we
-    assert m.AP == pytest.approx(np.mean([c.AP for c in m.per_class[:3]]), abs=1e-12)
-    assert m.AP50 == pytest.approx(np.mean([c.AP50 for c in m.per_class[:3]]), abs=1e-12)
+    assert pytest.approx(np.mean([c.AP for c in m.per_class[:3]]), abs=1e-12) == m.AP
+    assert pytest.approx(np.mean([c.AP50 for c in m.per_class[:3]]), abs=1e-12) == m.AP50
     table = m.format_table()
     assert "fish (9)" in table and "n/a" in table and "AR100" in table
     fish_row = next(line for line in table.splitlines() if "fish (9)" in line)
@@ -248,8 +269,15 @@ def test_metrics_json_round_trip(tmp_path):
     d = json.loads(m.to_json(tmp_path / "metrics.json").read_text())
     assert d == m.as_dict()
     assert [d[n] for n in COCO_STAT_NAMES] == m.stats
-    assert d["per_class"][3] == {"category_id": 9, "name": "fish", "label": 4, "num_gt": 0,
-                                 "num_detections": 1, "AP": -1.0, "AP50": -1.0}
+    assert d["per_class"][3] == {
+        "category_id": 9,
+        "name": "fish",
+        "label": 4,
+        "num_gt": 0,
+        "num_detections": 1,
+        "AP": -1.0,
+        "AP50": -1.0,
+    }
 
 
 def test_evaluator_rejects_bad_input(gt_json, tmp_path):

@@ -1,6 +1,7 @@
 """Evaluating a large result set takes memory in proportion to it: the same cost per detection at
 two sizes (a quadratic step, or a copy per image of everything, would make the larger set's cost
 per detection grow), and no more than a few KB per detection in all."""
+
 import contextlib
 import io
 import json
@@ -23,9 +24,17 @@ def _ground_truth(n):
         xy, wh = torch.rand(5, 2, generator=g) * 400, torch.rand(5, 2, generator=g) * 200 + 10
         labels = torch.arange(5) % 3 + 1
         targets.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": labels})
-        anns += [{"id": len(anns) + k + 1, "image_id": i, "category_id": int(labels[k]),
-                  "bbox": [*xy[k].tolist(), *wh[k].tolist()], "area": float(wh[k].prod()), "iscrowd": 0}
-                 for k in range(5)]
+        anns += [
+            {
+                "id": len(anns) + k + 1,
+                "image_id": i,
+                "category_id": int(labels[k]),
+                "bbox": [*xy[k].tolist(), *wh[k].tolist()],
+                "area": float(wh[k].prod()),
+                "iscrowd": 0,
+            }
+            for k in range(5)
+        ]
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -38,8 +47,13 @@ def _detections(n):
     out = []
     for _ in range(n):
         xy, wh = torch.rand(PER_IMAGE, 2, generator=g) * 400, torch.rand(PER_IMAGE, 2, generator=g) * 200 + 1
-        out.append({"boxes": torch.cat([xy, xy + wh], 1), "labels": torch.randint(1, 4, (PER_IMAGE,), generator=g),
-                    "scores": torch.rand(PER_IMAGE, generator=g)})
+        out.append(
+            {
+                "boxes": torch.cat([xy, xy + wh], 1),
+                "labels": torch.randint(1, 4, (PER_IMAGE,), generator=g),
+                "scores": torch.rand(PER_IMAGE, generator=g),
+            }
+        )
     return out
 
 

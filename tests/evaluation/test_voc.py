@@ -1,4 +1,5 @@
 """VOC AP against curves and AP values worked out by hand (in the comments)."""
+
 import json
 import math
 
@@ -9,14 +10,18 @@ from fasterrcnn.evaluation import average_precision, evaluate_voc
 
 
 def det(boxes, labels, scores):
-    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "scores": torch.tensor(scores, dtype=torch.float32)}
+    return {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+    }
 
 
 def gt(boxes, labels, difficult=None):
-    out = {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-           "labels": torch.tensor(labels, dtype=torch.int64)}
+    out = {
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
     if difficult is not None:
         out["difficult"] = torch.tensor(difficult, dtype=torch.bool)
     return out
@@ -40,11 +45,16 @@ def case_a_images(with_difficult=False, difficult_flag=True):
     """Two images; class 1. The 0.6 detection duplicates object a (IoU 0.9) and is a FP."""
     gt_boxes_1 = [[0, 0, 10, 10], [20, 20, 30, 30]]  # a, b
     gt_boxes_2 = [[0, 0, 20, 20]]  # c
-    dets_1 = det([[0, 0, 10, 10],      # 0.9 on a: TP
-                  [50, 50, 60, 60],    # 0.8 on nothing: FP
-                  [0, 0, 10, 9],       # 0.6 on a again (IoU 0.9): duplicate, FP
-                  [20, 20, 30, 30]],   # 0.5 on b: TP
-                 [1, 1, 1, 1], [0.9, 0.8, 0.6, 0.5])
+    dets_1 = det(
+        [
+            [0, 0, 10, 10],  # 0.9 on a: TP
+            [50, 50, 60, 60],  # 0.8 on nothing: FP
+            [0, 0, 10, 9],  # 0.6 on a again (IoU 0.9): duplicate, FP
+            [20, 20, 30, 30],
+        ],  # 0.5 on b: TP
+        [1, 1, 1, 1],
+        [0.9, 0.8, 0.6, 0.5],
+    )
     d2_boxes, d2_labels, d2_scores = [[1, 1, 20, 20]], [1], [0.7]  # 0.7 on c (IoU 361/400): TP
     g2_boxes, g2_labels, g2_diff = gt_boxes_2, [1], [False]
     if with_difficult:
@@ -153,8 +163,11 @@ def test_class_without_ground_truth_and_class_without_detections():
     # 3 classes: 1 is case A; 2 has a detection but no object (AP undefined, NaN, out of the mean);
     # 3 has an object but no detection (AP 0). mAP = (AP_A + 0) / 2.
     dets, gts = case_a_images()
-    dets[0] = det(dets[0]["boxes"].tolist() + [[70, 70, 80, 80]], dets[0]["labels"].tolist() + [2],
-                  dets[0]["scores"].tolist() + [0.95])
+    dets[0] = det(
+        dets[0]["boxes"].tolist() + [[70, 70, 80, 80]],
+        dets[0]["labels"].tolist() + [2],
+        dets[0]["scores"].tolist() + [0.95],
+    )
     gts[1] = gt(gts[1]["boxes"].tolist() + [[60, 60, 90, 90]], [1, 3])
     m = evaluate_voc(dets, gts, num_classes=3, class_names=["__background__", "a", "b", "c"])
     c1, c2, c3 = m.per_class
@@ -215,8 +228,11 @@ def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match="label 5 is outside 1..2"):
         evaluate_voc([det([[0, 0, 1, 1]], [5], [0.5])], [gt([], [])], num_classes=2)
     with pytest.raises(ValueError, match="'boxes' has shape"):
-        evaluate_voc([{"boxes": torch.zeros(2, 3), "labels": torch.ones(2), "scores": torch.ones(2)}],
-                     [gt([], [])], num_classes=1)
+        evaluate_voc(
+            [{"boxes": torch.zeros(2, 3), "labels": torch.ones(2), "scores": torch.ones(2)}],
+            [gt([], [])],
+            num_classes=1,
+        )
     with pytest.raises(ValueError, match="missing field 'scores'"):
         evaluate_voc([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}], [gt([], [])], num_classes=1)
     with pytest.raises(ValueError, match="class_names"):
@@ -233,12 +249,17 @@ def _plain_iou(a, b):
 
 def _plain_greedy_curve(dets, gts, label):
     """The VOC assignment written as the protocol reads: one detection at a time, in score order."""
-    items = [(s, i, k) for i, d in enumerate(dets) for k, (s, lab) in
-             enumerate(zip(d["scores"].tolist(), d["labels"].tolist())) if lab == label]
+    items = [
+        (s, i, k)
+        for i, d in enumerate(dets)
+        for k, (s, lab) in enumerate(zip(d["scores"].tolist(), d["labels"].tolist()))
+        if lab == label
+    ]
     items.sort(key=lambda t: -t[0])  # stable: ties keep image, then in-image order
     claimed, outcomes = set(), []
-    num_pos = sum(1 for g in gts for lab, dif in zip(g["labels"].tolist(), g["difficult"].tolist())
-                  if lab == label and not dif)
+    num_pos = sum(
+        1 for g in gts for lab, dif in zip(g["labels"].tolist(), g["difficult"].tolist()) if lab == label and not dif
+    )
     for _, i, k in items:
         box = dets[i]["boxes"][k].tolist()
         best, best_j = -1.0, None

@@ -5,20 +5,36 @@ import torch
 
 import fasterrcnn.engine.trainer as trainer_mod
 from fasterrcnn.cli import main
-from fasterrcnn.experiments.ablate import BUILTIN_CELLS, base_config, cell_config, config_hash, select_cells
 from fasterrcnn.engine.config import ConfigError
+from fasterrcnn.experiments.ablate import BUILTIN_CELLS, base_config, cell_config, config_hash, select_cells
 
 from ..engine.helpers import TINY_MODEL
 
 TINY = [f"model.options.{k}={v}" for k, v in TINY_MODEL.items()] + [
-    "data.synth_num_train=8", "data.synth_num_val=4", "data.synth_size=[96, 128]", "data.workers=0",
-    "train.batch_size=2", "train.log_every=1", "train.amp=none"]
+    "data.synth_num_train=8",
+    "data.synth_num_val=4",
+    "data.synth_size=[96, 128]",
+    "data.workers=0",
+    "train.batch_size=2",
+    "train.log_every=1",
+    "train.amp=none",
+]
 
 
 def test_ablate_runs_two_cells_writes_the_table_and_plot_then_reuses_them(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ablation"
-    argv = ["ablate", "--out", str(out), "--data", str(tmp_path / "synth"), "--iterations", "2",
-            "--cells", "joint_pretrained,test_proposals_100", *TINY]
+    argv = [
+        "ablate",
+        "--out",
+        str(out),
+        "--data",
+        str(tmp_path / "synth"),
+        "--iterations",
+        "2",
+        "--cells",
+        "joint_pretrained,test_proposals_100",
+        *TINY,
+    ]
     assert main(argv) == 0
     # test_proposals_100 re-evaluates the baseline, joint_pretrained starts from its backbone: it is added and trained
     for cell in ("baseline", "joint_pretrained"):
@@ -29,11 +45,15 @@ def test_ablate_runs_two_cells_writes_the_table_and_plot_then_reuses_them(tmp_pa
     table = (out / "ablation.md").read_text()
     assert "| cell | overrides | AP | AP50 | AP_small | training time |" in table
     assert "| joint_pretrained | (backbone from baseline's model) |" in table and "--iterations 2" in table
-    donor, pretrained = (torch.load(out / c / "last.pt", weights_only=True)["model"] for c in ("baseline", "joint_pretrained"))
+    donor, pretrained = (
+        torch.load(out / c / "last.pt", weights_only=True)["model"] for c in ("baseline", "joint_pretrained")
+    )
     key = "backbone.body.conv1.weight"  # the stem is frozen, so it is still the donor's
     assert torch.equal(donor[key], pretrained[key])
-    assert json.loads((out / "joint_pretrained" / "result.json").read_text())["config_hash"] != \
-        json.loads((out / "baseline" / "result.json").read_text())["config_hash"]
+    assert (
+        json.loads((out / "joint_pretrained" / "result.json").read_text())["config_hash"]
+        != json.loads((out / "baseline" / "result.json").read_text())["config_hash"]
+    )
     assert (out / "ablation.png").stat().st_size > 1000
     assert "0 re-used" in capsys.readouterr().out
 
@@ -59,8 +79,9 @@ def test_the_hash_ignores_where_and_how_a_cell_runs_but_not_what_it_computes(tmp
     assert base.train.iterations == 60 and base.solver.warmup_iters == 10  # the demo's 100 of 600, scaled
     baseline, single = (c for c in BUILTIN_CELLS if c.name in ("baseline", "single_map"))
     a = cell_config(base, baseline, tmp_path / "a")
-    b = cell_config(base_config(iterations=60, overrides=["train.threads=1", "data.workers=0"]), baseline,
-                    tmp_path / "b")
+    b = cell_config(
+        base_config(iterations=60, overrides=["train.threads=1", "data.workers=0"]), baseline, tmp_path / "b"
+    )
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(cell_config(base_config(iterations=61), baseline, tmp_path))
     s = cell_config(base, single, tmp_path)

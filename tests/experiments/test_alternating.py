@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import fasterrcnn.engine.trainer as trainer_mod
-from fasterrcnn.experiments.alternating import AlternatingStep, step_config, step_lengths
 from fasterrcnn.engine.checkpoint import load_checkpoint
 from fasterrcnn.engine.config import ConfigError, apply_overrides
 from fasterrcnn.engine.setup import build_model, load_model_for_inference
+from fasterrcnn.experiments.alternating import AlternatingStep, step_config, step_lengths
 from fasterrcnn.experiments.schedules import train_schedule as train
 
 from ..engine.helpers import tiny_config
@@ -125,25 +125,38 @@ def test_a_stopped_schedule_continues_where_it_stopped(tmp_path, synth_dir, monk
     assert all(torch.allclose(final[k], reference[k], rtol=1e-5, atol=1e-6) for k in final)
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (("train.alternating_iterations=[0.5, 0.5]",), "four positive numbers"),
-    (("train.alternating_iterations=[0.5, 0.2, 0.2, 0.2]",), "summing to 1"),
-    (("train.alternating_iterations=[10, 10, 10, 10]", "train.iterations=30"), "sum matches"),
-    (("train.alternating_iterations=[0.5, 10, 10, 10]",), "all fractions"),
-    (("train.alternating_detector_init=step1",), "initial or rpn"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (("train.alternating_iterations=[0.5, 0.5]",), "four positive numbers"),
+        (("train.alternating_iterations=[0.5, 0.2, 0.2, 0.2]",), "summing to 1"),
+        (("train.alternating_iterations=[10, 10, 10, 10]", "train.iterations=30"), "sum matches"),
+        (("train.alternating_iterations=[0.5, 10, 10, 10]",), "all fractions"),
+        (("train.alternating_detector_init=step1",), "initial or rpn"),
+    ],
+)
 def test_bad_alternating_configs_are_refused(tmp_path, overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         tiny_config(tmp_path, tmp_path, "train.schedule=alternating", *overrides)
 
 
 def test_step_lengths(tmp_path):
-    cfg = tiny_config(tmp_path, tmp_path, "train.schedule=alternating", "train.iterations=600",
-                      "train.alternating_iterations=[0.2, 0.5, 0.15, 0.15]")
+    cfg = tiny_config(
+        tmp_path,
+        tmp_path,
+        "train.schedule=alternating",
+        "train.iterations=600",
+        "train.alternating_iterations=[0.2, 0.5, 0.15, 0.15]",
+    )
     assert step_lengths(cfg.train) == [120, 300, 90, 90]
     step2 = step_config(apply_overrides(cfg, ["solver.warmup_iters=60"]), 2)  # warmup scaled with the step
     assert (step2.train.iterations, step2.solver.warmup_iters, step2.train.name) == (300, 30, "step2")
     assert step2.train.schedule == "joint"  # a plain run of the trainer: the step is the schedule's state
-    cfg = tiny_config(tmp_path, tmp_path, "train.schedule=alternating", "train.iterations=0",
-                      "train.alternating_iterations=[1, 2, 3, 4]")
+    cfg = tiny_config(
+        tmp_path,
+        tmp_path,
+        "train.schedule=alternating",
+        "train.iterations=0",
+        "train.alternating_iterations=[1, 2, 3, 4]",
+    )
     assert step_lengths(cfg.train) == [1, 2, 3, 4]

@@ -1,5 +1,6 @@
 """StageModel: one part of a detector trained through the detector's public stages; what each part
 computes is what the whole model computes."""
+
 import copy
 
 import torch

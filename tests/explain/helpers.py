@@ -1,4 +1,5 @@
 """An image with its ground truth and tiny models, for the tests of `explain` (engine, viz, CLI)."""
+
 from pathlib import Path
 
 import torch
@@ -10,8 +11,7 @@ from tests.model.helpers import tiny_model
 
 # 96x120 images: the tiny models resize them to 128x160 (scale 4/3), so the way back to the original
 # pixels is exercised too
-SYNTH = dict(num_train=1, num_val=3, image_size=(96, 120), seed=5, empty_fraction=0.0, min_object_size=16,
-             workers=1)
+SYNTH = dict(num_train=1, num_val=3, image_size=(96, 120), seed=5, empty_fraction=0.0, min_object_size=16, workers=1)
 CLASSES = ["__background__", "circle", "square", "triangle", "star"]
 
 
@@ -47,7 +47,14 @@ class _TinySingleMap(nn.Module):
 def single_map_model(op: str = "roi_pool") -> torch.nn.Module:
     """The single-map layout of the c4/c5 builders (9 anchors on one map, a single-map pooler), tiny."""
     torch.manual_seed(0)
-    return FasterRCNN(_TinySingleMap(), len(CLASSES), min_size=128, max_size=192,
-                      rpn_anchor_generator=AnchorGenerator(((32, 64, 128),), ((0.5, 1.0, 2.0),)),
-                      box_roi_pool=SingleMapRoIPooler("0", 7, op=op), representation_size=32,
-                      rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=30).eval()
+    return FasterRCNN(
+        _TinySingleMap(),
+        len(CLASSES),
+        min_size=128,
+        max_size=192,
+        rpn_anchor_generator=AnchorGenerator(((32, 64, 128),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=SingleMapRoIPooler("0", 7, op=op),
+        representation_size=32,
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=30,
+    ).eval()

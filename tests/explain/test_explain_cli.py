@@ -1,4 +1,5 @@
 """`fasterrcnn explain` on a training checkpoint: the figures, the summary, and the errors."""
+
 import pytest
 import torch
 
@@ -6,9 +7,8 @@ from fasterrcnn.cli import main
 from fasterrcnn.engine.setup import build_model
 from fasterrcnn.explain.figures import FIGURES
 
-from .helpers import CLASSES, synth_example
 from ..engine.helpers import tiny_config
-
+from .helpers import CLASSES, synth_example
 
 
 @pytest.fixture(scope="module")
@@ -19,16 +19,35 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=len(CLASSES))
     ckpt = tmp / "last.pt"  # what the trainer writes, less the optimizer and RNG states
-    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "class_names": CLASSES,
-                "label_to_cat_id": {i: i for i in range(1, len(CLASSES))}}, ckpt)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "config": cfg.to_dict(),
+            "class_names": CLASSES,
+            "label_to_cat_id": {i: i for i in range(1, len(CLASSES))},
+        },
+        ckpt,
+    )
     return ckpt, paths, image_path
 
 
 def test_explain_with_coco_annotations_into_the_default_folder(setup, tmp_path, monkeypatch, capsys):
     ckpt, paths, image_path = setup
     monkeypatch.chdir(tmp_path)
-    rc = main(["explain", "--weights", str(ckpt), str(image_path), "--annotations", str(paths.val_json),
-               "--device", "cpu", "--score-threshold", "0.1"])
+    rc = main(
+        [
+            "explain",
+            "--weights",
+            str(ckpt),
+            str(image_path),
+            "--annotations",
+            str(paths.val_json),
+            "--device",
+            "cpu",
+            "--score-threshold",
+            "0.1",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     folder = tmp_path / "explain" / image_path.stem
@@ -37,7 +56,12 @@ def test_explain_with_coco_annotations_into_the_default_folder(setup, tmp_path, 
     summary = (folder / "summary.txt").read_text()
     assert summary in out and "written: explain/" in out
     assert [line.split()[0] for line in summary.splitlines() if not line.startswith(" ")] == [
-        "preprocess", "features", "propose", "detect", "postprocess"]
+        "preprocess",
+        "features",
+        "propose",
+        "detect",
+        "postprocess",
+    ]
 
 
 def test_explain_with_voc_xml_and_options(setup, tmp_path, capsys, monkeypatch):
@@ -46,15 +70,34 @@ def test_explain_with_voc_xml_and_options(setup, tmp_path, capsys, monkeypatch):
     ckpt, _, image_path = setup
     # the figures were drawn through the command above; here only the ground truth and the options matter
     drawn = {}
-    monkeypatch.setattr(fasterrcnn.explain.figures, "write_explain_figures",
-                        lambda trace, out, **kwargs: drawn.update(kwargs, trace=trace) or {})
+    monkeypatch.setattr(
+        fasterrcnn.explain.figures,
+        "write_explain_figures",
+        lambda trace, out, **kwargs: drawn.update(kwargs, trace=trace) or {},
+    )
     xml = tmp_path / "img.xml"
-    xml.write_text("<annotation><object><name>circle</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>50</xmax>"
-                   "<ymax>60</ymax></bndbox></object><object><name>dragon</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
-                   "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+    xml.write_text(
+        "<annotation><object><name>circle</name><bndbox><xmin>11</xmin><ymin>21</ymin><xmax>50</xmax>"
+        "<ymax>60</ymax></bndbox></object><object><name>dragon</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+        "<xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>"
+    )
     out = tmp_path / "ex"
-    rc = main(["explain", "--weights", str(ckpt), str(image_path), "--annotations", str(xml), "--out", str(out),
-               "--level", "P5", "--device", "cpu"])
+    rc = main(
+        [
+            "explain",
+            "--weights",
+            str(ckpt),
+            str(image_path),
+            "--annotations",
+            str(xml),
+            "--out",
+            str(out),
+            "--level",
+            "P5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "note:" in text and "dragon" in text  # the class the model does not know, left out

@@ -1,10 +1,18 @@
 """The explain figures: each is a PNG, and the numbers written on it are the trace's."""
+
 import pytest
 import torch
 
+from fasterrcnn.explain.figures import (
+    FIGURES,
+    plot_anchor_labels,
+    plot_roi_grid,
+    plot_roi_levels,
+    write_explain_figures,
+    write_summary,
+)
 from fasterrcnn.explain.trace import explain_image
-from fasterrcnn.explain.figures import (FIGURES, plot_anchor_labels, plot_roi_grid, plot_roi_levels, write_explain_figures,
-                                   write_summary)
+
 from .helpers import CLASSES, explain_model, single_map_model, synth_example
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

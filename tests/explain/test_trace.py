@@ -1,4 +1,5 @@
 """explain_image: the trace holds what the model's own stages computed, and the detections are model([image])."""
+
 import math
 
 import pytest
@@ -43,8 +44,14 @@ def test_filter_counts_and_proposals_are_the_propose_stages(example):
     assert losses == {}
     assert torch.equal(trace.proposals, proposals)
     stats = trace.filter_counts
-    assert list(stats) == ["anchors", "pre_nms_top_k", "after_small_box_removal", "after_score_threshold",
-                           "after_nms", "post_nms_top_n"]
+    assert list(stats) == [
+        "anchors",
+        "pre_nms_top_k",
+        "after_small_box_removal",
+        "after_score_threshold",
+        "after_nms",
+        "post_nms_top_n",
+    ]
     assert stats["anchors"] == trace.num_anchors == sum(lv.size[0] * lv.size[1] * 3 for lv in trace.levels)
     assert stats["pre_nms_top_k"] == sum(min(100, lv.anchors.shape[0]) for lv in trace.levels)
     assert stats["pre_nms_top_k"] >= stats["after_small_box_removal"] >= stats["after_score_threshold"]
@@ -55,8 +62,10 @@ def test_filter_counts_and_proposals_are_the_propose_stages(example):
     for box, score in zip(trace.proposals, trace.proposal_scores):
         hit = torch.nonzero((trace.nms_candidates == box).all(dim=1)).flatten()
         assert hit.numel() >= 1 and float(trace.nms_candidate_scores[hit[0]]) == float(score)
-    assert all(torch.equal(lv.anchors, a) for lv, a in zip(trace.levels, anchors[0].split(
-        [lv.anchors.shape[0] for lv in trace.levels])))
+    assert all(
+        torch.equal(lv.anchors, a)
+        for lv, a in zip(trace.levels, anchors[0].split([lv.anchors.shape[0] for lv in trace.levels]))
+    )
 
 
 def test_levels_strides_and_objectness(example):
@@ -144,8 +153,12 @@ def test_roi_grid_of_the_top_detection_samples_the_pooled_feature(example):
         x = float(x0) if x0 >= width - 1 else x
         y1, x1 = min(y0 + 1, height - 1), min(x0 + 1, width - 1)
         ly, lx = y - y0, x - x0
-        return float((1 - ly) * (1 - lx) * fmap[y0, x0] + (1 - ly) * lx * fmap[y0, x1]
-                     + ly * (1 - lx) * fmap[y1, x0] + ly * lx * fmap[y1, x1])
+        return float(
+            (1 - ly) * (1 - lx) * fmap[y0, x0]
+            + (1 - ly) * lx * fmap[y0, x1]
+            + ly * (1 - lx) * fmap[y1, x0]
+            + ly * lx * fmap[y1, x1]
+        )
 
     s = roi.spatial_scale
     for p in range(7):
@@ -169,8 +182,9 @@ def test_roi_sampling_grid_by_hand():
     g = roi_sampling_grid(box, output_size=(7, 7), spatial_scale=0.25, sampling_ratio=0)
     assert g["grid"] == (1, 2) and torch.allclose(g["samples_y"][:, 0], 22 + 4 * p)
     # RoIPool: x cells round(2.5) = 3 .. round(16.5) = 17 (C rounding), 15 cells over 7 bins
-    g = roi_sampling_grid(box, output_size=(7, 7), spatial_scale=0.25, sampling_ratio=0, op="roi_pool",
-                          feature_size=(32, 40))
+    g = roi_sampling_grid(
+        box, output_size=(7, 7), spatial_scale=0.25, sampling_ratio=0, op="roi_pool", feature_size=(32, 40)
+    )
     lo = torch.floor(p * 15 / 7) + 3
     hi = torch.ceil((p + 1) * 15 / 7) + 3
     assert torch.allclose(g["bins_x"], torch.stack([(lo - 0.5) * 4, (hi - 0.5) * 4], dim=1))
@@ -189,8 +203,9 @@ def test_times_and_stages(example):
 def test_single_map_model_has_no_level_assignment():
     image = torch.rand(3, 100, 140, generator=torch.Generator().manual_seed(0))
     model = single_map_model("roi_pool")
-    trace = explain_image(model, image, target={"boxes": torch.tensor([[10.0, 10.0, 70.0, 60.0]]),
-                                                "labels": torch.tensor([1])})
+    trace = explain_image(
+        model, image, target={"boxes": torch.tensor([[10.0, 10.0, 70.0, 60.0]]), "labels": torch.tensor([1])}
+    )
     with torch.inference_mode():
         expected = model([image])[0]
     assert all(torch.equal(trace.detections[k], expected[k]) for k in expected)

@@ -1,6 +1,7 @@
 """Issue 20's property-style test: images of random sizes (1x1 up to 1x5000 and 5000x1), dtypes,
 channel counts and NaN/inf pixels through `Detector`, `predict` over files and one training step.
 Every case gives detections (possibly none) or a named error, never a traceback from inside the model."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,8 +43,11 @@ def test_detector_on_any_image(detector):
     outcomes = {"detections": 0, "named error": 0}
     for k, pixels in cases(seed=20, n=30):
         as_tensor = k % 2 == 1
-        image = torch.from_numpy(pixels).permute(2, 0, 1) if as_tensor else (pixels[:, :, 0] if pixels.shape[2] == 1
-                                                                             else pixels)
+        image = (
+            torch.from_numpy(pixels).permute(2, 0, 1)
+            if as_tensor
+            else (pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        )
         try:
             found = detector([torch.rand(3, 8, 8), image])[1]
         except (ValueError, TypeError) as e:
@@ -72,8 +76,9 @@ def test_predict_on_any_image_file(detector, tmp_path):
             image = Image.fromarray(g.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).convert(mode)
         image.save(folder / f"{k:02d}_{h}x{w}.{'tif' if mode in ('F', 'I;16') else 'png'}")
         written += 1
-    summary = predict_files(detector, collect_images([str(folder)]), tmp_path / "out", workers=0, batch_size=3,
-                            show_progress=False)
+    summary = predict_files(
+        detector, collect_images([str(folder)]), tmp_path / "out", workers=0, batch_size=3, show_progress=False
+    )
     assert summary.num_images + len(summary.skipped) == written and not summary.partial
     for err in summary.skipped:
         assert str(folder) in err  # a named, counted skip

@@ -1,5 +1,6 @@
 """The Python API: images of every kind in, the model's own detections out; loading from a
 training checkpoint, torchvision-format weights, and an http URL through torch.hub's cache."""
+
 import functools
 import http.server
 import threading
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fasterrcnn import Detector, Detections
+from fasterrcnn import Detections, Detector
 from fasterrcnn.data.coco_names import COCO_CATEGORY_NAMES
 from fasterrcnn.inference.detector import to_image_tensor
 from fasterrcnn.model import fasterrcnn_resnet18_fpn
@@ -29,8 +30,16 @@ def test_every_image_kind_gives_the_same_tensor(image_u8, tmp_path):
     Image.fromarray(image_u8).save(path)
     expected = torch.from_numpy(image_u8).permute(2, 0, 1).float() / 255
     rgba = np.concatenate([image_u8, np.full((90, 120, 1), 7, np.uint8)], axis=2)
-    for kind in (str(path), path, Image.fromarray(image_u8), image_u8, image_u8.astype(np.float32) / 255, rgba,
-                 torch.from_numpy(image_u8).permute(2, 0, 1), expected.clone()):
+    for kind in (
+        str(path),
+        path,
+        Image.fromarray(image_u8),
+        image_u8,
+        image_u8.astype(np.float32) / 255,
+        rgba,
+        torch.from_numpy(image_u8).permute(2, 0, 1),
+        expected.clone(),
+    ):
         got = to_image_tensor(kind)
         assert got.dtype == torch.float32 and got.shape == (3, 90, 120)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
@@ -38,13 +47,19 @@ def test_every_image_kind_gives_the_same_tensor(image_u8, tmp_path):
     assert gray.shape == (3, 90, 120) and torch.equal(gray[0], gray[2])
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((4, 5, 2), np.uint8), r"image: a NumPy image must be \[H, W\], \[H, W, 3\] or \[H, W, 4\], got \[4, 5, 2\]"),
-    (torch.zeros(1, 3, 8, 8), r"image: a tensor image must be \[3, H, W\], got \[1, 3, 8, 8\]"),
-    (torch.full((3, 4, 4), 2.0), r"float pixels must lie in \[0, 1\] \(got 2..2\); pass uint8 for 0..255"),
-    (torch.zeros(3, 4, 4, dtype=torch.int32), "expected uint8 .* or float .* got torch.int32"),
-    (3.5, "expected a path, a PIL image, a NumPy array or a tensor, got float"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            np.zeros((4, 5, 2), np.uint8),
+            r"image: a NumPy image must be \[H, W\], \[H, W, 3\] or \[H, W, 4\], got \[4, 5, 2\]",
+        ),
+        (torch.zeros(1, 3, 8, 8), r"image: a tensor image must be \[3, H, W\], got \[1, 3, 8, 8\]"),
+        (torch.full((3, 4, 4), 2.0), r"float pixels must lie in \[0, 1\] \(got 2..2\); pass uint8 for 0..255"),
+        (torch.zeros(3, 4, 4, dtype=torch.int32), "expected uint8 .* or float .* got torch.int32"),
+        (3.5, "expected a path, a PIL image, a NumPy array or a tensor, got float"),
+    ],
+)
 def test_bad_images_are_named_errors(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         to_image_tensor(bad)
@@ -52,6 +67,7 @@ def test_bad_images_are_named_errors(bad, message):
 
 def test_missing_file_names_the_file(tmp_path):
     from fasterrcnn.data.report import DataError
+
     with pytest.raises(DataError, match="nope.jpg: image file not found"):
         Detector(tiny_model().eval(), ["__background__", "a", "b", "c"])(str(tmp_path / "nope.jpg"))
 
@@ -84,8 +100,9 @@ def test_detections_are_the_models_own_above_the_threshold(image_u8):
 
 def test_results_in_coco_format():
     d = Detections(torch.tensor([[10.0, 20.0, 40.0, 60.0]]), torch.tensor([0.75]), torch.tensor([2]), ["dog"])
-    assert d.to_coco(7, {1: 11, 2: 18}) == [{"image_id": 7, "category_id": 18, "bbox": [10.0, 20.0, 30.0, 40.0],
-                                              "score": 0.75}]
+    assert d.to_coco(7, {1: 11, 2: 18}) == [
+        {"image_id": 7, "category_id": 18, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.75}
+    ]
 
 
 def test_threshold_out_of_range_is_refused():

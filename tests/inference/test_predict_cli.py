@@ -1,5 +1,6 @@
 """`fasterrcnn predict`: files, folders and globs in; a COCO results json that pycocotools loads,
 the images' records, and annotated copies out; unreadable images skipped and reported."""
+
 import json
 
 import matplotlib.cbook
@@ -29,8 +30,23 @@ def photos(tmp_path):
 def test_predict_a_folder_writes_results_pycocotools_loads(tiny_checkpoint, photos, tmp_path, capsys):
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "pred"
-    rc = main(["predict", str(photos), "--recursive", "--weights", str(ckpt), "--out", str(out),
-               "--score-threshold", "0", "--batch-size", "2", "--workers", "0"])
+    rc = main(
+        [
+            "predict",
+            str(photos),
+            "--recursive",
+            "--weights",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--score-threshold",
+            "0",
+            "--batch-size",
+            "2",
+            "--workers",
+            "0",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "in 3 images" in text and str(out / "predictions.json") in text
@@ -46,9 +62,13 @@ def test_predict_a_folder_writes_results_pycocotools_loads(tiny_checkpoint, phot
     assert results and all(set(r) == {"image_id", "category_id", "bbox", "score"} for r in results)
     # a matching ground truth: the images' records plus one box each; loadRes and COCOeval accept the results
     gt = COCO()
-    gt.dataset = {**records, "annotations": [
-        {"id": r["id"], "image_id": r["id"], "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0}
-        for r in records["images"]]}
+    gt.dataset = {
+        **records,
+        "annotations": [
+            {"id": r["id"], "image_id": r["id"], "category_id": 1, "bbox": [10, 10, 40, 40], "area": 1600, "iscrowd": 0}
+            for r in records["images"]
+        ],
+    }
     gt.createIndex()
     dt = gt.loadRes(str(out / "predictions.json"))
     assert len(dt.getAnnIds()) == len(results)
@@ -61,18 +81,39 @@ def test_predict_a_folder_writes_results_pycocotools_loads(tiny_checkpoint, phot
 def test_annotation_ids_are_used_and_missing_names_refused(tiny_checkpoint, photos, tmp_path, capsys):
     ckpt, _ = tiny_checkpoint
     ann = tmp_path / "gt.json"
-    ann.write_text(json.dumps({"images": [{"id": 42, "file_name": "val/hopper.jpg"},
-                                          {"id": 7, "file_name": "hopper_flipped.png"}],
-                               "annotations": [], "categories": []}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 42, "file_name": "val/hopper.jpg"}, {"id": 7, "file_name": "hopper_flipped.png"}],
+                "annotations": [],
+                "categories": [],
+            }
+        )
+    )
     out = tmp_path / "pred"
-    rc = main(["predict", str(photos / "hopper.jpg"), str(photos / "hopper_flipped.png"), "--weights", str(ckpt),
-               "--out", str(out), "--annotations", str(ann), "--score-threshold", "0", "--no-images"])
+    rc = main(
+        [
+            "predict",
+            str(photos / "hopper.jpg"),
+            str(photos / "hopper_flipped.png"),
+            "--weights",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--annotations",
+            str(ann),
+            "--score-threshold",
+            "0",
+            "--no-images",
+        ]
+    )
     assert rc == 0
     ids = {r["image_id"] for r in json.loads((out / "predictions.json").read_text())}
     assert ids <= {42, 7} and ids
     assert not (out / "images").exists()
-    rc = main(["predict", str(photos), "--recursive", "--weights", str(ckpt), "--out", str(out),
-               "--annotations", str(ann)])
+    rc = main(
+        ["predict", str(photos), "--recursive", "--weights", str(ckpt), "--out", str(out), "--annotations", str(ann)]
+    )
     assert rc == 2
     assert "gt.json: no unique images[].file_name for 1 of the images: more/crop.jpg" in capsys.readouterr().err
 
@@ -89,13 +130,17 @@ def test_unreadable_image_is_skipped_and_reported(tiny_checkpoint, photos, tmp_p
     assert names == ["hopper.jpg", "hopper_flipped.png"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["nowhere/"], "nowhere/: no such file or folder"),
-    (["{tmp}/*.bmp"], r"\*.bmp: the pattern matches no image file"),
-    (["{tmp}/empty"], "empty: no image files in this folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nowhere/"], "nowhere/: no such file or folder"),
+        (["{tmp}/*.bmp"], r"\*.bmp: the pattern matches no image file"),
+        (["{tmp}/empty"], "empty: no image files in this folder"),
+    ],
+)
 def test_sources_that_name_nothing_are_errors(tiny_checkpoint, tmp_path, capsys, argv, message):
     import re
+
     (tmp_path / "empty").mkdir()
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     rc = main(["predict", *argv, "--weights", str(tiny_checkpoint[0]), "--out", str(tmp_path / "o")])
@@ -120,14 +165,14 @@ def test_globs_and_names(photos):
 
 def test_a_failure_midway_leaves_the_previous_json_whole(tmp_path):
     from fasterrcnn.inference.predict_files import JsonArrayWriter
+
     path = tmp_path / "predictions.json"
     with JsonArrayWriter(path) as w:
         w.write({"a": 1})
         w.write({"a": 2})
     assert json.loads(path.read_text()) == [{"a": 1}, {"a": 2}]
-    with pytest.raises(RuntimeError):
-        with JsonArrayWriter(path) as w:
-            w.write({"a": 3})
-            raise RuntimeError("killed midway")
+    with pytest.raises(RuntimeError), JsonArrayWriter(path) as w:
+        w.write({"a": 3})
+        raise RuntimeError("killed midway")
     assert json.loads(path.read_text()) == [{"a": 1}, {"a": 2}]
     assert [p.name for p in tmp_path.iterdir()] == ["predictions.json"]  # no temporary file left

@@ -1,5 +1,6 @@
 """Issue 20, inference side: thin images, symlinks, partial results, stale drawings, file modes and
 the messages for --out, --weights and batch_size."""
+
 import json
 import os
 import stat
@@ -32,8 +33,20 @@ def test_thin_images_are_predicted_not_a_crash(tiny_checkpoint, thin_folder, tmp
     """#1: a 1x4000, 4000x1 or 3x2000 image crashed the whole run (`Input and output sizes should be
     greater than 0`), with no predictions.json."""
     out = tmp_path / "pred"
-    rc = main(["predict", str(thin_folder), "--weights", str(tiny_checkpoint[0]), "--out", str(out),
-               "--score-threshold", "0", "--workers", "0"])
+    rc = main(
+        [
+            "predict",
+            str(thin_folder),
+            "--weights",
+            str(tiny_checkpoint[0]),
+            "--out",
+            str(out),
+            "--score-threshold",
+            "0",
+            "--workers",
+            "0",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     records = json.loads((out / "images.json").read_text())
     assert sorted((r["height"], r["width"]) for r in records["images"]) == sorted(THIN + [(90, 120)])
@@ -44,7 +57,7 @@ def test_the_model_keeps_a_side_of_at_least_one_pixel():
     model = tiny_model().eval()
     for h, w in THIN + [(1, 1)]:
         images, _ = model.transform([torch.rand(3, h, w)])
-        (rh, rw), = images.image_sizes
+        ((rh, rw),) = images.image_sizes
         scale = min(128 / min(h, w), 192 / max(h, w))  # tiny_model: min_size 128, max_size 192
         assert (rh, rw) == (max(1, int(h * scale)), max(1, int(w * scale)))
         with torch.no_grad():
@@ -84,11 +97,30 @@ def test_symlinks_keep_their_own_names(tiny_checkpoint, thin_folder, tmp_path, c
     assert [p.name for p in found] == ["first.png", "second.png"]
     assert output_names(found) == ["first.png", "second.png"]
     ann = tmp_path / "gt.json"
-    ann.write_text(json.dumps({"images": [{"id": 5, "file_name": "first.png"}, {"id": 6, "file_name": "second.png"}],
-                               "annotations": [], "categories": []}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 5, "file_name": "first.png"}, {"id": 6, "file_name": "second.png"}],
+                "annotations": [],
+                "categories": [],
+            }
+        )
+    )
     out = tmp_path / "pred"
-    rc = main(["predict", str(links), "--weights", str(tiny_checkpoint[0]), "--out", str(out),
-               "--annotations", str(ann), "--workers", "0"])
+    rc = main(
+        [
+            "predict",
+            str(links),
+            "--weights",
+            str(tiny_checkpoint[0]),
+            "--out",
+            str(out),
+            "--annotations",
+            str(ann),
+            "--workers",
+            "0",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     images = json.loads((out / "images.json").read_text())["images"]
     assert [(r["id"], r["file_name"]) for r in images] == [(5, "first.png"), (6, "second.png")]
@@ -100,8 +132,21 @@ def test_results_files_get_the_umask_mode(tiny_checkpoint, thin_folder, tmp_path
     old = os.umask(0o022)
     try:
         out = tmp_path / "pred"
-        assert main(["predict", str(thin_folder / "img_90x120.png"), "--weights", str(tiny_checkpoint[0]),
-                     "--out", str(out), "--workers", "0"]) == 0
+        assert (
+            main(
+                [
+                    "predict",
+                    str(thin_folder / "img_90x120.png"),
+                    "--weights",
+                    str(tiny_checkpoint[0]),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    "0",
+                ]
+            )
+            == 0
+        )
     finally:
         os.umask(old)
     for name in ("predictions.json", "images.json", "images/img_90x120.png"):
@@ -109,8 +154,9 @@ def test_results_files_get_the_umask_mode(tiny_checkpoint, thin_folder, tmp_path
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
-def test_an_interrupted_or_failing_run_writes_what_is_done_marked_partial(tiny_checkpoint, thin_folder, tmp_path,
-                                                                         monkeypatch, caplog, stop):
+def test_an_interrupted_or_failing_run_writes_what_is_done_marked_partial(
+    tiny_checkpoint, thin_folder, tmp_path, monkeypatch, caplog, stop
+):
     """Smaller: an interrupted predict discarded the finished results."""
     real_detect = Detector.detect
     calls = []
@@ -123,12 +169,40 @@ def test_an_interrupted_or_failing_run_writes_what_is_done_marked_partial(tiny_c
 
     monkeypatch.setattr(Detector, "detect", detect)
     out = tmp_path / "pred"
-    rc = main(["predict", str(thin_folder), "--weights", str(tiny_checkpoint[0]), "--out", str(out),
-               "--workers", "0", "--score-threshold", "0"]) if stop is KeyboardInterrupt else None
+    rc = (
+        main(
+            [
+                "predict",
+                str(thin_folder),
+                "--weights",
+                str(tiny_checkpoint[0]),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--score-threshold",
+                "0",
+            ]
+        )
+        if stop is KeyboardInterrupt
+        else None
+    )
     if stop is RuntimeError:
         with pytest.raises(RuntimeError):
-            main(["predict", str(thin_folder), "--weights", str(tiny_checkpoint[0]), "--out", str(out),
-                  "--workers", "0", "--score-threshold", "0"])
+            main(
+                [
+                    "predict",
+                    str(thin_folder),
+                    "--weights",
+                    str(tiny_checkpoint[0]),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    "0",
+                    "--score-threshold",
+                    "0",
+                ]
+            )
     else:
         assert rc == 130
     records = json.loads((out / "images.json").read_text())
@@ -141,11 +215,26 @@ def test_an_interrupted_or_failing_run_writes_what_is_done_marked_partial(tiny_c
 def test_stale_drawings_of_an_earlier_run_are_removed(tiny_checkpoint, thin_folder, tmp_path):
     """Smaller: stale annotated images stayed beside new results in a reused --out."""
     out = tmp_path / "pred"
-    assert main(["predict", str(thin_folder), "--weights", str(tiny_checkpoint[0]), "--out", str(out),
-                 "--workers", "0"]) == 0
+    assert (
+        main(["predict", str(thin_folder), "--weights", str(tiny_checkpoint[0]), "--out", str(out), "--workers", "0"])
+        == 0
+    )
     (out / "images" / "mine.txt").write_text("not ours")
-    assert main(["predict", str(thin_folder / "img_90x120.png"), "--weights", str(tiny_checkpoint[0]),
-                 "--out", str(out), "--workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(thin_folder / "img_90x120.png"),
+                "--weights",
+                str(tiny_checkpoint[0]),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (out / "images").iterdir()) == ["img_90x120.png", "mine.txt"]
 
 

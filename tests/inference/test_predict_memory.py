@@ -1,5 +1,6 @@
 """Long-running stability: predicting over a stream of 1000 images keeps resident memory flat
 (under 5% growth from image 100 to image 1000), drawings and json included."""
+
 import sys
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fasterrcnn.inference.predict_files import predict_files
 from fasterrcnn.inference.detector import Detector
+from fasterrcnn.inference.predict_files import predict_files
 
 from ..model.helpers import tiny_model
 
@@ -52,6 +53,8 @@ def test_memory_stays_flat_over_1000_images(tmp_path):
         torch.set_num_threads(threads)
     assert summary.num_images == 1000 and summary.num_detections > 1000  # every image gave results to keep
     growth = samples[999] / samples[99] - 1
-    print(f"resident memory: {samples[99] / 2**20:.1f} MiB at image 100, {samples[999] / 2**20:.1f} MiB at 1000 "
-          f"({growth:+.2%})")
+    print(
+        f"resident memory: {samples[99] / 2**20:.1f} MiB at image 100, {samples[999] / 2**20:.1f} MiB at 1000 "
+        f"({growth:+.2%})"
+    )
     assert growth < 0.05

@@ -18,8 +18,10 @@ def test_cell_anchors_ratio_major_order():
     # ratio 1 with sizes 128, 256; then ratio 2 (h = s*sqrt2, w = s/sqrt2)
     h2 = [round(s * math.sqrt(2) / 2) for s in (128, 256)]
     w2 = [round(s / math.sqrt(2) / 2) for s in (128, 256)]
-    expected = torch.tensor([[-64, -64, 64, 64], [-128, -128, 128, 128],
-                             [-w2[0], -h2[0], w2[0], h2[0]], [-w2[1], -h2[1], w2[1], h2[1]]], dtype=torch.float32)
+    expected = torch.tensor(
+        [[-64, -64, 64, 64], [-128, -128, 128, 128], [-w2[0], -h2[0], w2[0], h2[0]], [-w2[1], -h2[1], w2[1], h2[1]]],
+        dtype=torch.float32,
+    )
     assert torch.equal(got, expected)
 
 

@@ -4,6 +4,7 @@ The model matches, samples and computes its losses for the whole batch at once (
 over images); each test below recomputes the same thing one image at a time, the obvious way, and
 demands the same answer: exactly for labels, matches and indices, to float tolerance for losses.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,8 @@ def test_padded_iou_equals_box_iou_of_each_image(gt_counts):
     iou = padded_box_iou(padded, valid, torch.stack(boxes))
     assert iou.shape == (len(gts), max(max(gt_counts), 1), 50)
     for i, (gt, b) in enumerate(zip(gts, boxes)):
-        assert torch.equal(iou[i, :gt.shape[0]], box_iou(gt, b))
-        assert bool((iou[i, gt.shape[0]:] == -1).all())
+        assert torch.equal(iou[i, : gt.shape[0]], box_iou(gt, b))
+        assert bool((iou[i, gt.shape[0] :] == -1).all())
 
 
 @pytest.mark.parametrize("low_quality", [True, False])
@@ -135,8 +136,9 @@ def test_rpn_loss_equals_per_image_reference_in_float64():
         lab = labels[i]
         sampled = lab >= 0
         count += int(sampled.sum())
-        bce = bce + F.binary_cross_entropy_with_logits(objectness[i][sampled].double(), lab[sampled].double(),
-                                                       reduction="sum")
+        bce = bce + F.binary_cross_entropy_with_logits(
+            objectness[i][sampled].double(), lab[sampled].double(), reduction="sum"
+        )
         pos = lab == 1
         if pos.any():
             m = reference_matches(box_iou(t["boxes"], anchors), 0.7, 0.3, True)
@@ -202,8 +204,12 @@ def test_fastrcnn_loss_equals_the_foreground_selection_form():
     targets[labels == 0] = float("nan")  # background rows are never read
     losses = fastrcnn_loss(logits, deltas, labels, targets)
     fg = torch.nonzero(labels > 0).flatten()
-    expected = F.smooth_l1_loss(deltas.reshape(r, k, 4)[fg, labels[fg]].double(), targets[fg].double(),
-                                beta=1 / 9, reduction="sum") / r
+    expected = (
+        F.smooth_l1_loss(
+            deltas.reshape(r, k, 4)[fg, labels[fg]].double(), targets[fg].double(), beta=1 / 9, reduction="sum"
+        )
+        / r
+    )
     torch.testing.assert_close(losses["loss_box_reg"].double(), expected)
     torch.testing.assert_close(losses["loss_classifier"], F.cross_entropy(logits, labels))
     deltas.requires_grad_()

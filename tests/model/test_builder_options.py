@@ -1,11 +1,18 @@
 """The builder options the ablation grid uses: RoI op and size on the FPN model, the ResNet-18 C4 model."""
+
 import torch
 
 from fasterrcnn.model import fasterrcnn_resnet18_c4, fasterrcnn_resnet18_fpn
 from fasterrcnn.ops import MultiScaleRoIAlign, MultiScaleRoIPool, roi_pool
 
-SMALL = dict(num_classes=3, min_size=64, max_size=96, representation_size=16, rpn_pre_nms_top_n_test=20,
-             rpn_post_nms_top_n_test=10)
+SMALL = dict(
+    num_classes=3,
+    min_size=64,
+    max_size=96,
+    representation_size=16,
+    rpn_pre_nms_top_n_test=20,
+    rpn_post_nms_top_n_test=10,
+)
 
 
 def test_multiscale_roipool_reads_each_rois_level_with_roipool():
@@ -39,8 +46,9 @@ def test_resnet18_c4_trains_and_detects_on_one_map():
     model = fasterrcnn_resnet18_c4(anchor_sizes=[16, 32, 64], roi_output_size=5, **SMALL)
     assert list(model.backbone(torch.rand(1, 3, 64, 64))) == ["0"]
     assert model.backbone.out_channels == 256 and model.rpn.head.cls_logits.out_channels == 9
-    losses = model.train()([torch.rand(3, 64, 96)], [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]),
-                                                      "labels": torch.tensor([1])}])
+    losses = model.train()(
+        [torch.rand(3, 64, 96)], [{"boxes": torch.tensor([[5.0, 5.0, 40.0, 30.0]]), "labels": torch.tensor([1])}]
+    )
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
     sum(losses.values()).backward()
     model.eval()

@@ -93,12 +93,27 @@ def test_backbone_checkpoint_that_does_not_fit_is_refused(tmp_path):
         fasterrcnn_resnet18_fpn(num_classes=3, weights_backbone=str(path))
 
 
-@pytest.mark.parametrize("builder, roi_op", [(fasterrcnn_resnet50_c4, "roi_pool"), (fasterrcnn_resnet50_c4, "roi_align"),
-                                             (fasterrcnn_resnet50_c5, "roi_align")])
+@pytest.mark.parametrize(
+    "builder, roi_op",
+    [
+        (fasterrcnn_resnet50_c4, "roi_pool"),
+        (fasterrcnn_resnet50_c4, "roi_align"),
+        (fasterrcnn_resnet50_c5, "roi_align"),
+    ],
+)
 def test_single_map_variants_train_and_detect(builder, roi_op):
-    model = builder(num_classes=4, roi_op=roi_op, min_size=96, max_size=128, rpn_pre_nms_top_n_train=100,
-                    rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20,
-                    box_batch_size_per_image=16, box_score_thresh=0.0)
+    model = builder(
+        num_classes=4,
+        roi_op=roi_op,
+        min_size=96,
+        max_size=128,
+        rpn_pre_nms_top_n_train=100,
+        rpn_post_nms_top_n_train=50,
+        rpn_pre_nms_top_n_test=100,
+        rpn_post_nms_top_n_test=20,
+        box_batch_size_per_image=16,
+        box_score_thresh=0.0,
+    )
     assert model.rpn.anchor_generator.num_anchors_per_location() == [9]
     assert list(model.backbone(torch.zeros(1, 3, 64, 64)).keys()) == ["0"]
     assert model.roi_heads.box_roi_pool.op == roi_op
@@ -126,6 +141,7 @@ def test_c4_backbone_weights_fill_the_res5_head(tmp_path):
 def test_custom_backbone_and_predictor_swap():
     # the fine-tuning recipe: replace the predictor for a new number of classes
     from fasterrcnn.model import FastRCNNPredictor
+
     model = tiny_model(num_classes=4)
     model.roi_heads.box_predictor = FastRCNNPredictor(64, 7)
     assert model.num_classes == 7

@@ -1,5 +1,6 @@
 """conv_norm: a conv followed by a FrozenBatchNorm2d, folded into one convolution on the fly, against
 the two layers run one after the other (float64), forward and backward."""
+
 import pytest
 import torch
 from torch import nn
@@ -18,8 +19,10 @@ def frozen_bn(channels: int, g: torch.Generator, dtype=torch.float64) -> FrozenB
     return bn
 
 
-@pytest.mark.parametrize("kernel,stride,padding,dilation,channels_last", [
-    (1, 1, 0, 1, False), (3, 2, 1, 1, False), (3, 1, 2, 2, True), (7, 2, 3, 1, True)])
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation,channels_last",
+    [(1, 1, 0, 1, False), (3, 2, 1, 1, False), (3, 1, 2, 2, True), (7, 2, 3, 1, True)],
+)
 def test_conv_norm_equals_conv_then_frozen_bn_forward_and_backward(kernel, stride, padding, dilation, channels_last):
     g = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(6, 5, kernel, stride=stride, padding=padding, dilation=dilation, bias=False).double()

@@ -75,22 +75,41 @@ def test_eval_output_format_and_boxes_in_original_pixels():
     assert any(d["boxes"].shape[0] > 0 for d in out)  # with threshold 0, a random model still detects
 
 
-@pytest.mark.parametrize("bad_targets, message", [
-    (None, "needs targets"),
-    ([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}], "one dict per image"),
-    ([{"labels": torch.tensor([1])}] * 2, r"targets\[0\] has no 'boxes'"),
-    ([{"boxes": torch.zeros(3), "labels": torch.tensor([1])}] * 2, r"targets\[0\]\['boxes'\]: expected a Tensor\[N, 4\]"),
-    ([{"boxes": torch.tensor([[0, 0, 5, 5]]), "labels": torch.tensor([1])}] * 2, "expected a float tensor"),
-    ([{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1, 2])}] * 2, "one label per box"),
-    ([{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1], dtype=torch.int32)}] * 2, "torch.int64"),
-    ([{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1])},
-      {"boxes": torch.tensor([[0.0, 0, 5, 5], [10.0, 10, 10, 20]]), "labels": torch.tensor([1, 1])}],
-     r"targets\[1\]\['boxes'\]\[1\] = \[10.0, 10.0, 10.0, 20.0\] is degenerate"),
-    ([{"boxes": torch.tensor([[0.0, 8, 5, 5]]), "labels": torch.tensor([1])}] * 2, r"\[0\]\['boxes'\]\[0\].*degenerate"),
-    ([{"boxes": torch.tensor([[0.0, 0, float("nan"), 5]]), "labels": torch.tensor([1])}] * 2, "not finite"),
-    ([{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([0])}] * 2, r"\['labels'\]\[0\] = 0 is out of range: expected 1..3"),
-    ([{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([4])}] * 2, "= 4 is out of range"),
-])
+@pytest.mark.parametrize(
+    "bad_targets, message",
+    [
+        (None, "needs targets"),
+        ([{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}], "one dict per image"),
+        ([{"labels": torch.tensor([1])}] * 2, r"targets\[0\] has no 'boxes'"),
+        (
+            [{"boxes": torch.zeros(3), "labels": torch.tensor([1])}] * 2,
+            r"targets\[0\]\['boxes'\]: expected a Tensor\[N, 4\]",
+        ),
+        ([{"boxes": torch.tensor([[0, 0, 5, 5]]), "labels": torch.tensor([1])}] * 2, "expected a float tensor"),
+        ([{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1, 2])}] * 2, "one label per box"),
+        (
+            [{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1], dtype=torch.int32)}] * 2,
+            "torch.int64",
+        ),
+        (
+            [
+                {"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([1])},
+                {"boxes": torch.tensor([[0.0, 0, 5, 5], [10.0, 10, 10, 20]]), "labels": torch.tensor([1, 1])},
+            ],
+            r"targets\[1\]\['boxes'\]\[1\] = \[10.0, 10.0, 10.0, 20.0\] is degenerate",
+        ),
+        (
+            [{"boxes": torch.tensor([[0.0, 8, 5, 5]]), "labels": torch.tensor([1])}] * 2,
+            r"\[0\]\['boxes'\]\[0\].*degenerate",
+        ),
+        ([{"boxes": torch.tensor([[0.0, 0, float("nan"), 5]]), "labels": torch.tensor([1])}] * 2, "not finite"),
+        (
+            [{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([0])}] * 2,
+            r"\['labels'\]\[0\] = 0 is out of range: expected 1..3",
+        ),
+        ([{"boxes": torch.tensor([[0.0, 0, 5, 5]]), "labels": torch.tensor([4])}] * 2, "= 4 is out of range"),
+    ],
+)
 def test_training_input_errors(bad_targets, message):
     model = tiny_model().train()
     images, _ = sample_batch()
@@ -98,12 +117,15 @@ def test_training_input_errors(bad_targets, message):
         model(images, bad_targets)
 
 
-@pytest.mark.parametrize("bad_images, message", [
-    (torch.rand(2, 3, 64, 64), "list of Tensor"),
-    ([torch.rand(1, 64, 64)], r"images\[0\]: expected a Tensor\[3, H, W\]"),
-    ([torch.rand(3, 64, 64), torch.zeros(3, 64, 64, dtype=torch.uint8)], r"images\[1\]: expected a float tensor"),
-    ([], "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "bad_images, message",
+    [
+        (torch.rand(2, 3, 64, 64), "list of Tensor"),
+        ([torch.rand(1, 64, 64)], r"images\[0\]: expected a Tensor\[3, H, W\]"),
+        ([torch.rand(3, 64, 64), torch.zeros(3, 64, 64, dtype=torch.uint8)], r"images\[1\]: expected a float tensor"),
+        ([], "non-empty list"),
+    ],
+)
 def test_image_input_errors(bad_images, message):
     model = tiny_model().eval()
     with pytest.raises((ValueError, TypeError), match=message):

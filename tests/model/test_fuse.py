@@ -3,6 +3,7 @@ fused RPN head and the channels-last box head swapped in, bfloat16. Folding must
 computes (float64 reference, then the whole detector against its unoptimised self); the fast heads must
 compute what the heads they replace compute; bfloat16 must reproduce the float32 detections; training must
 stay untouched; an image with no proposal gives the plain model's empty detections."""
+
 import pytest
 import torch
 from torch import nn
@@ -30,16 +31,20 @@ def random_norm(norm: nn.Module, g: torch.Generator) -> nn.Module:
 def test_folded_conv_equals_conv_then_norm_in_float64(norm_kind, bias):
     g = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(5, 6, 3, stride=2, padding=1, bias=bias)
-    norm = {"frozen": lambda: FrozenBatchNorm2d(6), "frozen_eps0": lambda: FrozenBatchNorm2d(6, eps=0.0),
-            "batchnorm": lambda: nn.BatchNorm2d(6).eval()}[norm_kind]()
+    norm = {
+        "frozen": lambda: FrozenBatchNorm2d(6),
+        "frozen_eps0": lambda: FrozenBatchNorm2d(6, eps=0.0),
+        "batchnorm": lambda: nn.BatchNorm2d(6).eval(),
+    }[norm_kind]()
     random_norm(norm, g)
     x = torch.randn(2, 5, 9, 11, generator=g)
     # the reference: conv, then the norm's formula, written out in float64
     w, b = conv.weight.double(), conv.bias.double() if bias else None
     y = nn.functional.conv2d(x.double(), w, b, stride=2, padding=1)
     eps = norm.eps
-    expected = (y - norm.running_mean.double()[:, None, None]) / (norm.running_var.double()[:, None, None] + eps).sqrt() \
-        * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
+    expected = (y - norm.running_mean.double()[:, None, None]) / (
+        norm.running_var.double()[:, None, None] + eps
+    ).sqrt() * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None]
     assert fold_conv_norm(conv, norm)
     with torch.no_grad():
         got = conv(x)
@@ -109,8 +114,10 @@ def test_optimised_float32_model_gives_the_unoptimised_detections():
         reference = detecting_tiny_model().double().features(x.double())  # unfolded, in float64
         feats_plain, feats_fast = plain.features(x), fast.features(x)
         for k, ref in reference.items():
-            def error(f):
+
+            def error(f, ref=ref):
                 return float((f.double() - ref).norm() / ref.norm())
+
             # float32 rounding only: both within a few 1e-6 of the float64 model
             assert error(feats_fast[k]) < 1e-5 and error(feats_plain[k]) < 1e-5
         want, got = plain(images), fast(images)
@@ -225,6 +232,5 @@ def test_an_image_without_proposals_gives_the_plain_models_empty_detections(dtyp
     if cause == "score_threshold":  # the Detector runs the optimised model too
         from fasterrcnn import Detector
 
-        detector = Detector(plain, ["__background__", "a", "b", "c"], score_threshold=0.0,
-                            bf16=dtype == torch.bfloat16)
+        detector = Detector(plain, ["__background__", "a", "b", "c"], score_threshold=0.0, bf16=dtype == torch.bfloat16)
         assert [len(d) for d in detector(images)] == [0, 0]

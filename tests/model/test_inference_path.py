@@ -1,6 +1,7 @@
 """The batched inference path (RPN proposal filtering, box post-processing, anchors, FPN top-down)
 against the plain per-image procedure, written out here with the elementary ops: the same boxes,
 bit for bit, in the same order."""
+
 from collections import OrderedDict
 
 import torch
@@ -22,7 +23,7 @@ def rpn_reference(rpn, proposals, objectness, image_sizes, num_anchors_per_level
         idx, lvl, offset = [], [], 0
         for i, n in enumerate(num_anchors_per_level):
             k = min(rpn.pre_nms_top_n(), n)
-            idx.append(obj[offset:offset + n].topk(k).indices + offset)
+            idx.append(obj[offset : offset + n].topk(k).indices + offset)
             lvl.append(torch.full((k,), i))
             offset += n
         idx, lvl = torch.cat(idx), torch.cat(lvl)
@@ -51,8 +52,12 @@ def postprocess_reference(heads, class_logits, box_deltas, proposals, image_size
         boxes = clip_boxes_to_image(boxes, size)
         labels = torch.arange(k).expand_as(sc)
         rows = torch.arange(boxes.shape[0])[:, None].expand_as(labels)
-        boxes, sc, labels, rows = boxes[:, 1:].reshape(-1, 4), sc[:, 1:].reshape(-1), labels[:, 1:].reshape(-1), \
-            rows[:, 1:].reshape(-1)
+        boxes, sc, labels, rows = (
+            boxes[:, 1:].reshape(-1, 4),
+            sc[:, 1:].reshape(-1),
+            labels[:, 1:].reshape(-1),
+            rows[:, 1:].reshape(-1),
+        )
         keep = torch.nonzero(sc > heads.score_thresh).flatten()
         boxes, sc, labels, rows = boxes[keep], sc[keep], labels[keep], rows[keep]
         keep = remove_small_boxes(boxes, 1e-2)
@@ -126,8 +131,10 @@ def test_fpn_top_down_in_place_equals_interpolate_and_add():
     torch.manual_seed(0)
     fpn = FeaturePyramidNetwork([8, 16, 32], 8).double()
     for sizes in (((16, 20), (8, 10), (4, 5)), ((17, 21), (9, 11), (5, 6))):  # exact 2x, and not
-        x = OrderedDict((str(i), torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True))
-                        for i, (c, (h, w)) in enumerate(zip((8, 16, 32), sizes)))
+        x = OrderedDict(
+            (str(i), torch.randn(2, c, h, w, dtype=torch.float64, requires_grad=True))
+            for i, (c, (h, w)) in enumerate(zip((8, 16, 32), sizes))
+        )
         out = fpn(x)
         feats = list(x.values())
         merged = fpn.inner_blocks[-1](feats[-1])
@@ -139,7 +146,7 @@ def test_fpn_top_down_in_place_equals_interpolate_and_add():
         want.append(F.max_pool2d(want[-1], kernel_size=1, stride=2))
         for o, w in zip(out.values(), want):
             torch.testing.assert_close(o, w, rtol=0, atol=1e-12)
-        grads = torch.autograd.grad(sum((o ** 2).sum() for o in out.values()), feats)
-        grads_want = torch.autograd.grad(sum((w ** 2).sum() for w in want), feats)
+        grads = torch.autograd.grad(sum((o**2).sum() for o in out.values()), feats)
+        grads_want = torch.autograd.grad(sum((w**2).sum() for w in want), feats)
         for g, gw in zip(grads, grads_want):
             torch.testing.assert_close(g, gw, rtol=1e-12, atol=1e-12)

@@ -7,8 +7,7 @@ from fasterrcnn.model.sampler import BalancedPositiveNegativeSampler
 
 def test_matcher_thresholds():
     # 2 gt x 5 predictions
-    iou = torch.tensor([[0.9, 0.5, 0.2, 0.0, 0.69],
-                        [0.1, 0.6, 0.29, 0.3, 0.7]])
+    iou = torch.tensor([[0.9, 0.5, 0.2, 0.0, 0.69], [0.1, 0.6, 0.29, 0.3, 0.7]])
     m = Matcher(0.7, 0.3, allow_low_quality_matches=False)(iou)
     # pred 0 -> gt0 (0.9); pred 1 best 0.6 -> between; pred 2 best 0.29 -> below;
     # pred 3 best 0.3 -> between (low is inclusive); pred 4 best 0.7 (gt1) -> matched (high inclusive)
@@ -16,8 +15,7 @@ def test_matcher_thresholds():
 
 
 def test_matcher_low_quality_matches_keep_each_gts_best_including_ties():
-    iou = torch.tensor([[0.4, 0.4, 0.1, 0.0],
-                        [0.0, 0.2, 0.5, 0.5]])
+    iou = torch.tensor([[0.4, 0.4, 0.1, 0.0], [0.0, 0.2, 0.5, 0.5]])
     m = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
     # gt0's best (0.4) is tied on preds 0 and 1; gt1's best (0.5) on preds 2 and 3: all four matched
     assert m.tolist() == [0, 0, 1, 1]
@@ -73,6 +71,7 @@ def test_sampler_is_random_but_seeded():
 
 def test_sampler_with_per_image_generators_is_independent_of_batch_composition():
     from fasterrcnn.model.sampler import sample_generators
+
     a = torch.tensor([1] * 30 + [0] * 70)
     b = torch.tensor([1] * 5 + [0] * 95)
     sampler = BalancedPositiveNegativeSampler(20, 0.5)

@@ -1,4 +1,5 @@
 """top_n_per_image: each image's n best of a flat, ranked batch, grouped by image."""
+
 import torch
 
 from fasterrcnn.model.per_image import top_n_per_image

@@ -1,6 +1,7 @@
 """The model's public stages and its recorder: forward is the composition of preprocess, features,
 propose, detect and postprocess; a recorder holds what the RPN and the RoI heads did, consistently
 with the stages' outputs; without one nothing is recorded."""
+
 import pytest
 import torch
 
@@ -151,9 +152,10 @@ def test_recorded_training_samples_are_consistent():
         assert bool((matches[i][pos] >= 0).all()) and bool((matches[i][neg] == -1).all())
         assert len(set(pos.tolist()) | set(neg.tolist())) == pos.numel() + neg.numel()
     # the RoI heads' sample: rows of each image's proposals followed by its (resized) gt boxes
-    for i, (index, labels, boxes) in enumerate(zip(rec["roi_heads.sampled_index"], rec["roi_heads.sampled_labels"],
-                                                   rec["roi_heads.proposals"])):
-        candidates = torch.cat([rec["rpn.proposals"][i], rec["rpn.gt_boxes"][i][:targets[i]["boxes"].shape[0]]])
+    for i, (index, labels, boxes) in enumerate(
+        zip(rec["roi_heads.sampled_index"], rec["roi_heads.sampled_labels"], rec["roi_heads.proposals"])
+    ):
+        candidates = torch.cat([rec["rpn.proposals"][i], rec["rpn.gt_boxes"][i][: targets[i]["boxes"].shape[0]]])
         assert torch.equal(boxes, candidates[index])
         assert labels.shape == index.shape and bool((labels > 0).any()) and bool((labels == 0).any())
     assert rec["roi_heads.class_scores"].shape[0] == sum(b.shape[0] for b in rec["roi_heads.proposals"])

@@ -10,6 +10,7 @@ behaves like a trained one: torchvision's own model, built as its ``weights=`` p
 and heads scaled up so the RPN ranks anchors decisively and the classifier is confident: every stage
 (resize, backbone, FPN, anchors, proposals, NMS, RoIAlign, box head, per-class NMS) shapes the output.
 """
+
 import os
 
 import pytest
@@ -41,8 +42,11 @@ def structured_images(seed: int):
             cy, cx = int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))
             r = int(torch.randint(10, min(h, w) // 3, (1,), generator=g))
             colour = torch.rand(3, 1, 1, generator=g)
-            mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) if torch.rand(1, generator=g) < 0.5 else \
-                ((yy - cy).abs() < r) & ((xx - cx).abs() < r * 0.6)
+            mask = (
+                ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+                if torch.rand(1, generator=g) < 0.5
+                else ((yy - cy).abs() < r) & ((xx - cx).abs() < r * 0.6)
+            )
             im = torch.where(mask, colour, im)
         images.append((im + 0.03 * torch.randn(im.shape, generator=g)).clamp(0, 1))
     return images
@@ -89,8 +93,11 @@ def match_rate(ref: dict, ours: dict, iou_min=0.99, score_tol=1e-3) -> tuple[flo
     if ours["boxes"].shape[0] == 0:
         return 0.0, n
     iou = box_iou(ref["boxes"], ours["boxes"])
-    ok = (iou >= iou_min) & (ref["labels"][:, None] == ours["labels"][None, :]) \
+    ok = (
+        (iou >= iou_min)
+        & (ref["labels"][:, None] == ours["labels"][None, :])
         & ((ref["scores"][:, None] - ours["scores"][None, :]).abs() <= score_tol)
+    )
     return float(ok.any(dim=1).float().mean()), n
 
 

@@ -25,7 +25,9 @@ def test_normalize_and_boxes_follow_the_image():
 
 def test_postprocess_maps_back_to_original_size():
     t = DetectionTransform(min_size=20, max_size=100).eval()
-    dets = [{"boxes": torch.tensor([[4.0, 6.0, 20.0, 16.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}]
+    dets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 20.0, 16.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    ]
     back = t.postprocess(dets, [(20, 40)], [(10, 20)])
     assert torch.equal(back[0]["boxes"], torch.tensor([[2.0, 3.0, 10.0, 8.0]]))
     assert torch.equal(resize_boxes(torch.zeros(0, 4), (10, 10), (20, 20)), torch.zeros(0, 4))

@@ -53,8 +53,10 @@ def test_wrapped_checkpoint_and_file_url(trained_tiny, tmp_path):
 
 def test_legacy_names_are_upgraded(trained_tiny, tmp_path):
     ref, _ = trained_tiny
-    legacy = {k.replace("rpn.head.conv.0.0.", "rpn.head.conv.").replace("inner_blocks.2.0.", "inner_blocks.2."): v
-              for k, v in ref.state_dict().items()}
+    legacy = {
+        k.replace("rpn.head.conv.0.0.", "rpn.head.conv.").replace("inner_blocks.2.0.", "inner_blocks.2."): v
+        for k, v in ref.state_dict().items()
+    }
     assert "rpn.head.conv.weight" in legacy and "backbone.fpn.inner_blocks.2.weight" in legacy
     assert set(upgrade_legacy_keys(legacy)) == set(ref.state_dict())
     path = tmp_path / "legacy.pth"
@@ -95,6 +97,7 @@ def test_unreadable_and_missing_files(tmp_path):
 
 class _Payload:
     """Unpickling this would create a file: proof that code ran."""
+
     marker = ""
 
     def __reduce__(self):

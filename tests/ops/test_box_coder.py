@@ -63,7 +63,7 @@ def test_decode_class_specific_groups_share_the_box():
     out = coder.decode(deltas, boxes)
     assert out.shape == (2, 12)
     for k in range(3):
-        torch.testing.assert_close(out[:, 4 * k:4 * k + 4], coder.decode(deltas[:, 4 * k:4 * k + 4], boxes))
+        torch.testing.assert_close(out[:, 4 * k : 4 * k + 4], coder.decode(deltas[:, 4 * k : 4 * k + 4], boxes))
 
 
 def test_empty_and_dtype():

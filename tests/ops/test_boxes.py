@@ -15,8 +15,7 @@ def test_box_iou_hand_values():
     b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 6.0, 6.0], [0.0, 0.0, 2.0, 1.0]])
     iou = box_iou(a, b)
     # [0,0,2,2] vs [1,1,3,3]: inter 1, union 4 + 4 - 1 = 7
-    expected = torch.tensor([[1 / 7, 1.0, 0.0, 2 / 4],
-                             [0.0, 1 / 4, 0.0, 1 / 2]])
+    expected = torch.tensor([[1 / 7, 1.0, 0.0, 2 / 4], [0.0, 1 / 4, 0.0, 1 / 2]])
     assert iou.shape == (2, 4)
     torch.testing.assert_close(iou, expected)
 
@@ -70,10 +69,14 @@ def test_clip_boxes_any_leading_dims():
 
 
 def test_remove_small_boxes():
-    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0],   # exactly min_size: kept
-                          [0.0, 0.0, 0.5, 2.0],   # too narrow
-                          [0.0, 0.0, 2.0, 0.99],  # too short
-                          [5.0, 5.0, 9.0, 9.0]])
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 1.0, 1.0],  # exactly min_size: kept
+            [0.0, 0.0, 0.5, 2.0],  # too narrow
+            [0.0, 0.0, 2.0, 0.99],  # too short
+            [5.0, 5.0, 9.0, 9.0],
+        ]
+    )
     keep = remove_small_boxes(boxes, 1.0)
     assert keep.dtype == torch.int64
     assert keep.tolist() == [0, 3]
@@ -83,8 +86,9 @@ def test_remove_small_boxes():
 
 def test_clip_boxes_each_to_its_own_image():
     # a batch [B, K, 4] with sizes [B, 1, 2], and flat boxes [M, 4] with one (h, w) per box
-    boxes = torch.tensor([[[-5.0, -1.0, 30.0, 12.0], [3.0, 4.0, 50.0, 60.0]],
-                          [[-5.0, -1.0, 30.0, 12.0], [3.0, 4.0, 50.0, 60.0]]])
+    boxes = torch.tensor(
+        [[[-5.0, -1.0, 30.0, 12.0], [3.0, 4.0, 50.0, 60.0]], [[-5.0, -1.0, 30.0, 12.0], [3.0, 4.0, 50.0, 60.0]]]
+    )
     sizes = torch.tensor([[10, 20], [40, 45]])  # (h, w)
     clipped = clip_boxes_to_image(boxes, sizes[:, None, :])
     for i, (h, w) in enumerate(sizes.tolist()):
@@ -95,8 +99,7 @@ def test_clip_boxes_each_to_its_own_image():
 
 
 def test_min_size_mask_is_remove_small_boxes_as_a_mask():
-    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 2.0]],
-                          [[0.0, 0.0, 2.0, 0.99], [5.0, 5.0, 9.0, 9.0]]])
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 2.0]], [[0.0, 0.0, 2.0, 0.99], [5.0, 5.0, 9.0, 9.0]]])
     mask = min_size_mask(boxes, 1.0)
     assert mask.dtype == torch.bool and mask.tolist() == [[True, False], [False, True]]
     assert torch.equal(torch.nonzero(mask.reshape(-1)).flatten(), remove_small_boxes(boxes.reshape(-1, 4), 1.0))

@@ -85,8 +85,15 @@ def test_nms_iou_exactly_at_threshold_is_kept():
 
 
 def test_nms_ties_keep_input_order():
-    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0],
-                          [20.0, 20.0, 30.0, 30.0], [50.0, 50.0, 60.0, 60.0]])
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 10.0, 10.0],
+            [0.0, 0.0, 10.0, 10.0],
+            [20.0, 20.0, 30.0, 30.0],
+            [20.0, 20.0, 30.0, 30.0],
+            [50.0, 50.0, 60.0, 60.0],
+        ]
+    )
     scores = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.9])
     assert nms(boxes, scores, 0.5).tolist() == [4, 0, 2]
     assert nms(boxes[[1, 0, 3, 2, 4]], scores, 0.5).tolist() == [4, 0, 2]

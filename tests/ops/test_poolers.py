@@ -3,8 +3,15 @@ import math
 import pytest
 import torch
 
-from fasterrcnn.ops import (MultiScalePooler, MultiScaleRoIAlign, MultiScaleRoIPool, assign_fpn_levels, infer_scale,
-                            roi_align, roi_pool)
+from fasterrcnn.ops import (
+    MultiScalePooler,
+    MultiScaleRoIAlign,
+    MultiScaleRoIPool,
+    assign_fpn_levels,
+    infer_scale,
+    roi_align,
+    roi_pool,
+)
 
 
 def square(side, x0=0.0):
@@ -23,15 +30,16 @@ def test_assign_fpn_levels_hand_values():
     # a 56 x 56 box is level 2 and a 2000 x 2000 one level 7 without clamping
     assert assign_fpn_levels(torch.tensor([square(56), square(2000)]), 0, 10).tolist() == [2, 7]
     # other canonical values: 100 px at level 3 -> 200 px is level 4
-    assert assign_fpn_levels(torch.tensor([square(200)]), 2, 5, canonical_scale=100,
-                             canonical_level=3).tolist() == [2]
+    assert assign_fpn_levels(torch.tensor([square(200)]), 2, 5, canonical_scale=100, canonical_level=3).tolist() == [2]
     assert assign_fpn_levels(torch.zeros(0, 4), 2, 5).shape == (0,)
 
 
 def make_features(batch, channels, height, width, strides, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return {str(i): torch.randn(batch, channels, math.ceil(height / s), math.ceil(width / s), generator=g,
-                                dtype=dtype) for i, s in enumerate(strides)}
+    return {
+        str(i): torch.randn(batch, channels, math.ceil(height / s), math.ceil(width / s), generator=g, dtype=dtype)
+        for i, s in enumerate(strides)
+    }
 
 
 def random_boxes(k, height, width, seed, max_side):
@@ -46,8 +54,10 @@ def test_multiscale_matches_per_level_roi_align():
     feats = make_features(2, 3, 128, 192, strides, seed=30, dtype=torch.float64)
     feats["pool"] = torch.randn(2, 3, 2, 3, dtype=torch.float64)  # not in featmap_names: ignored
     image_sizes = [(128, 192), (100, 150)]  # original size = (128, 192)
-    boxes = [random_boxes(25, 128, 192, seed=31, max_side=900).double(),
-             random_boxes(15, 100, 150, seed=32, max_side=100).double()]
+    boxes = [
+        random_boxes(25, 128, 192, seed=31, max_side=900).double(),
+        random_boxes(15, 100, 150, seed=32, max_side=100).double(),
+    ]
     pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], (7, 5), 2)
     out = pooler(feats, boxes, image_sizes)
     assert out.shape == (40, 3, 7, 5) and out.dtype == torch.float64
@@ -59,9 +69,9 @@ def test_multiscale_matches_per_level_roi_align():
     assert len(set(levels.tolist())) == 4  # the data exercises every level
     for r in range(40):
         lvl = int(levels[r])
-        roi = torch.cat((batch[r:r + 1].double(), all_boxes[r])).view(1, 5)
+        roi = torch.cat((batch[r : r + 1].double(), all_boxes[r])).view(1, 5)
         expected = roi_align(feats[str(lvl)], roi, (7, 5), scales[lvl], 2, aligned=False)
-        torch.testing.assert_close(out[r:r + 1], expected, rtol=0, atol=0)
+        torch.testing.assert_close(out[r : r + 1], expected, rtol=0, atol=0)
 
 
 def test_multiscale_scale_inference_rounds_in_log2():
@@ -116,8 +126,10 @@ def test_multiscale_output_is_a_channels_last_view_and_its_gradient_matches_per_
     strides = [4, 8, 16, 32]
     feats = make_features(2, 3, 128, 192, strides, seed=40, dtype=torch.float64)
     image_sizes = [(128, 192), (128, 160)]
-    boxes = [random_boxes(20, 128, 192, seed=41, max_side=900).double(),
-             random_boxes(12, 128, 160, seed=42, max_side=150).double()]
+    boxes = [
+        random_boxes(20, 128, 192, seed=41, max_side=900).double(),
+        random_boxes(12, 128, 160, seed=42, max_side=150).double(),
+    ]
     all_boxes, batch = torch.cat(boxes), torch.tensor([0.0] * 20 + [1.0] * 12, dtype=torch.float64)
     levels = assign_fpn_levels(all_boxes, 2, 5)
     assert len(set(levels.tolist())) == 4
@@ -134,10 +146,10 @@ def test_multiscale_output_is_a_channels_last_view_and_its_gradient_matches_per_
     total = 0.0
     for r in range(32):
         lvl = int(levels[r])
-        roi = torch.cat((batch[r:r + 1], all_boxes[r])).view(1, 5)
+        roi = torch.cat((batch[r : r + 1], all_boxes[r])).view(1, 5)
         piece = roi_align(ref_leaves[str(lvl)], roi, 7, 1.0 / strides[lvl], 2, aligned=False)
-        torch.testing.assert_close(out[r:r + 1].detach(), piece.detach(), rtol=0, atol=0)
-        total = total + (piece * probe[r:r + 1]).sum()
+        torch.testing.assert_close(out[r : r + 1].detach(), piece.detach(), rtol=0, atol=0)
+        total = total + (piece * probe[r : r + 1]).sum()
     total.backward()
     for k in leaves:
         torch.testing.assert_close(leaves[k].grad, ref_leaves[k].grad, rtol=1e-12, atol=1e-12)
@@ -172,9 +184,9 @@ def test_roi_levels_are_the_maps_forward_pools_from():
     out = pooler(feats, boxes, image_sizes)
     batch = torch.cat([torch.full((len(b),), float(i)) for i, b in enumerate(boxes)]).double()
     for r, (lvl, box) in enumerate(zip(levels.tolist(), torch.cat(boxes).double())):
-        roi = torch.cat((batch[r:r + 1], box)).view(1, 5)
+        roi = torch.cat((batch[r : r + 1], box)).view(1, 5)
         expected = roi_align(feats[str(lvl)], roi, 3, 1 / strides[lvl], 2)
-        torch.testing.assert_close(out[r:r + 1], expected, rtol=0, atol=0)
+        torch.testing.assert_close(out[r : r + 1], expected, rtol=0, atol=0)
     one_map = MultiScaleRoIAlign(["2"], 3, 2)
     assert one_map.roi_levels(feats, boxes, image_sizes).tolist() == [0] * 35
 
@@ -197,4 +209,4 @@ def test_roipool_pooler_is_a_sibling_of_the_roialign_one():
     out = pool(feats, boxes, [(64, 64)])
     for r, lvl in enumerate(levels.tolist()):
         roi = torch.cat((torch.zeros(1, dtype=torch.float64), boxes[0][r].double())).view(1, 5)
-        torch.testing.assert_close(out[r:r + 1], roi_pool(feats[str(lvl)], roi, 2, 0.25 / 2 ** lvl), rtol=0, atol=0)
+        torch.testing.assert_close(out[r : r + 1], roi_pool(feats[str(lvl)], roi, 2, 0.25 / 2**lvl), rtol=0, atol=0)

@@ -30,8 +30,12 @@ def ref_bilinear(fmap, y, x, dt):
         x_high = x_low + 1
     ly, lx = y - dt(y_low), x - dt(x_low)
     hy, hx = dt(1) - ly, dt(1) - lx
-    return (float(hy * hx) * fmap[:, y_low, x_low] + float(hy * lx) * fmap[:, y_low, x_high]
-            + float(ly * hx) * fmap[:, y_high, x_low] + float(ly * lx) * fmap[:, y_high, x_high])
+    return (
+        float(hy * hx) * fmap[:, y_low, x_low]
+        + float(hy * lx) * fmap[:, y_low, x_high]
+        + float(ly * hx) * fmap[:, y_high, x_low]
+        + float(ly * lx) * fmap[:, y_high, x_high]
+    )
 
 
 def ref_roi_align(inp, rois, output_size, spatial_scale, sampling_ratio, aligned):
@@ -81,8 +85,9 @@ def random_rois(k, n, height, width, spatial_scale, seed, dtype=torch.float64, t
 def test_roi_align_matches_reference_float64(aligned, sampling_ratio, spatial_scale):
     g = torch.Generator().manual_seed(7)
     inp = torch.randn(2, 3, 7, 9, generator=g, dtype=torch.float64)  # non-square
-    rois = torch.cat((random_rois(12, 2, 7, 9, spatial_scale, seed=1),
-                      random_rois(6, 2, 7, 9, spatial_scale, seed=2, tiny=True)))
+    rois = torch.cat(
+        (random_rois(12, 2, 7, 9, spatial_scale, seed=1), random_rois(6, 2, 7, 9, spatial_scale, seed=2, tiny=True))
+    )
     out = roi_align(inp, rois, (3, 2), spatial_scale, sampling_ratio, aligned)
     assert out.shape == (18, 3, 3, 2) and out.dtype == torch.float64
     expected = ref_roi_align(inp, rois, (3, 2), spatial_scale, sampling_ratio, aligned)
@@ -103,12 +108,17 @@ def test_roi_align_matches_reference_float32(aligned, sampling_ratio):
 
 def test_roi_align_degenerate_boxes():
     inp = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    rois = torch.tensor([[0, 2.0, 2.0, 2.0, 2.0],     # zero size
-                         [0, 3.0, 3.0, 1.0, 1.0],     # inverted
-                         [0, -20.0, -20.0, -10.0, -10.0],  # fully outside (top-left)
-                         [0, 30.0, 1.0, 40.0, 5.0],   # fully outside (right)
-                         [0, 5.5, 5.5, 5.9, 5.9],     # tiny, at the last row / column
-                         [0, -1.5, -0.7, 0.3, 0.2]], dtype=torch.float64)  # straddling the top-left border
+    rois = torch.tensor(
+        [
+            [0, 2.0, 2.0, 2.0, 2.0],  # zero size
+            [0, 3.0, 3.0, 1.0, 1.0],  # inverted
+            [0, -20.0, -20.0, -10.0, -10.0],  # fully outside (top-left)
+            [0, 30.0, 1.0, 40.0, 5.0],  # fully outside (right)
+            [0, 5.5, 5.5, 5.9, 5.9],  # tiny, at the last row / column
+            [0, -1.5, -0.7, 0.3, 0.2],
+        ],
+        dtype=torch.float64,
+    )  # straddling the top-left border
     for aligned in (False, True):
         for sr in (0, 2):
             out = roi_align(inp, rois, 2, 1.0, sr, aligned)
@@ -165,11 +175,14 @@ def test_roi_align_empty():
 def test_roi_align_gradcheck():
     g = torch.Generator().manual_seed(11)
     inp = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    rois = torch.tensor([[0, 0.3, 0.4, 3.9, 4.2], [1, -1.2, 1.1, 2.5, 7.0], [1, 2.2, 0.1, 8.3, 3.3]],
-                        dtype=torch.float64)
+    rois = torch.tensor(
+        [[0, 0.3, 0.4, 3.9, 4.2], [1, -1.2, 1.1, 2.5, 7.0], [1, 2.2, 0.1, 8.3, 3.3]], dtype=torch.float64
+    )
     for aligned in (False, True):
         for sr in (0, 2):
-            assert torch.autograd.gradcheck(lambda t: roi_align(t, rois, (2, 3), 0.8, sr, aligned), (inp,))
+            assert torch.autograd.gradcheck(
+                lambda t, sr=sr, aligned=aligned: roi_align(t, rois, (2, 3), 0.8, sr, aligned), (inp,)
+            )
 
 
 def test_roi_align_backward_matches_reference_weights():
@@ -192,14 +205,20 @@ def test_roi_align_adaptive_groups_and_chunks(monkeypatch):
     # boxes of very different sizes -> several grid groups; a small budget forces several chunks per group
     g = torch.Generator().manual_seed(13)
     inp = torch.randn(2, 2, 20, 24, generator=g, dtype=torch.float64)
-    rois = torch.cat((random_rois(10, 2, 20, 24, 1.0, seed=14), random_rois(10, 2, 20, 24, 1.0, seed=15, tiny=True),
-                      torch.tensor([[1, -5.0, -5.0, 40.0, 30.0]], dtype=torch.float64)))
+    rois = torch.cat(
+        (
+            random_rois(10, 2, 20, 24, 1.0, seed=14),
+            random_rois(10, 2, 20, 24, 1.0, seed=15, tiny=True),
+            torch.tensor([[1, -5.0, -5.0, 40.0, 30.0]], dtype=torch.float64),
+        )
+    )
     full = roi_align(inp, rois, 2, 1.0, 0, False)
     torch.testing.assert_close(full, ref_roi_align(inp, rois, 2, 1.0, 0, False), rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(roi_align_module, "_TAP_BUDGET", 50)
     torch.testing.assert_close(roi_align(inp, rois, 2, 1.0, 0, False), full, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(roi_align(inp, rois, 2, 1.0, 2, True),
-                               ref_roi_align(inp, rois, 2, 1.0, 2, True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        roi_align(inp, rois, 2, 1.0, 2, True), ref_roi_align(inp, rois, 2, 1.0, 2, True), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_roi_align_low_precision_input():
@@ -208,8 +227,9 @@ def test_roi_align_low_precision_input():
     rois = torch.tensor([[0, 0.5, 0.5, 4.5, 5.0]])
     out = roi_align(inp.to(torch.bfloat16), rois, 2, 1.0, 2, True)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), roi_align(inp.to(torch.bfloat16).float(), rois, 2, 1.0, 2, True),
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        out.float(), roi_align(inp.to(torch.bfloat16).float(), rois, 2, 1.0, 2, True), rtol=1e-2, atol=1e-2
+    )
 
 
 def test_roi_align_rejects_bad_batch_index():
@@ -222,8 +242,9 @@ def test_roi_align_any_memory_layout():
     inp = torch.randn(2, 5, 6, 7, generator=g)
     rois = random_rois(8, 2, 6, 7, 1.0, seed=18, dtype=torch.float32)
     expected = roi_align(inp, rois, 3, 1.0, 2, False)
-    torch.testing.assert_close(roi_align(inp.contiguous(memory_format=torch.channels_last), rois, 3, 1.0, 2, False),
-                               expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        roi_align(inp.contiguous(memory_format=torch.channels_last), rois, 3, 1.0, 2, False), expected, rtol=0, atol=0
+    )
     wide = torch.randn(2, 5, 6, 14, generator=g)
     wide[..., ::2] = inp
     torch.testing.assert_close(roi_align(wide[..., ::2], rois, 3, 1.0, 2, False), expected, rtol=0, atol=0)
@@ -250,12 +271,17 @@ def test_roi_align_gradient_is_contiguous_nchw():
 
 def test_roi_align_rows_is_roi_align_before_its_transpose():
     from fasterrcnn.ops.roi_align import roi_align_rows
+
     g = torch.Generator().manual_seed(17)
     inp = torch.randn(2, 5, 12, 16, generator=g, dtype=torch.float64)
     rois = torch.cat((random_rois(6, 2, 12, 16, 1.0, seed=18), random_rois(4, 2, 12, 16, 1.0, seed=19, tiny=True)))
     for sampling in (0, 2):
         rows = roi_align_rows(inp, rois, (3, 4), 1.0, sampling, False)
         assert rows.shape == (10, 12, 5) and rows.is_contiguous()
-        torch.testing.assert_close(rows.view(10, 3, 4, 5).permute(0, 3, 1, 2),
-                                   roi_align(inp, rois, (3, 4), 1.0, sampling, False), rtol=0, atol=0)
+        torch.testing.assert_close(
+            rows.view(10, 3, 4, 5).permute(0, 3, 1, 2),
+            roi_align(inp, rois, (3, 4), 1.0, sampling, False),
+            rtol=0,
+            atol=0,
+        )
     assert roi_align_rows(inp, rois[:0], 3).shape == (0, 9, 5)

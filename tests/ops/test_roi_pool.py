@@ -118,8 +118,9 @@ def test_roi_pool_gradient_goes_to_first_argmax():
 def test_roi_pool_gradcheck():
     g = torch.Generator().manual_seed(24)
     inp = torch.randn(2, 2, 6, 5, generator=g, dtype=torch.float64, requires_grad=True)  # no ties
-    rois = torch.tensor([[0, 0.0, 0.0, 4.0, 5.0], [1, 1.2, -1.0, 6.0, 3.7], [1, 3.0, 3.0, 3.0, 3.0]],
-                        dtype=torch.float64)
+    rois = torch.tensor(
+        [[0, 0.0, 0.0, 4.0, 5.0], [1, 1.2, -1.0, 6.0, 3.7], [1, 3.0, 3.0, 3.0, 3.0]], dtype=torch.float64
+    )
     assert torch.autograd.gradcheck(lambda t: roi_pool(t, rois, (2, 3), 1.0), (inp,))
     assert torch.autograd.gradcheck(lambda t: roi_pool(t, [rois[:1, 1:], rois[1:, 1:]], 2, 0.5), (inp,))
 

@@ -3,6 +3,7 @@ OpenMP count and also the count every thread that has not yet run a parallel op 
 lowered it for its duration left other threads (one starting meanwhile, or a second caller of the op) on one
 thread for good. Two Python threads call the RoI ops (forward and backward) and NMS at once, while fresh
 threads start and read their count: every thread must see the count the process was given."""
+
 import threading
 
 import torch
@@ -25,8 +26,11 @@ def test_ops_on_two_threads_leave_every_threads_count_as_the_process_set_it():
             try:
                 for _ in range(6):
                     xi = x.clone().requires_grad_()
-                    loss = roi_align(xi, boxes, 7, 0.25, 2).sum() + roi_align(xi, boxes, 7, 0.25, 0).sum() \
+                    loss = (
+                        roi_align(xi, boxes, 7, 0.25, 2).sum()
+                        + roi_align(xi, boxes, 7, 0.25, 0).sum()
                         + roi_pool(xi, boxes, 7, 0.25).sum()
+                    )
                     loss.backward()
                     nms(boxes[0], scores, 0.5)
                     batched_nms(boxes[0], scores, groups, 0.5)

@@ -4,6 +4,7 @@ Runs where torchvision is importable (never a dependency of the project; skipped
 
     PYTHONPATH=. ~/.cache/fasterrcnn-reference-env/bin/python -m pytest -q tests/ops/test_vs_torchvision.py
 """
+
 import os
 
 import pytest

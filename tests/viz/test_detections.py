@@ -1,5 +1,6 @@
 """Drawn detections: the box in its class colour between dark lines, the label on a filled box
 whose text contrasts with it, on dark and on light images alike; the image itself is not changed."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,7 +20,7 @@ def test_box_and_label_are_drawn_in_the_class_colour(background):
     # the label sits above the box on a filled box of the class colour, with some text pixels on it
     ys, xs = np.nonzero((drawn[:46] == colour).all(axis=2))  # above the box's top line (y 50 - 2 - 2)
     assert ys.max() < 46 and xs.min() >= 36 and 20 < xs.max() - xs.min() < 100
-    label = drawn[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    label = drawn[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     assert (label == colour).all(axis=2).mean() > 0.5
     # anti-aliased text: some pixels come close to the text colour, far from the fill
     distance = np.abs(label.astype(int) - np.array(text_colour(tuple(colour)))).sum(axis=2)
@@ -51,5 +52,7 @@ def test_no_detections_gives_a_copy():
 
 def test_boxes_smaller_than_the_line_width_are_drawn():
     image = Image.new("RGB", (300, 300), (0, 0, 0))
-    drawn = np.asarray(draw_detections(image, [[100, 100, 101, 100.5], [10, 10, 10, 10]], [1, 2], ["a", "b"], [0.9, 0.8]))
+    drawn = np.asarray(
+        draw_detections(image, [[100, 100, 101, 100.5], [10, 10, 10, 10]], [1, 2], ["a", "b"], [0.9, 0.8])
+    )
     assert (drawn[100, 100] == np.array(class_colour(1))).all()

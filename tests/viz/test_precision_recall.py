@@ -7,14 +7,17 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_precision_recall_writes_png(tmp_path):
-    curves = {"cat": (np.array([0.2, 0.5, 0.5, 1.0]), np.array([1.0, 1.0, 0.67, 0.8])),
-              "dog": (np.linspace(0, 1, 101), np.linspace(1, 0, 101))}
+    curves = {
+        "cat": (np.array([0.2, 0.5, 0.5, 1.0]), np.array([1.0, 1.0, 0.67, 0.8])),
+        "dog": (np.linspace(0, 1, 101), np.linspace(1, 0, 101)),
+    }
     path = plot_precision_recall(curves, tmp_path / "plots" / "pr.png", title="test")
     assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_plot_from_voc_metrics_and_empty(tmp_path):
     import torch
+
     det = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}
     gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}
     m = evaluate_voc([det], [gt], num_classes=2, class_names=["a", "b"])
@@ -24,8 +27,8 @@ def test_plot_from_voc_metrics_and_empty(tmp_path):
 
 
 def test_plot_from_coco_metrics(tmp_path):
-    from tests.evaluation.test_coco import LABEL_TO_CAT, coco_from, gt_dataset, make_detections
     from fasterrcnn.evaluation import CocoEvaluator
+    from tests.evaluation.test_coco import LABEL_TO_CAT, coco_from, gt_dataset, make_detections
 
     ev = CocoEvaluator(coco_from(gt_dataset()), LABEL_TO_CAT)
     dets = make_detections()
