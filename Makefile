@@ -44,10 +44,10 @@ lint: $(LINT_STAMP)
 # builds once (torch + torchvision, about 5 GB, cached in ~/.cache/fasterrcnn-reference-env). The
 # project is not installed there (the cached env outlives any one clone): PYTHONPATH points at this
 # checkout. What the package and pytest need is added under a constraint that pins the env's torch and
-# torchvision exactly ('===', as reference-env.sh installs them), so pip can never swap in another build. FASTERRCNN_REQUIRE_TORCHVISION=1 turns the
-# suites' skip (for a local `make test` without torchvision) into a failure.
+# torchvision exactly ('===', as reference-env.sh installs them), so pip can never swap in another build.
+# FASTERRCNN_REQUIRE_TORCHVISION=1 turns the suites' skip (for a local `make test` without torchvision) into a failure.
 test-parity:
-	REF=$$($(SHARED)/tools/reference-env.sh) && \
+	REF=$$(bash $(SHARED)/tools/reference-env.sh) && \
 	"$$REF/bin/python" -m pip freeze | grep -iE '^(torch|torchvision)==' | sed 's/==/===/' \
 	    > "$$REF/parity-constraints.txt" && \
 	"$$REF/bin/python" -m pip install -q -c "$$REF/parity-constraints.txt" \

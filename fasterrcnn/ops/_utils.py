@@ -35,7 +35,7 @@ def pair(output_size: int | Sequence[int], name: str) -> tuple[int, int]:
     out = (output_size, output_size) if isinstance(output_size, int) else tuple(int(v) for v in output_size)
     if len(out) != 2 or out[0] <= 0 or out[1] <= 0:
         raise ValueError(f"{name} output_size: expected a positive int or (h, w), got {output_size!r}")
-    return out  # type: ignore[return-value]
+    return out[0], out[1]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

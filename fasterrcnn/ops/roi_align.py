@@ -225,7 +225,7 @@ def roi_align_rows(
     with torch.no_grad():
         grid = roi_align_grid(rois, (oh, ow), spatial_scale, sampling_ratio, aligned)
         if sampling_ratio > 0:
-            groups = [(None, sampling_ratio, sampling_ratio)]
+            groups: list[tuple[Tensor | None, int, int]] = [(None, sampling_ratio, sampling_ratio)]
         else:
             bh, bw = _round_up_2bits(grid.grid_h), _round_up_2bits(grid.grid_w)
             keys = torch.stack((bh, bw), dim=1)
@@ -234,7 +234,8 @@ def roi_align_rows(
                 (torch.nonzero(inverse == j).flatten(), int(gy), int(gx)) for j, (gy, gx) in enumerate(uniq.tolist())
             ]
 
-    outs, order = [], []
+    outs: list[Tensor] = []
+    order: list[Tensor] = []
     for members, max_gh, max_gw in groups:
         per_roi = oh * ow * 4 * max_gh * max_gw
         chunk = max(1, _TAP_BUDGET // per_roi)

@@ -69,7 +69,7 @@ def _pool_bins(
     nonempty = (bh > 0) & (bw > 0)
     empty = torch.nonzero(~nonempty).flatten()
     out.index_fill_(0, empty, 0)
-    if with_argmax:
+    if argmax is not None:
         argmax.index_copy_(0, empty, (n * height * width * c + channel).to(index_dtype).expand(empty.numel(), c))
     if empty.numel() == nbins:
         return out, argmax
@@ -101,7 +101,7 @@ def _pool_bins(
             length = width - cur
             prev = (feats if cur == 1 else win)[:, :, :length]
             nxt = feats[:, :, cur:]
-            if off is not None:
+            if off is not None and step_off is not None:
                 # off = cur where F[x + cur] > M_cur[x], else unchanged: as cur exceeds every offset so far,
                 # that is max(off, cur * (F[x + cur] > M_cur[x])), elementwise ops that vectorise
                 # (masked_fill_ / where on these maps are much slower)
@@ -128,7 +128,7 @@ def _pool_bins(
             vals = vals.view(g, hpad, c)
             best = torch.amax(vals, dim=1)
             out.index_copy_(0, sel[a:b], best)
-            if not with_argmax:
+            if argmax is None:
                 continue
             # the first maximal row, by weights (max(dim) with indices is much slower than amax here)
             hit = torch.eq(vals, best[:, None, :])
