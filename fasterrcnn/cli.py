@@ -419,12 +419,12 @@ def _run_explain(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     image = read_image(args.image)
     model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
-    target, notes = None, []
+    target, notes = None, list[str]()
     if args.annotations:
         target, notes = load_annotations(
             args.annotations,
             args.image,
-            image_size=tuple(image.shape[-2:]),
+            image_size=(int(image.shape[-2]), int(image.shape[-1])),
             class_names=class_names,
             label_to_cat_id=label_to_cat_id,
         )
@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _usage_errors() -> tuple[type, ...]:
+def _usage_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix (config, checkpoint, a non-finite loss): a message, no traceback."""
     from fasterrcnn.engine.checkpoint import CheckpointError
     from fasterrcnn.engine.config import ConfigError
@@ -570,12 +570,13 @@ def main(argv: list[str] | None = None) -> int:
     from fasterrcnn.data.report import DataError
 
     args = build_parser().parse_args(argv)
+    user_errors: tuple[type[Exception], ...] = (DataError, OSError, *_usage_errors())
     try:
         return int(args._run(args) or 0)
     except BrokenPipeError:  # output piped into e.g. `head`, which has closed: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (DataError, OSError, *_usage_errors()) as e:  # bad input: the message names the file, record and field
+    except user_errors as e:  # bad input: the message names the file, record and field
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

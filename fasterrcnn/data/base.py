@@ -71,7 +71,7 @@ class ImageRecord:
     record: str
 
 
-def empty_arrays():
+def empty_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return (
         np.zeros((0, 4), np.float32),
         np.zeros((0,), np.int64),

@@ -137,6 +137,8 @@ def make_data_loader(
     Shuffling is seeded by ``seed``; so are the worker processes' RNGs (torch, numpy, random), which
     random transforms draw from. With ``num_workers=0`` transforms use the main process's RNG.
     """
+    sampler: Sampler[int]
+    batch_sampler: Sampler[list[int]]
     if distributed:
         sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
     elif shuffle:

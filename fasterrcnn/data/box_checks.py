@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from .report import DataError, where
 
@@ -108,7 +109,7 @@ def resolve_inside(root: Path, name: str, file, record: str, field_name: str) ->
     return Path(full)
 
 
-def is_int(value) -> bool:
+def is_int(value) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

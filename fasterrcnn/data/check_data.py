@@ -52,9 +52,9 @@ class DataCheck:
         lines.append("")
         cols = ("objects", "images", *SIZE_NAMES) + ((self.extra_column,) if self.extra_column else ())
         rows = [(name, *(c[k] for k in cols)) for name, c in self.per_class.items()]
-        total = tuple(sum(c[k] for c in self.per_class.values()) for k in cols if k != "images")
-        total = (total[0], "", *total[1:])
-        lines.append(format_table(("class", *cols), rows + [("total", *total)]))
+        sums = tuple(sum(c[k] for c in self.per_class.values()) for k in cols if k != "images")
+        total = ("total", sums[0], "", *sums[1:])
+        lines.append(format_table(("class", *cols), [*rows, total]))
         lines.append("")
         lines.append(
             "box sizes (COCO, by box area): "
@@ -81,6 +81,7 @@ def check_dataset(path_or_json, image_root=None, voc_split: str | None = None, c
     reported as skipped, and a note names the ``data.voc_classes`` setting that would keep them)."""
     path = Path(path_or_json)
     notes: list[str] = []
+    ds: VocDetection | CocoDetection
     if path.is_dir():
         if not (path / "Annotations").is_dir() or not (path / "ImageSets" / "Main").is_dir():
             raise DataError(

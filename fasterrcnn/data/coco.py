@@ -125,6 +125,8 @@ class CocoDetection(DetectionDataset):
     decoded up front, and bad ones are dropped and listed in ``report``.
     """
 
+    _kept: dict[str, np.ndarray]  # the annotations kept, as arrays: set by _parse_annotations, taken by _to_records
+
     def __init__(
         self,
         ann_file,
@@ -175,7 +177,7 @@ class CocoDetection(DetectionDataset):
         """``{image_id: (info, annotations)}`` in file order."""
         path = self.ann_file
         resolve = inside_resolver(self.image_root)
-        out: dict[int, tuple[dict, list]] = {}
+        out: dict[int, tuple[dict | None, list]] = {}
         first_at: dict[int, int] = {}
         for i, img in enumerate(images):
             iid = img.get("id") if type(img) is dict else None

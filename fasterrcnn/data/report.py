@@ -13,6 +13,7 @@ Two outcomes exist for bad input, never a third (silence):
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 SKIPPED_IMAGE = "skipped image"
@@ -100,7 +101,7 @@ class Report:
         return "\n".join(lines)
 
 
-def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def format_table(header: tuple[str, ...], rows: Sequence[tuple[object, ...]]) -> str:
     """A plain text table: numeric columns right-aligned, text columns left-aligned."""
     table = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     ncols = len(header)

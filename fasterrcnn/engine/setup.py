@@ -4,8 +4,8 @@ Only this module (with the CLI) reads config objects; everything below takes pla
 """
 
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -176,7 +176,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
 
 
 def load_model_for_inference(
-    weights: str | Path, *, arch: str = "fasterrcnn_resnet50_fpn", device: torch.device | str = "cpu"
+    weights: str | os.PathLike, *, arch: str = "fasterrcnn_resnet50_fpn", device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, list[str], dict[int, int]]:
     """A model ready for inference from one of our training checkpoints (which carry their config
     and class names) or a torchvision-format detector checkpoint (built with ``arch``; then COCO's

@@ -24,6 +24,7 @@ from PIL import Image
 from ..data.images import load_image
 from ..engine.evaluator import autocast, optimized_for_inference
 from ..engine.setup import load_model_for_inference, resolve_device
+from ..model.faster_rcnn import FasterRCNN
 from ..model.input_checks import image_problem
 
 
@@ -138,7 +139,7 @@ class Detector:
         ``weights`` may be a URL: it is read through torch.hub's cache."""
         dev = resolve_device(device)
         model, names, label_to_cat_id = load_model_for_inference(weights, arch=arch, device=dev)
-        if optimize and hasattr(model, "optimize_for_inference"):  # ours alone: prepared in place, no copy
+        if optimize and isinstance(model, FasterRCNN):  # ours alone: prepared in place, no copy
             model.optimize_for_inference(dtype=torch.bfloat16 if bf16 else torch.float32)
         return cls(
             model,

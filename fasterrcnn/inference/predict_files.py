@@ -280,5 +280,7 @@ def _write_drawing(tensor: torch.Tensor, dets, path: Path) -> None:
     drawn = draw_detections(image, dets.boxes, dets.labels, dets.names, dets.scores)
     path.parent.mkdir(parents=True, exist_ok=True)
     path = drawing_path(path)  # a lossless copy for other formats (tiff, bmp, ...)
-    options = {"quality": 92} if path.suffix.lower() in (".jpg", ".jpeg") else {}
-    drawn.save(path, **options)
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        drawn.save(path, quality=92)
+    else:
+        drawn.save(path)

@@ -49,10 +49,10 @@ def local_weights_file(source: str | os.PathLike, *, progress: bool = False) -> 
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if not os.path.isfile(cached):
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        found = _HASH_IN_NAME.search(name)
+        hashed = _HASH_IN_NAME.search(name)
         try:  # download_url_to_file writes a temporary file and renames it: no half file in the cache
             torch.hub.download_url_to_file(
-                source, cached, hash_prefix=found.group(1) if found else None, progress=progress
+                source, cached, hash_prefix=hashed.group(1) if hashed else None, progress=progress
             )
         except Exception as e:
             raise WeightsError(
