@@ -98,9 +98,11 @@ def _voc_target(xml_file: Path, image_size: tuple[int, int], class_names: list[s
     ann = parse_xml(xml_file)
     height, width = image_size
     size = ann.find("size")
-    if size is not None and size.findtext("width") and size.findtext("height"):
+    declared_h = size.findtext("height") if size is not None else None
+    declared_w = size.findtext("width") if size is not None else None
+    if declared_w and declared_h:
         try:
-            declared = (int(float(size.findtext("height"))), int(float(size.findtext("width"))))
+            declared = (int(float(declared_h)), int(float(declared_w)))
         except ValueError:
             raise DataError(f"{where(xml_file, None, 'size')}: expected integer <width> and <height>") from None
         if declared != (height, width):

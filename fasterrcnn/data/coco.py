@@ -299,7 +299,8 @@ class CocoDetection(DetectionDataset):
         keep = np.ones(len(rows_i), dtype=bool)
         for k in np.flatnonzero(boxes_needing_checks(x1, y1, x2, y2, width, height)).tolist():
             info, rec = rows_image[k], f"annotation id {rows_id[k]}"
-            result = check_box(*boxes[k].tolist(), info["width"], info["height"])
+            bx1, by1, bx2, by2 = boxes[k].tolist()
+            result = check_box(bx1, by1, bx2, by2, info["width"], info["height"])
             if result.box is None:
                 keep[k] = False
                 problems.append(

@@ -28,6 +28,7 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -163,7 +164,7 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A smooth random colour field, sometimes with stripes; float32 [H,W,3] in 0..255."""
     gh, gw = rng.integers(2, 9, size=2)
     small = rng.integers(30, 226, size=(gh, gw, 3), dtype=np.uint8)
-    field = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR), np.float32)
+    field = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR), np.float32)
     if rng.random() < 0.5:
         angle, period = rng.uniform(0, np.pi), rng.uniform(6, 40)
         k = np.float32(2 * np.pi / period)
@@ -204,6 +205,7 @@ def _colour(rng, under: np.ndarray) -> np.ndarray:
             best, best_d = c, d
         if d >= 150:
             break
+    assert best is not None  # the first of the 8 draws is always taken (d >= 0 > -1)
     return best
 
 
@@ -214,7 +216,7 @@ def draw_image(params: SynthParams, image_id: int, return_instances: bool = Fals
     rng = np.random.default_rng((params.seed, image_id))
     canvas = _background(rng, h, w)
     instance = np.zeros((h, w), np.int32)  # 0 = background, k = object k (1-based)
-    objects = []  # (label, x0, y0, mask, polygon)
+    objects: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []  # (label, x0, y0, mask, polygon)
     visible = [0]  # visible pixel count per object, index k
     n = 0 if rng.random() < params.empty_fraction else int(rng.integers(1, params.max_objects + 1))
     log_lo, log_hi = math.log(params.min_object_size), math.log(params.max_size)
@@ -279,7 +281,8 @@ def _write_split(params: SynthParams, ids: range, image_dir: Path, json_path: Pa
             results = list(pool.map(_render, jobs, chunksize=16))
     else:
         results = [_render(job) for job in jobs]
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image_id, file_name, objs in zip(ids, names, results):
         images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
         for label, box, area, polygon in objs:
@@ -394,7 +397,7 @@ def generate(
         int(num_train),
         int(num_val),
         int(seed),
-        tuple(int(v) for v in image_size),
+        cast("tuple[int, int]", tuple(int(v) for v in image_size)),  # (H, W): validate() unpacks it
         tuple(classes),
         bool(voc),
         int(min_object_size),
@@ -428,6 +431,7 @@ def generate(
     train = _write_split(params, train_ids, paths.train_images, paths.train_json, "train", workers)
     val = _write_split(params, val_ids, paths.val_images, paths.val_json, "val", workers)
     if params.voc:
+        assert paths.voc_root is not None  # _paths gives it with voc
         _write_voc(paths.voc_root, "train", train, paths.train_images, params.classes)
         _write_voc(paths.voc_root, "val", val, paths.val_images, params.classes)
     paths.manifest.write_text(

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,7 +172,7 @@ class ColorJitter:
 
 def train_transforms(min_sizes=None, max_size: int = 1333, flip_p: float = 0.5, jitter: float = 0.0):
     """Training pipeline: optional multi-scale resize, horizontal flip, optional colour jitter."""
-    steps = []
+    steps: list[Callable[[Any, Any], Any]] = []
     if min_sizes:
         steps.append(RandomResize(min_sizes, max_size))
     if flip_p > 0:
@@ -234,7 +236,7 @@ def set_augmentation_epoch(dataset, epoch: int) -> None:
     """Tell a dataset's ``SeededAugmentation`` (if it has one, also through ``Subset``) the epoch."""
     while dataset is not None:
         transforms = getattr(dataset, "transforms", None)
-        if hasattr(transforms, "set_epoch"):
+        if transforms is not None and hasattr(transforms, "set_epoch"):
             transforms.set_epoch(epoch)
             return
         dataset = getattr(dataset, "dataset", None)

@@ -193,7 +193,7 @@ def parse_objects(
     ``labels`` maps class names to labels; objects of other classes and bad boxes are skipped and
     added to ``report``, boxes partly outside the ``width`` x ``height`` image are clipped (reported).
     """
-    objects = []
+    objects: list[tuple[tuple[float, ...], int, bool]] = []
     for k, obj in enumerate(ann.findall("object")):
         orec = f"{rec} object {k}"
         cls = (obj.findtext("name") or "").strip()
@@ -226,6 +226,7 @@ def parse_objects(
         result = check_box(xmin - 1, ymin - 1, xmax, ymax, width, height)
         text = f"(VOC xmin,ymin,xmax,ymax = {xmin:g},{ymin:g},{xmax:g},{ymax:g})"
         if result.box is None:
+            assert result.kind is not None  # a skipped box always names its problem
             report.add(SKIPPED_ANNOTATION, result.kind, xml_path, orec, "bndbox", f"{result.detail} {text}")
             continue
         if result.kind is not None:

@@ -1,5 +1,8 @@
 """The training batches: a fixed, seeded order per epoch, resumable in the middle of an epoch."""
 
+from collections.abc import Iterator
+from typing import Any
+
 from torch.utils.data import DataLoader
 
 from ..data import make_data_loader
@@ -29,6 +32,7 @@ class EpochBatches:
         )
         if skip == 0:
             return base
+        assert base.batch_sampler is not None  # make_data_loader always batches
         batches = list(base.batch_sampler)[skip:]  # indices only: nothing is decoded for skipped batches
         return DataLoader(
             base.dataset,
@@ -49,9 +53,10 @@ class BatchStream:
 
     def __init__(self, batches: EpochBatches, position):
         self.batches, self.position = batches, position
-        self._iter = iter(batches.loader(position.epoch, skip=position.batch_in_epoch))
+        self._iter: Iterator[Any] | None = iter(batches.loader(position.epoch, skip=position.batch_in_epoch))
 
     def next(self):
+        assert self._iter is not None, "the batch stream is closed"
         try:
             batch = next(self._iter)
         except StopIteration:

@@ -10,6 +10,7 @@ leaves the previous file whole. Non-finite weights are never written. It is read
 
 import random
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict:
-    np_state = np.random.get_state()
+    # the legacy (default) form: (name, keys, pos, has_gauss, cached_gaussian)
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {
         "python": random.getstate(),
         "numpy": {
@@ -74,8 +76,8 @@ def atomic_save(obj, path: str | Path) -> None:
             raise interrupt from None
 
 
-def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
-    seen = set()
+def _interrupt_behind(error: BaseException | None) -> KeyboardInterrupt | None:
+    seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, KeyboardInterrupt):

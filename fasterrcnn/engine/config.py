@@ -11,6 +11,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,7 +202,7 @@ def upgrade_legacy(values: dict) -> dict:
     return {**values, "train": train}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> Config:
     cfg = Config()
     if base:
         _apply(cfg, base, "")

@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from pycocotools.coco import COCO
@@ -22,6 +23,9 @@ from ..evaluation import COCO_STAT_NAMES, CocoEvaluator, CocoMetrics, VocMetrics
 from ..files import atomic_open
 from ..model.input_checks import image_problem
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from ..model.faster_rcnn import FasterRCNN
 
 log = logging.getLogger("fasterrcnn")
 
@@ -98,7 +102,8 @@ def predict_dataset(
 
 def coco_from_targets(image_ids, targets, sizes, class_names) -> COCO:
     """An in-memory COCO ground truth (category id = label) from our targets."""
-    images, anns = [], []
+    images: list[dict] = []
+    anns: list[dict] = []
     for image_id, t, (h, w) in zip(image_ids, targets, sizes):
         images.append({"id": int(image_id), "height": int(h), "width": int(w)})
         crowd = t.get("iscrowd", torch.zeros(len(t["labels"]), dtype=torch.int64))
@@ -226,7 +231,9 @@ def optimized_for_inference(model: torch.nn.Module, amp: str = "none") -> tuple[
         return model, "none"
     if not hasattr(model, "optimize_for_inference"):
         return model, amp
-    return copy.deepcopy(model).optimize_for_inference(dtype=AMP_DTYPES[amp]), "none"
+    # a detector with the method (FasterRCNN, or a model like it)
+    prepared = cast("FasterRCNN", copy.deepcopy(model)).optimize_for_inference(dtype=AMP_DTYPES[amp])
+    return prepared, "none"
 
 
 def evaluate_model(

@@ -14,6 +14,8 @@ import inspect
 import math
 import types
 import typing
+from collections.abc import Callable
+from typing import cast
 
 from ..model import BUILDERS
 from ..model.faster_rcnn import FasterRCNN
@@ -111,7 +113,7 @@ def _keywords(fn) -> dict[str, object]:
 @functools.cache
 def accepted_options(arch: str) -> dict[str, object]:
     """The options ``arch``'s builder takes: its own keywords, and FasterRCNN's when it passes the rest on."""
-    builder = BUILDERS[arch]
+    builder = cast(Callable[..., FasterRCNN], BUILDERS[arch])  # the dict's values are functions and partials
     target = builder.func if isinstance(builder, functools.partial) else builder
     takes_rest = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
     return {**(_keywords(FasterRCNN.__init__) if takes_rest else {}), **_keywords(builder)}

@@ -122,6 +122,7 @@ class RunCheckpoints:
         if is_best:
             checkpoint.save_checkpoint(self.best, state)
         checkpoint.save_checkpoint(self.last, state)
+        assert self.metrics is not None  # rank 0 keeps the metrics log
         rows = self.metrics.rows()
         plot_losses(rows, self.run_dir / "losses.png")
         plot_ap_history(rows, self.run_dir / "ap.png")

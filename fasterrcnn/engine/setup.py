@@ -5,14 +5,18 @@ Only this module (with the CLI) reads config objects; everything below takes pla
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
 from ..data import CocoDetection, VocDetection, generate
+from ..data.base import DetectionDataset
 from ..data.coco_names import COCO_CATEGORY_NAMES
 from ..data.transforms import Compose, RandomHorizontalFlip, SeededAugmentation
 from ..model import BUILDERS, FastRCNNPredictor
+from ..model.faster_rcnn import FasterRCNN
 from ..model.weights import WeightsError, local_weights_file, read_state_dict
 from .checkpoint import is_training_state, read_file
 from .config import ConfigError, DataConfig, ModelConfig, config_from_dict
@@ -23,8 +27,8 @@ log = logging.getLogger("fasterrcnn")
 
 @dataclass
 class Data:
-    train: torch.utils.data.Dataset | None
-    val: torch.utils.data.Dataset
+    train: DetectionDataset | None
+    val: DetectionDataset
     class_names: list[str]  # index 0 is "__background__"
     label_to_cat_id: dict[int, int]
     val_ann_file: str | None  # the COCO json of the validation set, when it has one
@@ -62,7 +66,7 @@ def open_dataset(
 ):
     if data_format(path, fmt) == "coco":
         return CocoDetection(path, images or None, transforms=transforms, drop_empty=drop_empty)
-    kwargs = {"classes": classes} if classes else {}
+    kwargs: dict[str, Any] = {"classes": classes} if classes else {}
     return VocDetection(path, split=split, transforms=transforms, drop_empty=drop_empty, **kwargs)
 
 
@@ -132,7 +136,7 @@ def build_data(cfg: DataConfig, *, train: bool = True, seed: int = 0) -> Data:
     )
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     """The configured builder for ``num_classes`` (including background).
 
     With ``weights`` trained on other classes (the fine-tuning case), every weight is loaded but the
@@ -140,7 +144,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     """
     if cfg.arch not in BUILDERS:
         raise ConfigError(f"model.arch {cfg.arch!r} is not one of {sorted(BUILDERS)}")
-    builder = BUILDERS[cfg.arch]
+    builder = cast(Callable[..., FasterRCNN], BUILDERS[cfg.arch])  # the dict's values are functions and partials
     kwargs = dict(cfg.options)
     if cfg.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = cfg.trainable_backbone_layers
@@ -164,7 +168,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         ) from None
     if theirs != num_classes:
         predictor = model.roi_heads.box_predictor
-        model.roi_heads.box_predictor = FastRCNNPredictor(predictor.cls_score.in_features, num_classes)
+        in_features = cast(torch.nn.Linear, predictor.cls_score).in_features  # the builders' FastRCNNPredictor
+        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
         log.info(
             "fine-tuning: loaded every weight of %s but the box predictor, re-initialised for %d classes "
             "(the checkpoint has %d)",
@@ -195,7 +200,7 @@ def load_model_for_inference(
         if arch not in BUILDERS:
             raise ConfigError(f"arch {arch!r} is not one of {sorted(BUILDERS)}")
         try:
-            model = BUILDERS[arch](weights=path)
+            model = cast(Callable[..., FasterRCNN], BUILDERS[arch])(weights=path)
         except WeightsError as e:  # a bare state_dict names no architecture: say which one was assumed
             raise WeightsError(
                 f"{e}\n  {weights} holds a bare state_dict (no architecture recorded), so the model "

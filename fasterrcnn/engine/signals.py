@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from types import FrameType
+from typing import Any, Callable
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -61,7 +63,7 @@ class StopRequest:
         self.signum: int | None = None
         self.on_request = on_request  # called with the signal number on the first signal (e.g. to log)
         self.abort_message = abort_message  # () -> the message of the second Ctrl-C's KeyboardInterrupt
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     @property
     def requested(self) -> bool:

@@ -25,6 +25,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ def make_solver(
     cfg: Config, optimizer: torch.optim.Optimizer, params: list, *, total: int, device: torch.device
 ) -> Solver:
     s = cfg.solver
-    schedule = dict(
+    schedule: dict[str, Any] = dict(
         total=total,
         warmup_iters=s.warmup_iters,
         warmup_factor=s.warmup_factor,
@@ -149,7 +150,7 @@ def run_length(cfg: Config, batches: EpochBatches) -> int:
     return cfg.train.iterations or math.ceil(cfg.train.epochs * per_epoch / cfg.solver.accumulate)
 
 
-def load_resume_state(resume: str) -> dict:
+def load_resume_state(resume: str | Path) -> dict:
     """The training checkpoint given as --resume; an error names the option."""
     try:
         return load_checkpoint(resume)
@@ -330,7 +331,7 @@ def remove_if_nothing_of_value(run_dir: Path) -> None:
 
 
 def train(
-    cfg: Config,
+    cfg: Config | None,
     *,
     resume: str | None = None,
     resume_overrides: list[str] | tuple = (),
@@ -345,9 +346,12 @@ def train(
     adds entries to the checkpoints (``checkpoint_entries``).
 
     SIGINT/SIGTERM finish the current step, write last.pt and raise ``TrainingInterrupted``."""
-    state = load_resume_state(resume) if resume else None
-    if state is not None:
+    state = None
+    if resume:
+        state = load_resume_state(resume)
         cfg = resumed_config(state, resume, resume_overrides)  # the run continues as it was configured
+    elif cfg is None:
+        raise ConfigError("nothing to train: give a config, or a checkpoint to resume")
     if stage is None and cfg.train.schedule != "joint":
         raise ConfigError(
             f"train.schedule={cfg.train.schedule} is a schedule of several runs: run it with "
@@ -405,6 +409,7 @@ def run_training(
 
     # The data, the model, the solver, and where the run is (from the checkpoint when resuming).
     data = build_data(cfg.data, seed=cfg.train.seed)
+    assert data.train is not None  # build_data opens the training set (train=True)
     preflight.check_image_files(data.train, which="training", option="data.train_images")
     preflight.check_image_files(data.val, which="validation", option="data.val_images (default: data.train_images)")
     preflight.check_training_objects(data.train, voc_classes_option=bool(cfg.data.voc_classes))
@@ -498,7 +503,7 @@ def run_training(
             metrics=metrics,
             show_progress=show_progress,
         )
-        if dist.is_main() and (stage is None or stage.evaluates)
+        if metrics is not None and (stage is None or stage.evaluates)  # rank 0, the one with the metrics log
         else None
     )
     evaluation = None

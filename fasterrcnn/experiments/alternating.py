@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import nn
 
 from ..engine import distributed as dist
 from ..engine.checkpoint import load_checkpoint
@@ -49,6 +48,7 @@ from ..engine.metrics import CSV_COLUMNS, read_metrics
 from ..engine.setup import build_model
 from ..engine.trainer import TrainResult, load_resume_state, train
 from ..files import atomic_open, atomic_write_bytes
+from ..model.faster_rcnn import FasterRCNN
 from ..model.loss_names import DETECTOR_LOSSES, RPN_LOSSES
 from ..viz.training import plot_ap_history, plot_losses
 from .stage_model import StageModel, freeze
@@ -174,7 +174,7 @@ class AlternatingStep:
             )
         return load_checkpoint(path)["model"]
 
-    def prepare(self, model: nn.Module, *, device: torch.device) -> None:
+    def prepare(self, model: FasterRCNN, *, device: torch.device) -> None:
         if self.step in (1, 2):
             model.load_state_dict(initial_weights(self.model_cfg, model.num_classes, self.seed))
             if self.step == 2 and self.detector_init == "rpn":
@@ -186,7 +186,7 @@ class AlternatingStep:
         for name in self.frozen:
             freeze(getattr(model, name))
 
-    def wrap(self, model: nn.Module) -> StageModel:
+    def wrap(self, model: FasterRCNN) -> StageModel:
         proposal_model = None
         if self.step == 2:  # step 1's network, frozen, proposes the RoIs
             proposal_model = build_model(self.model_cfg, model.num_classes)
@@ -253,7 +253,8 @@ def _train_steps(cfg: Config, run_dir: Path, *, resume_overrides, show_progress:
             run_dir,
             "/".join(map(str, lengths)),
         )
-    start, results = time.perf_counter(), []
+    start = time.perf_counter()
+    results: list[TrainResult | None] = []
     info = log.info if dist.is_main() else (lambda *args: None)  # one log, not one per process
     for step in (1, 2, 3, 4):
         sdir = step_dir(run_dir, step)

@@ -6,7 +6,7 @@ line's ``train`` and ``ablate`` come through here, so that the engine never impo
 from __future__ import annotations
 
 from ..engine import trainer
-from ..engine.config import Config
+from ..engine.config import Config, ConfigError
 from ..engine.trainer import TrainResult
 from .alternating import schedule_of_checkpoint, train_alternating
 
@@ -20,7 +20,12 @@ def train_schedule(
 ) -> TrainResult:
     """Train as ``cfg`` says, or with ``resume`` (``cfg`` unused), continue the run (or the schedule)
     that checkpoint belongs to; ``resume_overrides`` may change only ``config.RESUME_OVERRIDABLE``."""
-    schedule = schedule_of_checkpoint(resume) if resume else (cfg if cfg.train.schedule == "alternating" else None)
+    if resume:
+        schedule = schedule_of_checkpoint(resume)
+    elif cfg is None:
+        raise ConfigError("nothing to train: give a config, or a checkpoint to resume")
+    else:
+        schedule = cfg if cfg.train.schedule == "alternating" else None
     if schedule is not None:
         return train_alternating(
             schedule, resume=resume, resume_overrides=resume_overrides, show_progress=show_progress

@@ -13,9 +13,12 @@ the wrapper adds nothing to a checkpoint.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
+from ..model.faster_rcnn import FasterRCNN
 from ..model.loss_names import DETECTOR_LOSSES, RPN_LOSSES
 from ..model.transform import ImageList
 
@@ -31,9 +34,9 @@ def freeze(module: nn.Module) -> None:
 
 @torch.no_grad()
 def propose(
-    model: nn.Module,
+    model: FasterRCNN,
     images: ImageList,
-    features: dict[str, torch.Tensor],
+    features: OrderedDict[str, torch.Tensor],
     targets: list[dict] | None,
     *,
     training: bool,
@@ -61,7 +64,7 @@ class StageModel(nn.Module):
     ``postprocess``)."""
 
     def __init__(
-        self, model: nn.Module, *, trains: str, frozen: tuple[str, ...], proposal_model: nn.Module | None = None
+        self, model: FasterRCNN, *, trains: str, frozen: tuple[str, ...], proposal_model: FasterRCNN | None = None
     ):
         super().__init__()
         if trains not in ("rpn", "detector"):
@@ -101,7 +104,7 @@ class StageModel(nn.Module):
             if self.proposal_model is None:
                 return model(images)
             image_list, _ = model.preprocess(images)
-            original_sizes = [tuple(im.shape[-2:]) for im in images]
+            original_sizes = [(im.shape[-2], im.shape[-1]) for im in images]
             features = model.features(image_list.tensors)
             detections, _ = model.detect(features, self._proposals(image_list, features, None), image_list.image_sizes)
             return model.postprocess(detections, image_list.image_sizes, original_sizes)

@@ -20,6 +20,7 @@ not written: its path is None and ``numbers["note"]`` says why. Matplotlib's Agg
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 import matplotlib
 import numpy as np
@@ -58,7 +59,7 @@ SHOWN_NEAR_MISSES = 8  # ignored and negative anchors drawn per gt box (those of
 # ---- drawing helpers --------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float, layout: str | None = None) -> Figure:
+def _figure(width: float, height: float, layout: Literal["constrained", "compressed", "tight"] | None = None) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100, layout=layout)
     FigureCanvasAgg(fig)
     return fig
@@ -318,10 +319,10 @@ def plot_anchor_labels(trace, path, *, max_boxes: int = 6) -> tuple[Path | None,
         info, gt = lab.per_gt[g], lab.gt_boxes[g]
         ax = fig.add_subplot(rows, cols, g + 1)
         _show(ax, trace.image)
-        region = [gt, anchors[info.best_anchor][None]]
+        parts = [gt, anchors[info.best_anchor][None]]
         if info.positive.numel():
-            region.append(anchors[info.positive])
-        region = torch.cat([r.reshape(-1, 4) for r in region])
+            parts.append(anchors[info.positive])
+        region = torch.cat([r.reshape(-1, 4) for r in parts])
         x1, y1 = region[:, 0].min().item(), region[:, 1].min().item()
         x2, y2 = region[:, 2].max().item(), region[:, 3].max().item()
         mx, my = 0.3 * (x2 - x1) + 4, 0.3 * (y2 - y1) + 4
@@ -536,7 +537,8 @@ def plot_roi_levels(trace, path, *, shown: int = SHOWN_LEVEL_BOXES) -> tuple[Pat
     top = max(float(sides.max()) if sides.numel() else 1.0, max(trace.roi_level_bounds, default=1.0)) * 1.1
     bins = np.linspace(0, top, 40)
     data = [sides[trace.roi_levels == k].numpy() for k in range(len(names))]
-    ax.hist(data, bins=bins, stacked=True, color=[PALETTE[k % 10] for k in range(len(names))], label=names)
+    # matplotlib's stubs leave out the array that bins also takes
+    ax.hist(data, bins=bins, stacked=True, color=[PALETTE[k % 10] for k in range(len(names))], label=names)  # type: ignore[arg-type]
     for b in trace.roi_level_bounds:
         ax.axvline(b, color="black", linestyle="--", linewidth=1)
         ax.text(b, ax.get_ylim()[1] * 0.95, f" {b:g}", fontsize=7, va="top")
@@ -736,7 +738,7 @@ def plot_detections(trace, path, *, score_threshold: float = 0.5) -> tuple[Path,
     path = Path(path)
     keep = _shown_detections(trace, score_threshold)
     total = int(trace.detections["scores"].numel())
-    dets = []
+    dets: list[dict[str, Any]] = []
     h, w = trace.original_size
     width = 7.0
     fig = _figure(width, max(2.5, min(3 * width, width * h / w)) + 0.8)
@@ -744,7 +746,7 @@ def plot_detections(trace, path, *, score_threshold: float = 0.5) -> tuple[Path,
     _show(ax, trace.original_image)
     for d in keep.flip(0).tolist():  # best drawn last, on top
         label = int(trace.detections["labels"][d])
-        det = {
+        det: dict[str, Any] = {
             "box": _fmt_box(trace.detections["boxes"][d]),
             "label": label,
             "class": _class_name(trace, label),

@@ -24,8 +24,9 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -509,10 +510,14 @@ def _explain(model, image, target, class_names, roi_index) -> ExplainTrace:
     )
 
 
+def _gt_to_cpu(g: GtAnchors) -> GtAnchors:
+    """``g`` with every tensor field on the CPU, the numbers as they are."""
+    tensors: dict[str, Any] = {k: v.cpu() for k, v in vars(g).items() if isinstance(v, torch.Tensor)}
+    return replace(g, **tensors)
+
+
 def _to_cpu(labels: AnchorLabels) -> AnchorLabels:
-    per_gt = [
-        GtAnchors(*(v.cpu() if isinstance(v, torch.Tensor) else v for v in vars(g).values())) for g in labels.per_gt
-    ]
+    per_gt = [_gt_to_cpu(g) for g in labels.per_gt]
     return AnchorLabels(
         labels.fg_iou_thresh,
         labels.bg_iou_thresh,
