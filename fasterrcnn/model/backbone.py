@@ -16,10 +16,12 @@ from .resnet import STAGE_NAMES, NormLayer, ResNetBody, freeze_layers
 
 
 class BackboneWithFPN(nn.Module):
-    def __init__(self, body: ResNetBody, out_channels: int = 256, fpn_norm: str = "none"):
+    """``body``: any module mapping images to an ordered dict of maps whose channels are
+    ``in_channels_list`` (finest first); the FPN turns them into ``out_channels``-channel maps."""
+
+    def __init__(self, body: nn.Module, in_channels_list: list[int], out_channels: int = 256, fpn_norm: str = "none"):
         super().__init__()
         self.body = body
-        in_channels_list = [body.stage_channels[s] for s in body.return_stages]
         self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, norm=fpn_norm)
         self.out_channels = out_channels
 
@@ -52,7 +54,8 @@ def resnet_fpn_backbone(
     return_stages = {STAGE_NAMES[k - 1]: str(i) for i, k in enumerate(returned_layers)}
     body = ResNetBody(depth, norm_layer=norm_layer, num_stages=4, return_stages=return_stages)
     freeze_layers(body, trainable_layers)
-    return BackboneWithFPN(body, out_channels, fpn_norm)
+    in_channels_list = [body.stage_channels[s] for s in body.return_stages]
+    return BackboneWithFPN(body, in_channels_list, out_channels, fpn_norm)
 
 
 def resnet_single_map_backbone(
