@@ -53,7 +53,7 @@ test-parity:
 	"$$REF/bin/python" -m pip install -q -c "$$REF/parity-constraints.txt" \
 	    numpy pillow pycocotools pyyaml tqdm matplotlib pytest pytest-timeout && \
 	FASTERRCNN_REQUIRE_TORCHVISION=1 PYTHONPATH=$(CURDIR) "$$REF/bin/python" -m pytest -q \
-	    tests/ops/test_vs_torchvision.py tests/model/test_torchvision_parity.py
+	    tests/ops/test_vs_torchvision.py tests/model/test_torchvision_parity*.py
 
 # The main job on the built-in synthetic data: generate it (once), train the CPU demo recipe from
 # scratch, evaluate, print the metrics and where the run's pictures are.
