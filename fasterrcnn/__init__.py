@@ -17,6 +17,8 @@ __version__ = "0.1.0"
 
 _MODEL_EXPORTS = {
     "FasterRCNN",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
     "fasterrcnn_resnet18_c4",
     "fasterrcnn_resnet18_fpn",
     "fasterrcnn_resnet34_fpn",

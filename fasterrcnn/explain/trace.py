@@ -237,7 +237,7 @@ def _pooler_geometry(
     """How ``pooler`` reads the RoIs: {text, keys, scales, pyramid (several maps), bounds (sqrt(area)
     where the level changes), op, output_size, sampling_ratio, aligned}; None for an unknown pooler."""
     if isinstance(pooler, MultiScalePooler):
-        keys = list(pooler.featmap_names)
+        keys = [k for k in pooler.featmap_names if k in features]  # the maps the pooler reads (as it does)
         scales, k_min, k_max = pooler.scales_and_levels([features[k] for k in keys], image_sizes)
         bounds = [pooler.canonical_scale * 2.0 ** (k - pooler.canonical_level) for k in range(k_min + 1, k_max + 1)]
         names = [level_names.get(k, k) for k in keys]

@@ -4,6 +4,8 @@ from .anchors import AnchorGenerator
 from .backbone import BackboneWithFPN, SingleMapBackbone, resnet_fpn_backbone, resnet_single_map_backbone
 from .builders import (
     BUILDERS,
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    fasterrcnn_mobilenet_v3_large_fpn,
     fasterrcnn_resnet18_c4,
     fasterrcnn_resnet18_fpn,
     fasterrcnn_resnet34_fpn,
@@ -18,6 +20,8 @@ from .faster_rcnn import FasterRCNN
 from .fpn import FeaturePyramidNetwork
 from .frozen_bn import FrozenBatchNorm2d
 from .matcher import Matcher
+from .mobilenet import MobileNetV3Body
+from .mobilenet_backbone import mobilenet_backbone
 from .recorder import Recorder
 from .resnet import ResNetBody
 from .roi_heads import ConvFCHead, FastRCNNPredictor, Res5Head, RoIHeads, TwoMLPHead

@@ -25,13 +25,14 @@ from torch import nn
 from ..ops import MultiScaleRoIAlign, MultiScaleRoIPool
 from .anchors import AnchorGenerator
 from .backbone import resnet_fpn_backbone, resnet_single_map_backbone
+from .builders_mobilenet import fasterrcnn_mobilenet_v3_large_320_fpn, fasterrcnn_mobilenet_v3_large_fpn
 from .faster_rcnn import FasterRCNN
 from .frozen_bn import FrozenBatchNorm2d
 from .resnet import RESNET_SPECS, Bottleneck, make_stage
 from .roi_heads import FastRCNNPredictor, Res5Head, TwoMLPHead
 from .rpn import RPNHead
 from .single_map_pooler import SingleMapRoIPooler
-from .weights import WeightsError, load_backbone_weights, load_detector_weights, read_state_dict, upgrade_legacy_keys
+from .weights import load_backbone_weights, load_detector_weights, read_detector_checkpoint
 
 PathOrURL = str | os.PathLike | None
 
@@ -42,12 +43,8 @@ def _resolve(
     """-> (norm layer, trainable layers, num_classes, detector state_dict or None)."""
     state_dict = None
     if weights is not None:
-        state_dict = upgrade_legacy_keys(read_state_dict(weights))
-        if num_classes is None:
-            key = "roi_heads.box_predictor.cls_score.weight"
-            if key not in state_dict:
-                raise WeightsError(f"{os.fspath(weights)} has no {key}: is it a Faster R-CNN checkpoint?")
-            num_classes = state_dict[key].shape[0]
+        state_dict, found_classes = read_detector_checkpoint(weights)
+        num_classes = found_classes if num_classes is None else num_classes
     is_trained = weights is not None or weights_backbone is not None
     if trainable_backbone_layers is None:
         trainable_backbone_layers = 3 if is_trained else 5
@@ -269,4 +266,6 @@ BUILDERS = {
     "fasterrcnn_resnet50_c4": fasterrcnn_resnet50_c4,
     "fasterrcnn_resnet50_c5": fasterrcnn_resnet50_c5,
     "fasterrcnn_resnet18_c4": fasterrcnn_resnet18_c4,
+    "fasterrcnn_mobilenet_v3_large_fpn": fasterrcnn_mobilenet_v3_large_fpn,
+    "fasterrcnn_mobilenet_v3_large_320_fpn": fasterrcnn_mobilenet_v3_large_320_fpn,
 }

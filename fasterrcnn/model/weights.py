@@ -126,6 +126,15 @@ def read_state_dict(source: str | os.PathLike, *, key: str = "model") -> "Ordere
     return OrderedDict(obj)
 
 
+def read_detector_checkpoint(source: str | os.PathLike) -> "tuple[OrderedDict[str, torch.Tensor], int]":
+    """A detector checkpoint's state_dict (legacy keys upgraded) and its class count (background included)."""
+    state_dict = upgrade_legacy_keys(read_state_dict(source))
+    key = "roi_heads.box_predictor.cls_score.weight"
+    if key not in state_dict:
+        raise WeightsError(f"{os.fspath(source)} has no {key}: is it a Faster R-CNN checkpoint?")
+    return state_dict, int(state_dict[key].shape[0])
+
+
 def upgrade_legacy_keys(state_dict: dict) -> "OrderedDict[str, torch.Tensor]":
     """Rename keys of torchvision checkpoints written before 0.13 (its published COCO weights):
     FPN convs ``inner_blocks.0.weight`` -> ``inner_blocks.0.0.weight`` (also layer_blocks), and the RPN's

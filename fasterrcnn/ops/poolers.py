@@ -117,11 +117,15 @@ class MultiScalePooler(nn.Module):
     def scales_and_levels(
         self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]
     ) -> tuple[list[float], int, int]:
-        """Spatial scale of each map, and ``(k_min, k_max)`` of the first and last map."""
+        """Spatial scale of each map, and ``(k_min, k_max)`` of the first and last map.
+
+        Maps of the same scale count once: the levels run from k_min to k_max and RoIs go to the first maps
+        (MobileNetV3's FPN returns two maps at stride 32, and every RoI is pooled from the first, as in
+        torchvision)."""
         scales = [infer_scale(f, image_sizes) for f in features]
         k_min = int(round(-math.log2(scales[0])))
         k_max = int(round(-math.log2(scales[-1])))
-        if k_max - k_min + 1 != len(features):
+        if not 1 <= k_max - k_min + 1 <= len(features):
             raise ValueError(
                 f"{type(self).__name__}: feature maps {self.featmap_names} have inferred scales "
                 f"{scales}; expected one map per pyramid level from 2^-{k_min} to 2^-{k_max}"
@@ -133,12 +137,16 @@ class MultiScalePooler(nn.Module):
         raise NotImplementedError
 
     def _maps(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]]) -> list[Tensor]:
-        missing = [name for name in self.featmap_names if name not in features]
-        if missing:
-            raise KeyError(f"{type(self).__name__} features: missing maps {missing}; got {list(features)}")
+        # Names the backbone does not return are passed over (as torchvision's pooler does: the default
+        # ["0", "1", "2", "3"] then fits a backbone returning fewer maps); none at all is an error.
+        present = [name for name in self.featmap_names if name in features]
+        if not present:
+            raise KeyError(
+                f"{type(self).__name__} features: none of the maps {self.featmap_names}; got {list(features)}"
+            )
         if not image_sizes:
             raise ValueError(f"{type(self).__name__} image_sizes: expected one (h, w) per image, got none")
-        return [features[name] for name in self.featmap_names]
+        return [features[name] for name in present]
 
     def _levels(self, boxes: Tensor, k_min: int, k_max: int) -> Tensor:
         return assign_fpn_levels(boxes, k_min, k_max, self.canonical_scale, self.canonical_level)
@@ -146,7 +154,8 @@ class MultiScalePooler(nn.Module):
     def roi_levels(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> Tensor:
-        """The map each RoI is pooled from, as forward chooses it: int64 ``[R]``, an index into ``featmap_names``."""
+        """The map each RoI is pooled from, as forward chooses it: int64 ``[R]``, an index into the maps of
+        ``featmap_names`` that ``features`` holds."""
         maps = self._maps(features, image_sizes)
         _, k_min, k_max = self.scales_and_levels(maps, image_sizes)
         rois = rois_with_image_index(boxes, compute_dtype(maps[0].dtype), maps[0].device)

@@ -118,8 +118,20 @@ def test_multiscale_errors():
     feats = make_features(1, 2, 64, 64, [4, 16], seed=39)
     with pytest.raises(ValueError, match="level"):
         MultiScaleRoIAlign(["0", "1"], 7, 2)(feats, [torch.tensor([square(10.0)])], [(64, 64)])
-    with pytest.raises(KeyError, match="missing"):
-        MultiScaleRoIAlign(["0", "x"], 7, 2)(feats, [torch.tensor([square(10.0)])], [(64, 64)])
+    with pytest.raises(KeyError, match="none of the maps"):
+        MultiScaleRoIAlign(["x", "y"], 7, 2)(feats, [torch.tensor([square(10.0)])], [(64, 64)])
+
+
+def test_names_the_features_lack_are_passed_over_and_equal_scales_pool_from_the_first_map():
+    # torchvision's pooler: the default names ["0", "1", "2", "3"] fit a backbone with fewer maps, and
+    # MobileNetV3's two stride-32 maps send every RoI to the first
+    feats = make_features(1, 2, 64, 64, [4, 16], seed=39)
+    boxes, sizes = [torch.tensor([square(10.0), [0.0, 0.0, 60.0, 60.0]])], [(64, 64)]
+    only = MultiScaleRoIAlign(["0"], 7, 2)(feats, boxes, sizes)
+    assert torch.equal(MultiScaleRoIAlign(["0", "x"], 7, 2)(feats, boxes, sizes), only)
+    same = {"0": feats["1"], "1": feats["1"] * 2.0 + 1.0}
+    first = MultiScaleRoIAlign(["0"], 7, 2)({"0": feats["1"]}, boxes, sizes)
+    assert torch.equal(MultiScaleRoIAlign(["0", "1"], 7, 2)(same, boxes, sizes), first)
 
 
 def test_multiscale_output_is_a_channels_last_view_and_its_gradient_matches_per_level_roi_align():
