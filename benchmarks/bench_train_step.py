@@ -41,7 +41,7 @@ from collections import defaultdict
 
 import torch
 
-from fasterrcnn.model.backbone import resnet_fpn_backbone
+from fasterrcnn.model.backbone import build_resnet_fpn
 from fasterrcnn.model.faster_rcnn import FasterRCNN
 from fasterrcnn.model.frozen_bn import FrozenBatchNorm2d
 
@@ -64,7 +64,7 @@ def build_ours(seed: int = 0) -> FasterRCNN:
     """R50-FPN as torchvision's builder makes it with ImageNet backbone weights: FrozenBatchNorm2d
     (eps 1e-5), conv1 and layer1 frozen. Random weights, frozen statistics calibrated on one image."""
     torch.manual_seed(seed)
-    backbone = resnet_fpn_backbone(50, norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5), trainable_layers=3)
+    backbone = build_resnet_fpn(50, norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5), trainable_layers=3)
     model = FasterRCNN(backbone, NUM_CLASSES)
     calibrate_frozen_bn(model, seed)
     return model
@@ -251,7 +251,7 @@ def memory_child(which: str, weights: str, steps: int) -> None:
         model = build_torchvision(state_dict)
     else:
         model = FasterRCNN(
-            resnet_fpn_backbone(50, norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5), trainable_layers=3),
+            build_resnet_fpn(50, norm_layer=functools.partial(FrozenBatchNorm2d, eps=1e-5), trainable_layers=3),
             NUM_CLASSES,
         )
         model.load_state_dict(state_dict, strict=True)

@@ -23,6 +23,7 @@ _MODEL_EXPORTS = {
     "fasterrcnn_resnet18_fpn",
     "fasterrcnn_resnet34_fpn",
     "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
     "fasterrcnn_resnet101_fpn",
     "fasterrcnn_resnet50_c4",
     "fasterrcnn_resnet50_c5",

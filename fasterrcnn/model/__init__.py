@@ -1,7 +1,13 @@
 """The detector: backbone, RPN, RoI heads, transform, and the builders that assemble them."""
 
 from .anchors import AnchorGenerator
-from .backbone import BackboneWithFPN, SingleMapBackbone, resnet_fpn_backbone, resnet_single_map_backbone
+from .backbone import (
+    BackboneWithFPN,
+    SingleMapBackbone,
+    build_resnet_fpn,
+    resnet_fpn_backbone,
+    resnet_single_map_backbone,
+)
 from .builders import (
     BUILDERS,
     fasterrcnn_mobilenet_v3_large_320_fpn,
@@ -12,12 +18,13 @@ from .builders import (
     fasterrcnn_resnet50_c4,
     fasterrcnn_resnet50_c5,
     fasterrcnn_resnet50_fpn,
+    fasterrcnn_resnet50_fpn_v2,
     fasterrcnn_resnet50_single_map,
     fasterrcnn_resnet101_fpn,
     fasterrcnn_resnet_fpn,
 )
 from .faster_rcnn import FasterRCNN
-from .fpn import FeaturePyramidNetwork
+from .fpn import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 from .frozen_bn import FrozenBatchNorm2d
 from .matcher import Matcher
 from .mobilenet import MobileNetV3Body

@@ -24,12 +24,13 @@ from torch import nn
 
 from ..ops import MultiScaleRoIAlign, MultiScaleRoIPool
 from .anchors import AnchorGenerator
-from .backbone import resnet_fpn_backbone, resnet_single_map_backbone
+from .backbone import build_resnet_fpn, resnet_single_map_backbone
 from .builders_mobilenet import fasterrcnn_mobilenet_v3_large_320_fpn, fasterrcnn_mobilenet_v3_large_fpn
 from .faster_rcnn import FasterRCNN
 from .frozen_bn import FrozenBatchNorm2d
-from .resnet import RESNET_SPECS, Bottleneck, make_stage
-from .roi_heads import FastRCNNPredictor, Res5Head, TwoMLPHead
+from .published import backbone_weights, detector_weights
+from .resnet import RESNET_SPECS, Bottleneck, freeze_layers, make_stage
+from .roi_heads import ConvFCHead, FastRCNNPredictor, Res5Head, TwoMLPHead
 from .rpn import RPNHead
 from .single_map_pooler import SingleMapRoIPooler
 from .weights import load_backbone_weights, load_detector_weights, read_detector_checkpoint
@@ -89,7 +90,7 @@ def fasterrcnn_resnet_fpn(
     norm_layer, trainable, num_classes, state_dict = _resolve(
         weights, weights_backbone, trainable_backbone_layers, num_classes
     )
-    backbone = resnet_fpn_backbone(
+    backbone = build_resnet_fpn(
         depth, norm_layer=norm_layer, trainable_layers=trainable, out_channels=fpn_channels, fpn_norm=fpn_norm
     )
     if weights_backbone is not None and weights is None:
@@ -117,6 +118,50 @@ for _depth in (18, 34, 50, 101):
     _f = globals()[f"fasterrcnn_resnet{_depth}_fpn"]
     _f.__name__ = _f.__qualname__ = f"fasterrcnn_resnet{_depth}_fpn"
     _f.__doc__ = f"Faster R-CNN, ResNet-{_depth} + FPN. See ``fasterrcnn_resnet_fpn`` for the arguments."
+
+
+def fasterrcnn_resnet50_fpn_v2(
+    *,
+    num_classes: int | None = None,
+    weights: PathOrURL = None,
+    weights_backbone: PathOrURL = None,
+    trainable_backbone_layers: int | None = None,
+    **overrides,
+) -> FasterRCNN:
+    """Faster R-CNN ResNet-50-FPN v2 (Li et al. 2021, "Benchmarking detection transfer learning with vision
+    transformers"; torchvision's ``fasterrcnn_resnet50_fpn_v2``, 46.7 COCO box AP): BatchNorm (not frozen) in
+    the trunk and after every FPN conv, an RPN head with two 3x3 convs, and a box head of four 3x3 conv +
+    BatchNorm + ReLU layers and one fc. ``weights``: a detector checkpoint (path, URL, "DEFAULT", "COCO_V1");
+    ``weights_backbone``: an ImageNet ResNet-50 checkpoint ("DEFAULT" = "IMAGENET1K_V2"). Layers
+    ``trainable_backbone_layers`` (0..5, default 3 with weights) from layer4 train; the norm layers stay
+    BatchNorm even where frozen, as torchvision's."""
+    weights = detector_weights("fasterrcnn_resnet50_fpn_v2", weights)
+    weights_backbone = None if weights is not None else backbone_weights("resnet50", weights_backbone)
+    state_dict = None
+    if weights is not None:
+        state_dict, found_classes = read_detector_checkpoint(weights)
+        num_classes = found_classes if num_classes is None else num_classes
+    is_trained = weights is not None or weights_backbone is not None
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = 3 if is_trained else 5
+    elif not is_trained and trainable_backbone_layers != 5:
+        raise ValueError(
+            "trainable_backbone_layers < 5 freezes layers, which only makes sense with weights or "
+            "weights_backbone; without them every layer must train"
+        )
+    backbone = build_resnet_fpn(50, norm_layer=nn.BatchNorm2d, trainable_layers=5, fpn_norm="bn")
+    if weights_backbone is not None:
+        load_backbone_weights({"": backbone.body}, weights_backbone)
+    freeze_layers(backbone.body, trainable_backbone_layers)
+    anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),))
+    overrides.setdefault("rpn_anchor_generator", anchors)
+    overrides.setdefault("rpn_head", RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], 2))
+    overrides.setdefault("box_head", ConvFCHead(backbone.out_channels, (7, 7), (256,) * 4, 1024))
+    model = FasterRCNN(backbone, 91 if num_classes is None else num_classes, **overrides)
+    if weights is not None:
+        load_detector_weights(model, weights, state_dict=state_dict)
+    return model
+
 
 # The paper's single-map defaults (Ren et al. 2015, Sec. 3.1 and 4): images scaled to a shorter side
 # of 600 (at most 1000), anchors of 128, 256 and 512 pixels at three aspect ratios, 2000 proposals
@@ -262,6 +307,7 @@ BUILDERS = {
     "fasterrcnn_resnet18_fpn": fasterrcnn_resnet18_fpn,
     "fasterrcnn_resnet34_fpn": fasterrcnn_resnet34_fpn,
     "fasterrcnn_resnet50_fpn": fasterrcnn_resnet50_fpn,
+    "fasterrcnn_resnet50_fpn_v2": fasterrcnn_resnet50_fpn_v2,
     "fasterrcnn_resnet101_fpn": fasterrcnn_resnet101_fpn,
     "fasterrcnn_resnet50_c4": fasterrcnn_resnet50_c4,
     "fasterrcnn_resnet50_c5": fasterrcnn_resnet50_c5,

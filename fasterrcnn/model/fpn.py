@@ -4,8 +4,11 @@ Shapes (inputs from a ResNet body, L inputs C2..C5 with channels in_channels_lis
     inner_blocks[i]: 1x1 conv      C_i [B, c_i, H_i, W_i] -> lateral [B, D, H_i, W_i]
     top-down:        lateral_i + nearest-upsample(merged_{i+1}) -> merged_i
     layer_blocks[i]: 3x3 conv      merged_i -> P_i [B, D, H_i, W_i]
-    extra level:     P6 = max-pool(P5, kernel 1, stride 2) -> [B, D, ceil(H_5/2), ceil(W_5/2)], named "pool"
-Outputs keep the input names ("0".."3") and add "pool".
+    extra levels:    ``extra_blocks`` (torchvision's interface: ``forward(results, inputs, names) -> (results,
+                     names)``); the default LastLevelMaxPool: P6 = max-pool(P5, kernel 1, stride 2)
+                     -> [B, D, ceil(H_5/2), ceil(W_5/2)], named "pool"; LastLevelP6P7: two stride-2 3x3 convs
+                     -> "p6", "p7" (RetinaNet's levels)
+Outputs keep the input names ("0".."3") and add the extra levels' names.
 """
 
 from collections import OrderedDict
@@ -28,22 +31,62 @@ def conv_block(in_channels: int, out_channels: int, kernel_size: int, norm: str)
     )
 
 
+class LastLevelMaxPool(nn.Module):
+    """The "pool" level: every other row and column of the last map (max-pool with kernel 1, stride 2), a
+    strided view (no copy)."""
+
+    def forward(
+        self, results: list[torch.Tensor], inputs: list[torch.Tensor], names: list[str]
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        return [*results, results[-1][:, :, ::2, ::2]], [*names, "pool"]
+
+
+class LastLevelP6P7(nn.Module):
+    """P6 = 3x3 stride-2 conv of P5 (of C5 when the channel counts differ), P7 = 3x3 stride-2 conv of
+    relu(P6): the levels "p6" and "p7" (RetinaNet's); keys ``p6.weight``, ``p7.weight``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        for conv in (self.p6, self.p7):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.zeros_(conv.bias)  # type: ignore[arg-type]  # a conv made with a bias
+        self.use_p5 = in_channels == out_channels
+
+    def forward(
+        self, results: list[torch.Tensor], inputs: list[torch.Tensor], names: list[str]
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        p6 = self.p6(results[-1] if self.use_p5 else inputs[-1])
+        p7 = self.p7(F.relu(p6))
+        return [*results, p6, p7], [*names, "p6", "p7"]
+
+
 class FeaturePyramidNetwork(nn.Module):
-    """``norm``: "none" (torchvision's v1 layout), "bn" or "gn" after every conv (trains faster from scratch)."""
+    """``norm``: "none" (torchvision's v1 layout), "bn" or "gn" after every conv (trains faster from scratch).
+    ``extra_blocks``: the levels above the last (default LastLevelMaxPool; None with ``extra_max_pool=False``)."""
 
     def __init__(
-        self, in_channels_list: list[int], out_channels: int = 256, *, extra_max_pool: bool = True, norm: str = "none"
+        self,
+        in_channels_list: list[int],
+        out_channels: int = 256,
+        *,
+        extra_max_pool: bool = True,
+        norm: str = "none",
+        extra_blocks: nn.Module | None = None,
     ):
         super().__init__()
         self.inner_blocks = nn.ModuleList(conv_block(c, out_channels, 1, norm) for c in in_channels_list)
         self.layer_blocks = nn.ModuleList(conv_block(out_channels, out_channels, 3, norm) for _ in in_channels_list)
-        self.extra_max_pool = extra_max_pool
-        self.out_channels = out_channels
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if extra_blocks is None and extra_max_pool:
+            extra_blocks = LastLevelMaxPool()
+        self.extra_blocks = extra_blocks
+        self.out_channels = out_channels
 
     def forward(self, x: "OrderedDict[str, torch.Tensor]") -> "OrderedDict[str, torch.Tensor]":
         names = list(x.keys())
@@ -54,10 +97,8 @@ class FeaturePyramidNetwork(nn.Module):
             # in place: a conv's output, not needed for its backward
             merged = add_upsampled_(self.inner_blocks[i](feats[i]), merged)
             results.insert(0, self.layer_blocks[i](merged))
-        if self.extra_max_pool:
-            names.append("pool")
-            # max-pool with kernel 1 and stride 2 is every other row and column: a strided view
-            results.append(results[-1][:, :, ::2, ::2])
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, feats, names)
         return OrderedDict(zip(names, results))
 
 

@@ -76,6 +76,4 @@ def mobilenet_backbone(
         raise ValueError(f"returned_layers must be stage numbers in [0, {len(stages) - 1}], got {returned}")
     body.return_blocks = {stages[k]: str(i) for i, k in enumerate(returned)}
     channels = [body.channels(stages[k]) for k in returned]
-    if extra_blocks is not None:
-        return BackboneWithFPN(body, channels, out_channels, extra_blocks=extra_blocks)  # type: ignore[call-arg]
-    return BackboneWithFPN(body, channels, out_channels)
+    return BackboneWithFPN(body, channels, out_channels, extra_blocks=extra_blocks)

@@ -46,10 +46,11 @@ class TwoMLPHead(nn.Module):
         return F.relu(self.fc7(x))
 
 
-class ConvFCHead(nn.Module):
-    """3x3 conv + BatchNorm + ReLU layers on each pooled RoI, then one fc + ReLU (the v2 box head's
-    form): [R, D, P, P] -> [R, representation_size]. Spatial features help classification when the
-    backbone is trained from scratch."""
+class ConvFCHead(nn.Sequential):
+    """3x3 conv + BatchNorm + ReLU layers on each pooled RoI, then one fc + ReLU (the v2 box head):
+    [R, D, P, P] -> [R, representation_size]. Spatial features help classification when the backbone
+    is trained from scratch. The layout is torchvision's FastRCNNConvFCHead: children "0".."n-1" are the
+    conv blocks (``0.0.weight`` conv, ``0.1.*`` norm), then Flatten, the fc (``<n+1>.weight``) and ReLU."""
 
     def __init__(
         self,
@@ -58,20 +59,34 @@ class ConvFCHead(nn.Module):
         conv_channels: tuple[int, ...] = (256,) * 4,
         representation_size: int = 1024,
     ):
-        super().__init__()
-        layers, c = [], in_channels
+        layers: list[nn.Module] = []
+        c = in_channels
         for out in conv_channels:
-            layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers.append(
+                nn.Sequential(nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True))
+            )
             c = out
-        self.convs = nn.Sequential(*layers)
-        self.fc = nn.Linear(c * pool_size[0] * pool_size[1], representation_size)
+        layers += [nn.Flatten(), nn.Linear(c * pool_size[0] * pool_size[1], representation_size), nn.ReLU(inplace=True)]
+        super().__init__(*layers)
+        self.num_convs = len(conv_channels)
         self.out_features = representation_size
-        for m in self.convs.modules():
+        for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.fc(self.convs(x).flatten(start_dim=1)))
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Our checkpoints written before the torchvision layout: convs.<3i>.weight (conv i), convs.<3i+1>.*
+        # (its norm), fc.* (the fc)
+        for key in [k for k in state_dict if k.startswith((prefix + "convs.", prefix + "fc."))]:
+            rel = key[len(prefix) :]
+            if rel.startswith("fc."):
+                new = f"{self.num_convs + 1}.{rel[len('fc.') :]}"
+            else:
+                _, index, rest = rel.split(".", 2)
+                layer, kind = divmod(int(index), 3)
+                new = f"{layer}.{kind}.{rest}"
+            state_dict[prefix + new] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Res5Head(nn.Module):

@@ -188,12 +188,15 @@ def load_detector_weights(model: nn.Module, source: str | os.PathLike, *, state_
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_backbone_weights(modules: dict[str, nn.Module], source: str | os.PathLike) -> None:
+def load_backbone_weights(
+    modules: dict[str, nn.Module], source: str | os.PathLike, *, skip: tuple[str, ...] = ()
+) -> None:
     """Load an ImageNet ResNet checkpoint (conv1, bn1, layer1..4, fc) into the parts of a detector
     that hold those layers. ``modules`` maps a key prefix of the checkpoint to the module receiving
     the keys that start with it (the module names them the same way, e.g. a head holding "layer4.");
     the module under "" receives the rest. The classifier (fc) is not part of a detector and is
-    skipped; everything else must fit exactly.
+    skipped, and so are the keys starting with a prefix in ``skip`` (stages the body leaves out);
+    everything else must fit exactly.
 
     A detector checkpoint (ours or torchvision's) works too: its ``backbone.body.`` entries are the
     ResNet trunk, with its BatchNorm statistics, so a detector trained on one dataset can start the
@@ -204,7 +207,7 @@ def load_backbone_weights(modules: dict[str, nn.Module], source: str | os.PathLi
     if any(k.startswith(body) for k in state):
         state = OrderedDict((k[len(body) :], v) for k, v in state.items() if k.startswith(body))
     rest = OrderedDict(
-        (k, v) for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+        (k, v) for k, v in state.items() if not k.startswith(("fc.", *skip)) and not k.endswith("num_batches_tracked")
     )
     parts = {}
     for prefix in [p for p in modules if p]:

@@ -158,7 +158,7 @@ def test_conv_box_head_option_trains_and_detects():
     images, targets = sample_batch()
     losses = model.train()(images, targets)
     sum(losses.values()).backward()
-    assert model.roi_heads.box_head.convs[0].weight.grad is not None
+    assert model.roi_heads.box_head[0][0].weight.grad is not None
     with torch.no_grad():
         out = model.eval()(images)
     assert out[0]["boxes"].shape[-1] == 4
