@@ -9,7 +9,7 @@ LINT_STAMP := $(VENV)/.installed-lint
 # The shared tools sit beside the clone (CI has a read-only copy there).
 SHARED ?= ../shared
 
-.PHONY: setup test test-fast test-parity lint demo clean
+.PHONY: setup test test-fast test-parity lint demo demo-mobilenet clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,10 @@ test-parity:
 # scratch, evaluate, print the metrics and where the run's pictures are.
 demo: setup
 	$(VENV)/bin/fasterrcnn train $(ARGS)
+
+# The small model's CPU demo: torchvision's real-time MobileNetV3-Large 320 FPN layout, from scratch, same data.
+demo-mobilenet: setup
+	$(VENV)/bin/fasterrcnn train --config fasterrcnn/configs/demo_mobilenet.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

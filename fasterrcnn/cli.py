@@ -116,6 +116,11 @@ def _run_check_data(args: argparse.Namespace) -> int:
 
 # ---- train ------------------------------------------------------------------------------------
 
+ARCH_HELP = (
+    "builder for torchvision-format weights: fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, "
+    "fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn, or any other builder name; "
+    "with --weights DEFAULT (or COCO_V1), torchvision's published COCO weights for it (downloaded once)"
+)
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
 
 
@@ -188,7 +193,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None, help="COCO image folder (default: next to the json)")
     p.add_argument("--split", default="val", help="VOC split (default: val)")
     p.add_argument("--classes", default=None, help="VOC class names, comma-separated (default: the checkpoint's)")
-    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help=ARCH_HELP)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -313,7 +318,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         required=True,
         help="a training checkpoint (last.pt/best.pt) or torchvision detector weights; a path or a URL",
     )
-    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help=ARCH_HELP)
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument(
         "--score-threshold", type=_fraction, default=0.5, help="keep detections scoring at least this (default 0.5)"
@@ -393,7 +398,7 @@ def _add_explain(p: argparse.ArgumentParser) -> None:
         "file name) or a Pascal VOC xml",
     )
     p.add_argument("--out", default=None, help="output folder (default: explain/<image stem>)")
-    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help="builder for torchvision-format weights")
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help=ARCH_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument(
         "--level",

@@ -17,6 +17,7 @@ from ..data.coco_names import COCO_CATEGORY_NAMES
 from ..data.transforms import Compose, RandomHorizontalFlip, SeededAugmentation
 from ..model import BUILDERS, FastRCNNPredictor
 from ..model.faster_rcnn import FasterRCNN
+from ..model.published import detector_weights
 from ..model.weights import WeightsError, local_weights_file, read_state_dict
 from .checkpoint import is_training_state, read_file
 from .config import ConfigError, DataConfig, ModelConfig, config_from_dict
@@ -153,10 +154,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> FasterRCNN:
     try:
         if not cfg.weights:
             return builder(num_classes=num_classes, **kwargs)
-        state = read_state_dict(cfg.weights)
+        weights = detector_weights(cfg.arch, cfg.weights)  # a published name ("DEFAULT"): its URL
+        state = read_state_dict(weights)
         key = "roi_heads.box_predictor.cls_score.weight"
         theirs = state[key].shape[0] if key in state else None
-        model = builder(weights=cfg.weights, num_classes=theirs, **kwargs)
+        model = builder(weights=weights, num_classes=theirs, **kwargs)
     except TypeError as e:  # an option the builder does not take
         raise ConfigError(f"model.options: {e}") from None
     except WeightsError as e:  # e.g. weights of another architecture: say which setting to change
@@ -184,10 +186,13 @@ def load_model_for_inference(
     weights: str | os.PathLike, *, arch: str = "fasterrcnn_resnet50_fpn", device: torch.device | str = "cpu"
 ) -> tuple[torch.nn.Module, list[str], dict[int, int]]:
     """A model ready for inference from one of our training checkpoints (which carry their config
-    and class names) or a torchvision-format detector checkpoint (built with ``arch``; then COCO's
-    names on its 91-index layout). ``weights``: a path, or a URL read through torch.hub's cache.
+        and class names) or a torchvision-format detector checkpoint (built with ``arch``; then COCO's
+        names on its 91-index layout). ``weights``: a path, a URL read through torch.hub's cache, or a name
+    torchvision publishes for ``arch`` ("DEFAULT", "COCO_V1").
 
-    -> (model in eval mode, class names with "__background__" first, label -> category id)."""
+        -> (model in eval mode, class names with "__background__" first, label -> category id)."""
+    if arch in BUILDERS:
+        weights = detector_weights(arch, weights)  # a published name ("DEFAULT", "COCO_V1"): its URL
     path = local_weights_file(weights)  # a URL: through torch.hub's cache
     state = read_file(path)
     if is_training_state(state):

@@ -9,10 +9,12 @@
     fasterrcnn_resnet18_c4               single map C4 of a ResNet-18 (stride 16, 256 channels), 7x7
                                           pooling, 2-fc head: the demo-sized "no FPN" model of the ablation
 
-``weights``: a torchvision-format detector checkpoint (path or URL); it is loaded strictly, the
+``weights``: a torchvision-format detector checkpoint (path, URL, or for the R50-FPN v1 and v2 torchvision's
+name "DEFAULT" or "COCO_V1", see published.py); it is loaded strictly, the
 backbone's norm layers become FrozenBatchNorm2d with eps 0.0 (as torchvision sets for its published
 COCO weights) and ``num_classes`` defaults to the checkpoint's. ``weights_backbone``: an ImageNet
-ResNet checkpoint; FrozenBatchNorm2d with eps 1e-5. With neither, the model trains from scratch
+ResNet checkpoint (or a name: "DEFAULT", "IMAGENET1K_V1", "IMAGENET1K_V2"); FrozenBatchNorm2d with eps
+1e-5. With neither, the model trains from scratch
 with ordinary BatchNorm and every layer trainable. Any other keyword goes to ``FasterRCNN``.
 """
 
@@ -87,6 +89,8 @@ def fasterrcnn_resnet_fpn(
     ``roi_op``: "roi_align" (sampling ratio 2) or "roi_pool" on the level of each RoI;
     ``roi_output_size``: the pooled grid (7: the v1 layout; the box head's first fc follows it).
     """
+    weights = detector_weights(f"fasterrcnn_resnet{depth}_fpn", weights)
+    weights_backbone = backbone_weights(f"resnet{depth}", weights_backbone)
     norm_layer, trainable, num_classes, state_dict = _resolve(
         weights, weights_backbone, trainable_backbone_layers, num_classes
     )
@@ -196,6 +200,8 @@ def fasterrcnn_resnet50_single_map(
     ResNet detector of He et al. 2016. ``feature="c5"``: C5 (stride 32, 2048 channels), 7x7 pooling and
     the two-fc head. ``roi_op``: "roi_pool" (the original, quantised max) or "roi_align".
     """
+    weights = detector_weights(f"fasterrcnn_resnet50_{feature}", weights)
+    weights_backbone = backbone_weights("resnet50", weights_backbone)
     norm_layer, trainable, num_classes, state_dict = _resolve(
         weights, weights_backbone, trainable_backbone_layers, num_classes
     )
@@ -280,12 +286,14 @@ def fasterrcnn_resnet18_c4(
     ``len(anchor_sizes) * len(aspect_ratios)`` anchors per location, ``roi_op`` to
     ``roi_output_size`` squared bins, and the two-fc head (a res5 head per RoI would cost a CPU far
     more than the rest of the model). The single-map counterpart of ``fasterrcnn_resnet18_fpn``."""
+    weights = detector_weights("fasterrcnn_resnet18_c4", weights)
+    weights_backbone = backbone_weights("resnet18", weights_backbone)
     norm_layer, trainable, num_classes, state_dict = _resolve(
         weights, weights_backbone, trainable_backbone_layers, num_classes
     )
     backbone = resnet_single_map_backbone(18, feature="c4", norm_layer=norm_layer, trainable_layers=trainable)
-    if weights_backbone is not None and weights is None:
-        load_backbone_weights({"": backbone.body}, weights_backbone)
+    if weights_backbone is not None and weights is None:  # an ImageNet ResNet-18's layer4 is not part of it
+        load_backbone_weights({"": backbone.body}, weights_backbone, skip=("layer4.",))
     anchor_generator = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
     rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0])
     pooler = SingleMapRoIPooler("0", roi_output_size, op=roi_op, sampling_ratio=2)

@@ -5,8 +5,9 @@
 
 Both: FPN over blocks 13 and 16 of the trunk plus the "pool" level (three maps, the first two at stride 32),
 anchors of 32..512 pixels at ratios 0.5, 1, 2 on every map (15 per location), RoIAlign 7x7 from map "0", the
-two-fc head; proposals scoring under 0.05 are dropped. ``weights``: a detector checkpoint (path, URL, or
-"DEFAULT"/"COCO_V1"), loaded strictly, the trunk's norm layers FrozenBatchNorm2d (eps 1e-5);
+two-fc head; proposals scoring under 0.05 are dropped. ``anchor_sizes`` and ``aspect_ratios``: the anchors
+at every location of every map (scale them with the objects of your data). ``weights``: a detector checkpoint
+(path, URL, "DEFAULT" or "COCO_V1"), loaded strictly, the trunk's norm layers FrozenBatchNorm2d (eps 1e-5);
 ``weights_backbone``: an ImageNet MobileNetV3-Large checkpoint (or "DEFAULT", "IMAGENET1K_V1");
 with neither, BatchNorm and every layer trains. ``trainable_backbone_layers``: 0..6 stages from the end
 (default 3 with weights). Any other keyword goes to ``FasterRCNN``.
@@ -33,6 +34,8 @@ def fasterrcnn_mobilenet_v3_large_fpn(
     weights: PathOrURL = None,
     weights_backbone: PathOrURL = None,
     trainable_backbone_layers: int | None = None,
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
     **overrides,
 ) -> FasterRCNN:
     """Faster R-CNN with a MobileNetV3-Large + FPN backbone (see the module docstring)."""
@@ -43,6 +46,7 @@ def fasterrcnn_mobilenet_v3_large_fpn(
         weights=weights,
         weights_backbone=weights_backbone,
         trainable_backbone_layers=trainable_backbone_layers,
+        anchors=AnchorGenerator((tuple(anchor_sizes),) * 3, (tuple(aspect_ratios),) * 3),
         overrides=overrides,
     )
 
@@ -53,6 +57,8 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(
     weights: PathOrURL = None,
     weights_backbone: PathOrURL = None,
     trainable_backbone_layers: int | None = None,
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
     **overrides,
 ) -> FasterRCNN:
     """Faster R-CNN with a MobileNetV3-Large + FPN backbone on images scaled to 320..640 pixels, with 150
@@ -67,6 +73,7 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=weights,
         weights_backbone=weights_backbone,
         trainable_backbone_layers=trainable_backbone_layers,
+        anchors=AnchorGenerator((tuple(anchor_sizes),) * 3, (tuple(aspect_ratios),) * 3),
         overrides=overrides,
     )
 
@@ -79,6 +86,7 @@ def _mobilenet_detector(
     weights: PathOrURL,
     weights_backbone: PathOrURL,
     trainable_backbone_layers: int | None,
+    anchors: AnchorGenerator,
     overrides: dict,
 ) -> FasterRCNN:
     weights = detector_weights(name, weights)
@@ -102,8 +110,7 @@ def _mobilenet_detector(
         norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
         trainable_layers=trainable_backbone_layers,
     )
-    sizes = (32, 64, 128, 256, 512)
-    overrides.setdefault("rpn_anchor_generator", AnchorGenerator((sizes,) * 3, ((0.5, 1.0, 2.0),) * 3))
+    overrides.setdefault("rpn_anchor_generator", anchors)
     overrides.setdefault("box_roi_pool", MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2))
     model = FasterRCNN(backbone, 91 if num_classes is None else num_classes, **{**defaults, **overrides})
     if weights is not None:
