@@ -13,6 +13,8 @@ as the paper describes them. The same detections, less work per image.
     channels_last_conv_head(head)   a conv box head (convs, flatten, fc: ConvFCHead, or any nn.Sequential
                                     with an nn.Flatten then an nn.Linear) whose fc reads the convs' channels-last
                                     output as it is (ChannelsLastFlatten and the fc's columns permuted)
+    PointwiseConv2d                 a 1x1 convolution that runs as a matrix-vector product on a 1x1 map (the
+                                    squeeze-excitation convs of MobileNetV3 after their global pooling)
     CastInput(dtype)                a forward pre-hook casting a part's input to the dtype of its weights
 
 Why: a FrozenBatchNorm2d is a multiply and an add over a whole feature map, with no arithmetic intensity:
@@ -59,6 +61,7 @@ def optimize_for_inference(
     if channels_last:
         model.to_channels_last()
     rpn, heads = model.rpn, model.roi_heads
+    use_pointwise_convs(model)
     if isinstance(rpn.head, RPNHead):
         rpn.head = FusedRPNHead(rpn.head)
     if isinstance(heads.box_head, TwoMLPHead):  # our poolers output channels-last rows, whatever the model's layout
@@ -253,6 +256,39 @@ def channels_last_conv_head(head: nn.Module) -> nn.Module:
         if isinstance(fc, nn.Linear) and channels is not None:
             return nn.Sequential(convs, ChannelsLastFlatten(), _channels_last_linear(fc, channels), nn.ReLU())
     return head
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution (stride 1, no padding, one group) that, on a map of one pixel, runs as a matrix-vector
+    product, [B, I] @ [I, O], instead of oneDNN's convolution, whose set-up dominates the work there (each
+    squeeze-excitation conv of MobileNetV3 reads the [B, C, 1, 1] global average). Larger maps run the plain
+    convolution. Its parameters are the conv's (same names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[2] * x.shape[3] != 1:
+            return super().forward(x)
+        b, c = x.shape[:2]
+        out = F.linear(x.reshape(b, c), self.weight.reshape(self.out_channels, c), self.bias)
+        return out.reshape(b, self.out_channels, 1, 1)
+
+
+def use_pointwise_convs(module: nn.Module) -> int:
+    """Make each plain 1x1 nn.Conv2d of ``module`` a PointwiseConv2d (in place: the class changes, the
+    parameters stay); returns how many."""
+    count = 0
+    for m in module.modules():
+        if (
+            type(m) is nn.Conv2d
+            and m.kernel_size == (1, 1)
+            and m.stride == (1, 1)
+            and m.padding == (0, 0)
+            and m.dilation == (1, 1)
+            and m.groups == 1
+            and m.padding_mode == "zeros"
+        ):
+            m.__class__ = PointwiseConv2d
+            count += 1
+    return count
 
 
 class CastInput:

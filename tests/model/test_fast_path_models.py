@@ -11,8 +11,10 @@ from fasterrcnn.model import builders
 from fasterrcnn.model.fast_path import (
     ChannelsLastFlatten,
     FusedRPNHead,
+    PointwiseConv2d,
     channels_last_conv_head,
     fold_batchnorm,
+    use_pointwise_convs,
 )
 from fasterrcnn.model.frozen_bn import FrozenBatchNorm2d
 from fasterrcnn.model.roi_heads import ConvFCHead
@@ -159,3 +161,19 @@ def test_optimised_new_builder_gives_the_plain_detections(arch):
     assert hit / total >= 0.98
     hit, total = matched(want, got16, iou_min=0.9, score_tol=None)
     assert hit / total >= 0.7
+
+
+def test_pointwise_convs_give_the_convolutions_output_on_one_pixel_and_on_maps():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(6, 5, 1), nn.ReLU(), nn.Conv2d(5, 4, 1, bias=False), nn.Conv2d(4, 4, 3)).eval()
+    pooled, maps = torch.randn(3, 6, 1, 1), torch.randn(2, 6, 5, 7)
+    with torch.no_grad():
+        want = block[:3](pooled), block[:3](maps)
+        names = [n for n, _ in block.named_parameters()]
+        assert use_pointwise_convs(block) == 2  # the 1x1 convs, not the 3x3
+        assert [type(m) for m in block] == [PointwiseConv2d, nn.ReLU, PointwiseConv2d, nn.Conv2d]
+        assert [n for n, _ in block.named_parameters()] == names
+        got = block[:3](pooled), block[:3](maps.contiguous(memory_format=torch.channels_last))
+    for w, g in zip(want, got):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
