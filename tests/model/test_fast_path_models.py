@@ -20,7 +20,8 @@ from fasterrcnn.model.frozen_bn import FrozenBatchNorm2d
 from fasterrcnn.model.roi_heads import ConvFCHead
 from fasterrcnn.model.rpn import RPNHead
 
-from .test_fuse import matched, random_norm
+from .helpers import sample_batch
+from .test_fuse import detecting_tiny_model, matched, random_norm
 
 NEW_BUILDERS = (
     "fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -177,3 +178,19 @@ def test_pointwise_convs_give_the_convolutions_output_on_one_pixel_and_on_maps()
     for w, g in zip(want, got):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_optimised_v2_like_tiny_model_gives_the_plain_detections():
+    """The v2 parts on a tiny model, whatever the v2 builder's state: BatchNorm in the FPN and a conv box head,
+    an RPN head of two 3x3 convs."""
+    overrides = dict(fpn_norm="bn", box_head_convs=(32, 32), rpn_head=RPNHead(32, 3, conv_depth=2))
+    images, _ = sample_batch()
+    plain = detecting_tiny_model(**overrides)
+    fast = detecting_tiny_model(**overrides).optimize_for_inference()
+    assert not any(isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)) for m in fast.modules())
+    assert any(isinstance(m, ChannelsLastFlatten) for m in fast.roi_heads.box_head.modules())
+    with torch.inference_mode():
+        want, got = plain(images), fast(images)
+    hit, total = matched(want, got, iou_min=0.99, score_tol=1e-3)
+    assert total >= 50, "the comparison needs detections"
+    assert hit == total
