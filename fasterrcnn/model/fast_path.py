@@ -10,6 +10,11 @@ as the paper describes them. The same detections, less work per image.
                                     t = beta - mean * s; the norm layer becomes nn.Identity
     FusedRPNHead(head)              an RPNHead whose two 1x1 output convs are one matrix product
     ChannelsLastTwoMLPHead(head, D) a TwoMLPHead whose fc6 reads the pooler's channels-last rows as they are
+    channels_last_conv_head(head)   a conv box head (convs, flatten, fc: ConvFCHead, or any nn.Sequential
+                                    with an nn.Flatten then an nn.Linear) whose fc reads the convs' channels-last
+                                    output as it is (ChannelsLastFlatten and the fc's columns permuted)
+    PointwiseConv2d                 a 1x1 convolution that runs as a matrix-vector product on a 1x1 map (the
+                                    squeeze-excitation convs of MobileNetV3 after their global pooling)
     CastInput(dtype)                a forward pre-hook casting a part's input to the dtype of its weights
 
 Why: a FrozenBatchNorm2d is a multiply and an add over a whole feature map, with no arithmetic intensity:
@@ -35,7 +40,7 @@ from torch import nn
 
 from .frozen_bn import FrozenBatchNorm2d
 from .resnet import BasicBlock, Bottleneck, ResNetBody
-from .roi_heads import TwoMLPHead
+from .roi_heads import ConvFCHead, TwoMLPHead
 from .rpn import RPNHead
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -56,10 +61,13 @@ def optimize_for_inference(
     if channels_last:
         model.to_channels_last()
     rpn, heads = model.rpn, model.roi_heads
+    use_pointwise_convs(model)
     if isinstance(rpn.head, RPNHead):
         rpn.head = FusedRPNHead(rpn.head)
     if isinstance(heads.box_head, TwoMLPHead):  # our poolers output channels-last rows, whatever the model's layout
         heads.box_head = ChannelsLastTwoMLPHead(heads.box_head, model.backbone.out_channels)
+    elif channels_last:  # a conv head's convs then output channels-last maps
+        heads.box_head = channels_last_conv_head(heads.box_head)
     for part in (model.backbone, rpn.head, heads.box_head, heads.box_predictor):
         part.to(dtype)
     if dtype != torch.float32:
@@ -194,6 +202,93 @@ class ChannelsLastTwoMLPHead(nn.Module):
         x = x.permute(0, 2, 3, 1).flatten(start_dim=1)
         x = F.relu(self.fc6(x))
         return F.relu(self.fc7(x))
+
+
+class ChannelsLastFlatten(nn.Module):
+    """[R, C, H, W] -> [R, H*W*C], rows in (y, x, channel) order: a view of a channels-last map (a
+    contiguous one is copied once, as nn.Flatten would copy a channels-last one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 3, 1).flatten(start_dim=1)  # flatten, not reshape(R, -1): R may be 0
+
+
+def _channels_last_linear(fc: nn.Linear, channels: int) -> nn.Linear:
+    """A copy of ``fc`` whose input columns are permuted from (channel, y, x) to (y, x, channel) order."""
+    weight = fc.weight.detach()
+    if weight.shape[1] % channels:
+        raise ValueError(f"channels-last fc: {weight.shape[1]} inputs, not a multiple of {channels} channels")
+    out = nn.Linear(fc.in_features, fc.out_features, bias=fc.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight.view(weight.shape[0], channels, -1).transpose(1, 2).reshape(weight.shape))
+        if fc.bias is not None:
+            out.bias.copy_(fc.bias)
+    return out
+
+
+def _last_conv_channels(modules: list[nn.Module]) -> int | None:
+    """The output channels of the last nn.Conv2d in ``modules`` (searched depth-first), else None."""
+    convs = [m for part in modules for m in part.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels if convs else None
+
+
+def channels_last_conv_head(head: nn.Module) -> nn.Module:
+    """A conv box head whose fc reads the last conv's channels-last output without a copy; returns the head
+    (changed in place) or its fast form, or ``head`` as it is when it is not a conv head.
+
+    Two forms are recognised by structure, not by attribute names: an nn.Sequential in which an nn.Flatten,
+    preceded by convolutions, is followed by an nn.Linear (torchvision's layout of the v2 box head:
+    conv blocks, Flatten, Linear, ReLU), and ``roi_heads.ConvFCHead`` with its ``convs`` and ``fc``."""
+    if isinstance(head, nn.Sequential):
+        names = list(head._modules)
+        for i, (a, b) in enumerate(itertools.pairwise(names)):
+            flatten, fc = head._modules[a], head._modules[b]
+            channels = _last_conv_channels([head._modules[n] for n in names[:i]])
+            if isinstance(flatten, nn.Flatten) and isinstance(fc, nn.Linear) and channels is not None:
+                if flatten.start_dim != 1 or flatten.end_dim != -1:
+                    return head
+                head._modules[a] = ChannelsLastFlatten()
+                head._modules[b] = _channels_last_linear(fc, channels)
+                return head
+        return head
+    if isinstance(head, ConvFCHead):
+        convs, fc = getattr(head, "convs", None), getattr(head, "fc", None)
+        channels = _last_conv_channels([convs]) if isinstance(convs, nn.Module) else None
+        if isinstance(fc, nn.Linear) and channels is not None:
+            return nn.Sequential(convs, ChannelsLastFlatten(), _channels_last_linear(fc, channels), nn.ReLU())
+    return head
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 convolution (stride 1, no padding, one group) that, on a map of one pixel, runs as a matrix-vector
+    product, [B, I] @ [I, O], instead of oneDNN's convolution, whose set-up dominates the work there (each
+    squeeze-excitation conv of MobileNetV3 reads the [B, C, 1, 1] global average). Larger maps run the plain
+    convolution. Its parameters are the conv's (same names)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[2] * x.shape[3] != 1:
+            return super().forward(x)
+        b, c = x.shape[:2]
+        out = F.linear(x.reshape(b, c), self.weight.reshape(self.out_channels, c), self.bias)
+        return out.reshape(b, self.out_channels, 1, 1)
+
+
+def use_pointwise_convs(module: nn.Module) -> int:
+    """Make each plain 1x1 nn.Conv2d of ``module`` a PointwiseConv2d (in place: the class changes, the
+    parameters stay); returns how many."""
+    count = 0
+    for m in module.modules():
+        if (
+            type(m) is nn.Conv2d
+            and m.kernel_size == (1, 1)
+            and m.stride == (1, 1)
+            and m.padding == (0, 0)
+            and m.dilation == (1, 1)
+            and m.groups == 1
+            and m.padding_mode == "zeros"
+        ):
+            m.__class__ = PointwiseConv2d
+            count += 1
+    return count
 
 
 class CastInput:
