@@ -27,6 +27,7 @@ from torch import nn
 from ..ops import MultiScaleRoIAlign, MultiScaleRoIPool
 from .anchors import AnchorGenerator
 from .backbone import build_resnet_fpn, resnet_single_map_backbone
+from .builder_start import builder_start
 from .builders_mobilenet import fasterrcnn_mobilenet_v3_large_320_fpn, fasterrcnn_mobilenet_v3_large_fpn
 from .faster_rcnn import FasterRCNN
 from .frozen_bn import FrozenBatchNorm2d
@@ -35,7 +36,7 @@ from .resnet import RESNET_SPECS, Bottleneck, freeze_layers, make_stage
 from .roi_heads import ConvFCHead, FastRCNNPredictor, Res5Head, TwoMLPHead
 from .rpn import RPNHead
 from .single_map_pooler import SingleMapRoIPooler
-from .weights import load_backbone_weights, load_detector_weights, read_detector_checkpoint
+from .weights import load_backbone_weights, load_detector_weights
 
 PathOrURL = str | os.PathLike | None
 
@@ -44,26 +45,13 @@ def _resolve(
     weights: PathOrURL, weights_backbone: PathOrURL, trainable_backbone_layers: int | None, num_classes: int | None
 ) -> tuple[Callable[[int], nn.Module], int, int, dict | None]:
     """-> (norm layer, trainable layers, num_classes, detector state_dict or None)."""
-    state_dict = None
-    if weights is not None:
-        state_dict, found_classes = read_detector_checkpoint(weights)
-        num_classes = found_classes if num_classes is None else num_classes
-    is_trained = weights is not None or weights_backbone is not None
-    if trainable_backbone_layers is None:
-        trainable_backbone_layers = 3 if is_trained else 5
-    if is_trained:
-        eps = 0.0 if weights is not None else 1e-5
-        norm_layer = functools.partial(FrozenBatchNorm2d, eps=eps)
-    else:
-        # Training from scratch needs BatchNorm that learns; freezing layers of a random network
-        # would only freeze noise.
-        if trainable_backbone_layers != 5:
-            raise ValueError(
-                "trainable_backbone_layers < 5 freezes layers, which only makes sense with "
-                "weights or weights_backbone; without them every layer must train"
-            )
+    start = builder_start(weights, weights_backbone, trainable_backbone_layers, num_classes, all_layers=5)
+    if start.is_trained:
+        # torchvision sets eps 0.0 for its published COCO weights; 1e-5 (BatchNorm's) for ImageNet trunks
+        norm_layer = functools.partial(FrozenBatchNorm2d, eps=0.0 if weights is not None else 1e-5)
+    else:  # training from scratch needs BatchNorm that learns
         norm_layer = nn.BatchNorm2d
-    return norm_layer, trainable_backbone_layers, (91 if num_classes is None else num_classes), state_dict
+    return norm_layer, start.trainable_layers, start.num_classes, start.state_dict
 
 
 def fasterrcnn_resnet_fpn(
@@ -141,29 +129,18 @@ def fasterrcnn_resnet50_fpn_v2(
     BatchNorm even where frozen, as torchvision's."""
     weights = detector_weights("fasterrcnn_resnet50_fpn_v2", weights)
     weights_backbone = None if weights is not None else backbone_weights("resnet50", weights_backbone)
-    state_dict = None
-    if weights is not None:
-        state_dict, found_classes = read_detector_checkpoint(weights)
-        num_classes = found_classes if num_classes is None else num_classes
-    is_trained = weights is not None or weights_backbone is not None
-    if trainable_backbone_layers is None:
-        trainable_backbone_layers = 3 if is_trained else 5
-    elif not is_trained and trainable_backbone_layers != 5:
-        raise ValueError(
-            "trainable_backbone_layers < 5 freezes layers, which only makes sense with weights or "
-            "weights_backbone; without them every layer must train"
-        )
+    start = builder_start(weights, weights_backbone, trainable_backbone_layers, num_classes, all_layers=5)
     backbone = build_resnet_fpn(50, norm_layer=nn.BatchNorm2d, trainable_layers=5, fpn_norm="bn")
     if weights_backbone is not None:
         load_backbone_weights({"": backbone.body}, weights_backbone)
-    freeze_layers(backbone.body, trainable_backbone_layers)
+    freeze_layers(backbone.body, start.trainable_layers)
     anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),))
     overrides.setdefault("rpn_anchor_generator", anchors)
     overrides.setdefault("rpn_head", RPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0], 2))
     overrides.setdefault("box_head", ConvFCHead(backbone.out_channels, (7, 7), (256,) * 4, 1024))
-    model = FasterRCNN(backbone, 91 if num_classes is None else num_classes, **overrides)
+    model = FasterRCNN(backbone, start.num_classes, **overrides)
     if weights is not None:
-        load_detector_weights(model, weights, state_dict=state_dict)
+        load_detector_weights(model, weights, state_dict=start.state_dict)
     return model
 
 

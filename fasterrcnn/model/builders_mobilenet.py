@@ -19,11 +19,12 @@ from torch import nn
 
 from ..ops import MultiScaleRoIAlign
 from .anchors import AnchorGenerator
+from .builder_start import builder_start
 from .faster_rcnn import FasterRCNN
 from .frozen_bn import FrozenBatchNorm2d
 from .mobilenet_backbone import mobilenet_backbone
 from .published import backbone_weights, detector_weights
-from .weights import load_detector_weights, read_detector_checkpoint
+from .weights import load_detector_weights
 
 PathOrURL = str | os.PathLike | None
 
@@ -91,28 +92,17 @@ def _mobilenet_detector(
 ) -> FasterRCNN:
     weights = detector_weights(name, weights)
     weights_backbone = None if weights is not None else backbone_weights("mobilenet_v3_large", weights_backbone)
-    state_dict = None
-    if weights is not None:
-        state_dict, found_classes = read_detector_checkpoint(weights)
-        num_classes = found_classes if num_classes is None else num_classes
-    is_trained = weights is not None or weights_backbone is not None
-    if trainable_backbone_layers is None:
-        trainable_backbone_layers = 3 if is_trained else 6
-    elif not is_trained and trainable_backbone_layers != 6:
-        raise ValueError(
-            "trainable_backbone_layers < 6 freezes layers, which only makes sense with weights or "
-            "weights_backbone; without them every layer must train"
-        )
+    start = builder_start(weights, weights_backbone, trainable_backbone_layers, num_classes, all_layers=6)
     backbone = mobilenet_backbone(
         backbone_name="mobilenet_v3_large",
         weights=weights_backbone,
         fpn=True,
-        norm_layer=FrozenBatchNorm2d if is_trained else nn.BatchNorm2d,
-        trainable_layers=trainable_backbone_layers,
+        norm_layer=FrozenBatchNorm2d if start.is_trained else nn.BatchNorm2d,
+        trainable_layers=start.trainable_layers,
     )
     overrides.setdefault("rpn_anchor_generator", anchors)
     overrides.setdefault("box_roi_pool", MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2))
-    model = FasterRCNN(backbone, 91 if num_classes is None else num_classes, **{**defaults, **overrides})
+    model = FasterRCNN(backbone, start.num_classes, **{**defaults, **overrides})
     if weights is not None:
-        load_detector_weights(model, weights, state_dict=state_dict)
+        load_detector_weights(model, weights, state_dict=start.state_dict)
     return model

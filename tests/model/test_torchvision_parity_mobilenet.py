@@ -21,7 +21,7 @@ from torchvision.models.detection.backbone_utils import _mobilenet_extractor
 from torchvision.ops import misc as tv_misc
 
 from fasterrcnn.model import BUILDERS
-from tests.model.test_torchvision_parity import match_rate, structured_images
+from tests.model.test_torchvision_parity import matched_over_batches, structured_images
 
 TV_DEFAULTS = {
     "fasterrcnn_mobilenet_v3_large_fpn": {"rpn_score_thresh": 0.05},
@@ -108,15 +108,6 @@ def test_detections_match_torchvision(pair, optimised):
     ours = BUILDERS[name](weights=str(path)).eval()
     if optimised:
         ours.optimize_for_inference()
-    images = structured_images(seed=1)
-    total = matched = 0.0
-    with torch.inference_mode():
-        for batch in [[im] for im in images] + [images[:2]]:  # one at a time, and a padded batch of two
-            for r, o in zip(ref(batch), ours(batch)):
-                rate, n = match_rate(r, o)
-                print(f"{name}: torchvision {n:3d} detections, ours {o['boxes'].shape[0]:3d}, matched {rate:.3f}")
-                total += n
-                matched += rate * n
-    assert total >= 200, "the reference model must really detect for the comparison to mean anything"
-    print(f"{name} {'optimised' if optimised else 'plain'}: {matched / total:.4f} of {int(total)} matched")
-    assert matched / total >= 0.98
+    label = f"{name} {'optimised' if optimised else 'plain'}: "
+    share, _ = matched_over_batches(ref, ours, structured_images(seed=1), label)
+    assert share >= 0.98

@@ -21,7 +21,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7 as TVLastLevel
 
 from fasterrcnn import fasterrcnn_resnet50_fpn_v2
 from fasterrcnn.model import LastLevelP6P7, mobilenet_backbone, resnet_fpn_backbone
-from tests.model.test_torchvision_parity import match_rate, structured_images
+from tests.model.test_torchvision_parity import matched_over_batches, structured_images
 
 
 def torchvision_v2(seed: int = 0) -> torch.nn.Module:
@@ -81,18 +81,9 @@ def test_v2_detections_match_torchvision(checkpoint, optimised):
     ours = fasterrcnn_resnet50_fpn_v2(weights=str(path)).eval()
     if optimised:
         ours.optimize_for_inference()
-    images = structured_images(seed=1)[:2]
-    total = matched = 0.0
-    with torch.inference_mode():
-        for batch in [[im] for im in images] + [images]:  # one at a time, and a padded batch of two
-            for r, o in zip(ref(batch), ours(batch)):
-                rate, n = match_rate(r, o)
-                print(f"v2: torchvision {n:3d} detections, ours {o['boxes'].shape[0]:3d}, matched {rate:.3f}")
-                total += n
-                matched += rate * n
-    assert total >= 200, "the reference model must really detect for the comparison to mean anything"
-    print(f"v2 {'optimised' if optimised else 'plain'}: {matched / total:.4f} of {int(total)} matched")
-    assert matched / total >= 0.98
+    label = f"v2 {'optimised' if optimised else 'plain'}: "
+    share, _ = matched_over_batches(ref, ours, structured_images(seed=1)[:2], label)
+    assert share >= 0.98
 
 
 def _same_layout(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
