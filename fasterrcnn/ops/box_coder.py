@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["BoxCoder"]
+__all__ = ["BoxCoder", "decode_boxes"]
 
 
 class BoxCoder:
@@ -29,7 +29,7 @@ class BoxCoder:
     ) -> None:
         if len(weights) != 4:
             raise ValueError(f"BoxCoder weights: expected 4 numbers (wx, wy, ww, wh), got {weights!r}")
-        self.weights = tuple(float(w) for w in weights)
+        self.weights = (float(weights[0]), float(weights[1]), float(weights[2]), float(weights[3]))
         self.bbox_xform_clip = float(bbox_xform_clip)
 
     def encode(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
@@ -63,32 +63,38 @@ class BoxCoder:
             raise ValueError(f"BoxCoder.decode deltas: expected Tensor[N, 4K], got shape {tuple(deltas.shape)}")
         if boxes.shape[0] != deltas.shape[0]:
             raise ValueError(f"BoxCoder.decode: {deltas.shape[0]} rows of deltas but {boxes.shape[0]} boxes")
-        boxes = boxes.to(deltas.dtype)
-        wx, wy, ww, wh = self.weights
+        return decode_boxes(deltas, boxes, self.weights, self.bbox_xform_clip)
 
-        widths = (boxes[:, 2] - boxes[:, 0])[:, None]  # [N, 1], broadcast over the K groups
-        heights = (boxes[:, 3] - boxes[:, 1])[:, None]
-        ctr_x = boxes[:, 0][:, None] + 0.5 * widths
-        ctr_y = boxes[:, 1][:, None] + 0.5 * heights
 
-        d = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)  # [N, K, 4]
-        dx = d[..., 0] / wx
-        dy = d[..., 1] / wy
-        dw = (d[..., 2] / ww).clamp(max=self.bbox_xform_clip)
-        dh = (d[..., 3] / wh).clamp(max=self.bbox_xform_clip)
+def decode_boxes(deltas: Tensor, boxes: Tensor, weights: tuple[float, float, float, float], clip: float) -> Tensor:
+    """:meth:`BoxCoder.decode` without its checks, as a plain function (the exported graph and TorchScript
+    call it): ``deltas[N, 4K]`` against ``boxes[N, 4]`` -> ``[N, 4K]``, in the deltas' dtype."""
+    boxes = boxes.to(deltas.dtype)
+    wx, wy, ww, wh = weights
 
-        pred_ctr_x = dx * widths + ctr_x
-        pred_ctr_y = dy * heights + ctr_y
-        pred_w = torch.exp(dw) * widths
-        pred_h = torch.exp(dh) * heights
+    widths = (boxes[:, 2] - boxes[:, 0])[:, None]  # [N, 1], broadcast over the K groups
+    heights = (boxes[:, 3] - boxes[:, 1])[:, None]
+    ctr_x = boxes[:, 0][:, None] + 0.5 * widths
+    ctr_y = boxes[:, 1][:, None] + 0.5 * heights
 
-        out = torch.stack(
-            (
-                pred_ctr_x - 0.5 * pred_w,
-                pred_ctr_y - 0.5 * pred_h,
-                pred_ctr_x + 0.5 * pred_w,
-                pred_ctr_y + 0.5 * pred_h,
-            ),
-            dim=2,
-        )  # [N, K, 4]
-        return out.reshape(deltas.shape)
+    d = deltas.reshape(deltas.shape[0], deltas.shape[1] // 4, 4)  # [N, K, 4]
+    dx = d[..., 0] / wx
+    dy = d[..., 1] / wy
+    dw = (d[..., 2] / ww).clamp(max=clip)
+    dh = (d[..., 3] / wh).clamp(max=clip)
+
+    pred_ctr_x = dx * widths + ctr_x
+    pred_ctr_y = dy * heights + ctr_y
+    pred_w = torch.exp(dw) * widths
+    pred_h = torch.exp(dh) * heights
+
+    out = torch.stack(
+        (
+            pred_ctr_x - 0.5 * pred_w,
+            pred_ctr_y - 0.5 * pred_h,
+            pred_ctr_x + 0.5 * pred_w,
+            pred_ctr_y + 0.5 * pred_h,
+        ),
+        dim=2,
+    )  # [N, K, 4]
+    return out.reshape(deltas.shape)
