@@ -7,9 +7,11 @@ Grouping images of similar aspect ratio into a batch keeps that padding small.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import random
 import signal
+import threading
 
 import numpy as np
 import torch
@@ -160,6 +162,31 @@ def make_data_loader(
         generator=torch.Generator().manual_seed(seed + 7919 * (1 + getattr(sampler, "rank", 0))),
         persistent_workers=False,
     )
+
+
+@contextlib.contextmanager
+def child_signal_restored():
+    """Put back the SIGCHLD handler when the block's DataLoader workers are done.
+
+    PyTorch's DataLoader installs a Python SIGCHLD handler (to notice a worker that dies) the first time a
+    process starts workers, and never removes it. With an OpenVINO model in the process, that handler made the
+    next child process (any ``subprocess.run``) crash the interpreter with a segfault (reproduced in
+    tests/deploy: ``predict`` with workers, then OpenVINO, then a subprocess). After the loader is exhausted its
+    workers are gone, so the handler has nothing left to watch: the previous one goes back, and PyTorch's
+    flag is cleared so that its next loader installs its own again."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not main_thread or not hasattr(signal, "SIGCHLD"):
+        yield
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGCHLD) is not previous and previous is not None:
+            signal.signal(signal.SIGCHLD, previous)
+            handling = getattr(torch.utils.data, "_utils", None)
+            if handling is not None and hasattr(handling.signal_handling, "_SIGCHLD_handler_set"):
+                handling.signal_handling._SIGCHLD_handler_set = False
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.batching import child_signal_restored
 from ..data.images import load_image
 from ..data.report import DataError
 from ..engine.progress import Progress
@@ -210,20 +211,26 @@ def predict_files(
     records = JsonArrayWriter(out_dir / "images.json", prefix=images_head, suffix='], "partial": false}')
     done = 0
     try:
-        for batch in loader:
-            good = [(i, t) for i, t, _ in batch if t is not None]
-            skipped += [err for _, t, err in batch if t is None]
-            found = detector.detect([t for _, t in good])
-            for (i, tensor), dets in zip(good, found):
-                for record in dets.to_coco(ids[i], detector.label_to_cat_id):
-                    results.write(record)
-                records.write(
-                    {"id": ids[i], "file_name": names[i], "width": int(tensor.shape[2]), "height": int(tensor.shape[1])}
-                )
-                if draw:
-                    _write_drawing(tensor, dets, out_dir / "images" / names[i])
-            done += len(batch)
-            progress.update(len(batch), detections=results.count)
+        with child_signal_restored():  # the loader's workers are done when it is
+            for batch in loader:
+                good = [(i, t) for i, t, _ in batch if t is not None]
+                skipped += [err for _, t, err in batch if t is None]
+                found = detector.detect([t for _, t in good])
+                for (i, tensor), dets in zip(good, found):
+                    for record in dets.to_coco(ids[i], detector.label_to_cat_id):
+                        results.write(record)
+                    records.write(
+                        {
+                            "id": ids[i],
+                            "file_name": names[i],
+                            "width": int(tensor.shape[2]),
+                            "height": int(tensor.shape[1]),
+                        }
+                    )
+                    if draw:
+                        _write_drawing(tensor, dets, out_dir / "images" / names[i])
+                done += len(batch)
+                progress.update(len(batch), detections=results.count)
     except BaseException as e:  # Ctrl-C or a failure: keep what is done, marked partial, then stop as asked
         progress.close()
         results.close()
