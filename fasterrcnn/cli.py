@@ -267,6 +267,74 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- export -------------------------------------------------------------------------------------
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="a training checkpoint (last.pt/best.pt) or torchvision detector weights; a path, a URL or a "
+        "published name with --arch",
+    )
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help=ARCH_HELP)
+    p.add_argument(
+        "--format",
+        choices=["onnx", "openvino", "torchscript"],
+        default="onnx",
+        help="onnx (ONNX Runtime and others), openvino (IR: FILE.xml + FILE.bin) or torchscript (torch.jit.load, "
+        "LibTorch) (default onnx)",
+    )
+    p.add_argument("--out", required=True, help="the file to write (.onnx, .xml, .torchscript)")
+    p.add_argument(
+        "--input-dtype",
+        choices=["uint8", "float32"],
+        default="uint8",
+        help="the pixels the file takes: uint8 0..255 (default) or float32 0..1",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=_fraction,
+        default=None,
+        help="the model's box score threshold inside the file (default: the model's own, 0.05)",
+    )
+    p.add_argument(
+        "--example-size",
+        type=_image_size,
+        default=(480, 640),
+        metavar="HxW",
+        help="the image size traced (any size runs; default 480x640)",
+    )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import time
+
+    from fasterrcnn.deploy import export
+    from fasterrcnn.engine.setup import load_model_for_inference
+
+    _setup_logging()
+    start = time.perf_counter()
+    model, names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device="cpu")
+    path = export(
+        model,
+        args.out,
+        format=args.format,
+        class_names=names,
+        label_to_cat_id=label_to_cat_id,
+        arch=args.arch,
+        input_dtype=args.input_dtype,
+        score_threshold=args.score_threshold,
+        example_size=args.example_size,
+    )
+    written = [path] + ([path.with_suffix(".bin")] if args.format == "openvino" else [])
+    sizes = ", ".join(f"{p} ({p.stat().st_size / 2**20:.1f} MB)" for p in written)
+    print(f"written: {sizes} in {time.perf_counter() - start:.0f} s; {len(names) - 1} classes")
+    backend = {"onnx": "onnxruntime", "openvino": "openvino", "torchscript": "torch"}[args.format]
+    print(f"run it: fasterrcnn predict IMAGES --weights {path} --backend {backend}")
+    return 0
+
+
 # ---- predict ------------------------------------------------------------------------------------
 
 
@@ -344,6 +412,16 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
     p.add_argument("--no-images", action="store_true", help="write the json only, no annotated copies")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime", "openvino"],
+        default="torch",
+        help="what runs the model: torch (a checkpoint, or a TorchScript file from `fasterrcnn export`), "
+        "onnxruntime (an .onnx file) or openvino (an .xml IR or an .onnx file) (default torch)",
+    )
+    p.add_argument(
+        "--threads", type=_int_at_least(1), default=None, help="the runtime's threads (default: its own choice)"
+    )
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -354,7 +432,13 @@ def _run_predict(args: argparse.Namespace) -> int:
     paths = collect_images(args.sources, recursive=args.recursive)
     _output_folder(args.out, "--out")
     detector = Detector.load(
-        args.weights, arch=args.arch, device=args.device, score_threshold=args.score_threshold, bf16=args.bf16
+        args.weights,
+        arch=args.arch,
+        device=args.device,
+        score_threshold=args.score_threshold,
+        bf16=args.bf16,
+        backend=args.backend,
+        threads=args.threads,
     )
     summary = predict_files(
         detector,
@@ -540,6 +624,12 @@ SUBCOMMANDS: list[Subcommand] = [
         _add_ablate,
         _run_ablate,
     ),
+    Subcommand(
+        "export",
+        "export a detector to ONNX, OpenVINO IR or TorchScript (pixels in, detections out, class names inside)",
+        _add_export,
+        _run_export,
+    ),
     Subcommand("synth", "write the synthetic shapes dataset (COCO json, optionally VOC)", _add_synth, _run_synth),
     Subcommand(
         "check-data",
@@ -563,12 +653,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _usage_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix (config, checkpoint, a non-finite loss): a message, no traceback."""
+    from fasterrcnn.deploy.export import MissingExtraError
+    from fasterrcnn.deploy.graph import ExportError
+    from fasterrcnn.deploy.runtimes import BackendOptionError, ExportedFileError
     from fasterrcnn.engine.checkpoint import CheckpointError
     from fasterrcnn.engine.config import ConfigError
     from fasterrcnn.engine.trainer import NonFiniteLossError
     from fasterrcnn.model.weights import WeightsError
 
-    return ConfigError, CheckpointError, NonFiniteLossError, WeightsError
+    return (
+        ConfigError,
+        CheckpointError,
+        NonFiniteLossError,
+        WeightsError,
+        ExportError,
+        ExportedFileError,
+        BackendOptionError,
+        MissingExtraError,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ LAYERS = {
     "explain": 4,
     "inference": 4,
     "engine": 3,
+    "deploy": 3,
     "model": 2,
     "data": 2,
     "evaluation": 2,

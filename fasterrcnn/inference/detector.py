@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
+from ..deploy.runtimes import ExportedModel
 from ..engine.evaluator import autocast, optimized_for_inference
 from ..engine.setup import load_model_for_inference, resolve_device
 from ..model.faster_rcnn import FasterRCNN
@@ -101,7 +102,7 @@ class Detector:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: torch.nn.Module | ExportedModel,
         class_names: list[str],
         *,
         label_to_cat_id: dict[int, int] | None = None,
@@ -115,7 +116,7 @@ class Detector:
         self.device = torch.device(device)
         # the autocast left to do: none for an optimised model (its dtype is set)
         self.amp = "bf16" if bf16 else "none"
-        if optimize:
+        if optimize and isinstance(model, torch.nn.Module):
             model, self.amp = optimized_for_inference(model, self.amp)
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
@@ -133,10 +134,32 @@ class Detector:
         score_threshold: float = 0.5,
         bf16: bool = False,
         optimize: bool = True,
+        backend: str = "torch",
+        threads: int | None = None,
     ) -> Detector:
         """From one of our training checkpoints (last.pt/best.pt: architecture and class names come
         with it) or a torchvision-format detector checkpoint built with ``arch`` (COCO's names).
-        ``weights`` may be a URL: it is read through torch.hub's cache."""
+        ``weights`` may be a URL: it is read through torch.hub's cache.
+
+        An exported file (``fasterrcnn export``) runs under ``backend``: "onnxruntime" (.onnx), "openvino"
+        (.xml IR or .onnx) or "torch" (a TorchScript file); its class names come from the file, ``bf16``
+        asks the runtime for bfloat16 (OpenVINO), ``threads`` sets the runtime's threads."""
+        from ..deploy.runtimes import BACKENDS, is_torchscript_file, load_exported
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend != "torch" or (os.path.isfile(weights) and is_torchscript_file(weights)):
+            exported = load_exported(weights, backend, threads=threads, bf16=bf16)
+            return cls(
+                exported,
+                exported.class_names,
+                label_to_cat_id=exported.label_to_cat_id or None,
+                device=device if device != "auto" else "cpu",
+                score_threshold=score_threshold,
+                optimize=False,
+            )
+        if threads:
+            torch.set_num_threads(int(threads))
         dev = resolve_device(device)
         model, names, label_to_cat_id = load_model_for_inference(weights, arch=arch, device=dev)
         if optimize and isinstance(model, FasterRCNN):  # ours alone: prepared in place, no copy
