@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
-from ..deploy.runtimes import ExportedModel
+from ..deploy.runtimes import ExportedFileError, ExportedModel
 from ..engine.evaluator import autocast, optimized_for_inference
 from ..engine.setup import load_model_for_inference, resolve_device
 from ..model.faster_rcnn import FasterRCNN
@@ -148,6 +148,13 @@ class Detector:
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        suffix = Path(weights).suffix.lower() if isinstance(weights, (str, os.PathLike)) else ""
+        if backend == "torch" and suffix in (".onnx", ".xml"):
+            kind = "an ONNX file" if suffix == ".onnx" else "an OpenVINO IR"
+            raise ExportedFileError(
+                f"{weights}: this is {kind}; run it with --backend "
+                f"{'onnxruntime' if suffix == '.onnx' else 'openvino'} (backend=... in Python)"
+            )
         if backend != "torch" or (os.path.isfile(weights) and is_torchscript_file(weights)):
             exported = load_exported(weights, backend, threads=threads, bf16=bf16)
             return cls(

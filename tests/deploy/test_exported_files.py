@@ -191,6 +191,19 @@ def test_the_wrong_file_for_a_backend_and_unsupported_options_are_named(files):
         load_exported(files["onnxruntime"], "tensorrt")
 
 
+def test_an_exported_file_without_its_backend_says_which_backend(files, tmp_path, capsys):
+    for key, backend in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
+        with pytest.raises(ExportedFileError, match=f"run it with --backend {backend}"):
+            Detector.load(files[key])
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(image)
+    assert main(["predict", str(image), "--weights", str(files["onnxruntime"]), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(files["onnxruntime"]) in err and "--backend onnxruntime" in err and "Traceback" not in err
+
+
 def test_a_missing_extra_says_what_to_install(monkeypatch, files, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
     with pytest.raises(MissingExtraError, match=r"pip install 'fasterrcnn\[deploy\]'"):
