@@ -36,7 +36,7 @@ from ..model.faster_rcnn import FasterRCNN
 from ..ops.box_coder import decode_boxes
 from ..ops.poolers import MultiScalePooler, MultiScaleRoIAlign, MultiScaleRoIPool, assign_fpn_levels
 from . import graph_ops
-from .resize import EagerResize
+from .resize import EagerResize, floor_divide
 
 INPUT_DTYPES = ("uint8", "float32")
 
@@ -248,7 +248,7 @@ class DeployGraph(nn.Module):
         found = top >= 0
         out_boxes = group_boxes.reshape(n, (c - 1) * p, 4).gather(1, index[:, :, None].expand(-1, -1, 4))
         out_boxes = torch.where(found[:, :, None], out_boxes, 0.0)
-        labels = torch.where(found, torch.div(index, p, rounding_mode="floor") + 1, 0)
+        labels = torch.where(found, floor_divide(index, torch.full_like(index, p)) + 1, 0)
         return out_boxes, torch.where(found, top, 0.0), labels, found.sum(dim=1)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

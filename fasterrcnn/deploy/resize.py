@@ -18,7 +18,7 @@ integers:
 - ``P_d`` and ``L_d`` are tables over d, computed once with exact fractions (``rounding_tables``).
 - Which scale is smaller is decided exactly (``n1 * long <= n2 * short``): two rationals that compare one
   way round to doubles that do not compare the other way, and equal rationals round to the same double.
-Checked against the eager transform's arithmetic on every size in tests/deploy/test_resize.py.
+Checked against the eager transform's arithmetic on every size in tests/deploy/test_graph.py and test_runtime_ops.py.
 
 The corrected size is a tensor (it depends on a table lookup), so the resampling cannot be a resize to a
 shape. The image is resampled into the canvas padded for the exact size, with the eager kernel's own
@@ -58,6 +58,17 @@ def rounding_tables(n: int, limit: int = TABLE_LIMIT) -> tuple[Tensor, Tensor]:
     return p, low
 
 
+def floor_divide(a: Tensor, b: Tensor) -> Tensor:
+    """``a // b`` for non-negative int64 tensors, exact under every runtime: exporters turn an integer floor
+    division into float32 Cast -> Div -> Floor, and OpenVINO's division is not correctly rounded (427 * 800 /
+    427 gave 799.99994 -> 799), nor is any float32 quotient past 2^24. The float quotient is off by at most
+    one here; the integer remainder corrects it."""
+    k = torch.div(a, b, rounding_mode="floor")
+    r = a - k * b
+    k = torch.where(r < 0, k - 1, k)
+    return torch.where(a - k * b >= b, k + 1, k)
+
+
 class EagerResize(nn.Module):
     """``forward(x [N, C, H, W]) -> (canvas [N, C, Hp, Wp], h, w)``: x resampled to the eager transform's size
     ``(h, w)`` (0-d int64 tensors) at the top left of a zero canvas padded to a multiple of ``size_divisible``."""
@@ -84,7 +95,7 @@ class EagerResize(nn.Module):
 
     def side(self, side: Tensor, n: Tensor, d: Tensor, p: Tensor, low: Tensor) -> Tensor:
         """``floor(side * fl(n / d))`` for 0-d int64 tensors, at least 1 (see the module docstring)."""
-        k = torch.div(side * n, d, rounding_mode="floor")
+        k = floor_divide(side * n, d)
         whole = side * n - k * d == 0
         log_k = (k >= self.powers[1:]).sum()  # floor(log2 k), k >= 1
         power_of_two = self.powers[log_k] == k

@@ -80,6 +80,23 @@ def errors(paths: list[str]) -> dict:
     return {"errors": out}
 
 
+def feeds(path: str, inputs: str, out: str) -> dict:
+    """Any ONNX/IR file run on each feed of ``inputs`` (a .pt list of tuples of tensors, the model's inputs
+    in order): the outputs of each, as tensors in ``out``."""
+    import openvino as ov
+    import torch
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    results = []
+    for feed in torch.load(inputs):
+        answer = request.infer({i: t.numpy() for i, t in enumerate(feed)})
+        results.append([torch.from_numpy(answer[o].copy()) for o in compiled.outputs])
+    torch.save(results, out)
+    return {"runs": len(results)}
+
+
 def run(job: str, **kwargs) -> dict:
     """The job in a child process (from the tests): its JSON answer, or an AssertionError with its stderr."""
     done = subprocess.run(

@@ -2,6 +2,8 @@
 predicts what the checkpoint predicts, with its class names and category ids."""
 
 import json
+import subprocess
+import sys
 from collections import defaultdict
 
 import torch
@@ -9,6 +11,7 @@ import torch
 from fasterrcnn.cli import main
 
 from .helpers import matched
+from .openvino_child import ROOT
 
 
 def _by_image(records: list[dict]) -> dict[int, dict]:
@@ -45,9 +48,20 @@ def test_export_then_predict_with_each_backend_gives_the_checkpoints_predictions
         results[name] = json.loads((folder / "predictions.json").read_text())
         categories = json.loads((folder / "images.json").read_text())["categories"]
         results[name + " categories"] = categories
+    # OpenVINO runs the .onnx, in a child process (openvino_child.py says why)
+    folder = tmp_path / "openvino"
+    argv = ["predict", *map(str, photos), "--weights", str(onnx_path), "--backend", "openvino", "--threads", "1"]
+    argv += ["--out", str(folder), "--score-threshold", "0.01", "--no-images"]
+    done = subprocess.run(
+        [sys.executable, "-m", "fasterrcnn", *argv], capture_output=True, text=True, cwd=ROOT, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results["openvino"] = json.loads((folder / "predictions.json").read_text())
+    results["openvino categories"] = json.loads((folder / "images.json").read_text())["categories"]
+
     assert results["checkpoint"], "the tiny checkpoint predicts nothing at 0.01: the comparison would be empty"
     reference = _by_image(results["checkpoint"])
-    for name in ("onnx", "torchscript"):
+    for name in ("onnx", "torchscript", "openvino"):
         assert results[name + " categories"] == results["checkpoint categories"]
         found = _by_image(results[name])
         assert sorted(found) == sorted(reference)

@@ -64,6 +64,29 @@ def test_each_runtime_gives_the_eager_detections(model, files, backend, tmp_path
         assert_same_detections(eager, batch_1)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
+def test_each_runtime_gives_the_eager_detections_on_sizes_whose_side_is_a_whole_quotient(
+    model, files, backend, tmp_path
+):
+    """Sizes where a resized side is exactly min_size or max_size (50 x 82 -> 78 x 128: 82 * 128 / 82), which the
+    graph computes as a floor division of whole numbers: a runtime that divides inexactly (127.99994) makes the
+    side one pixel short and moves every detection (tests/deploy/test_runtime_ops.py sweeps the sizes)."""
+    groups = [images(size, count=2) for size in ((50, 82), (82, 50), (41, 61))]
+    if backend == "openvino":
+        torch.save(groups, tmp_path / "images.pt")
+        openvino_child.run(
+            "detect", path=str(files[backend]), images=str(tmp_path / "images.pt"), out=str(tmp_path / "o.pt")
+        )
+        found = [batch_2 for batch_2, _ in torch.load(tmp_path / "o.pt")]
+    else:
+        runner = load_exported(files[backend], backend, threads=1)
+        found = [runner(ims) for ims in groups]
+    for ims, batch_2 in zip(groups, found, strict=True):
+        with torch.no_grad():
+            eager = model(ims)
+        assert_same_detections(eager, batch_2)
+
+
 def test_mixed_sizes_run_size_by_size_in_order(files):
     """(The eager model pads a mixed batch to its largest image, which changes what the network sees at the
     borders; the file runs each size on its own, so each image's detections are its own.)"""
