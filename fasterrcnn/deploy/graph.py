@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..model.faster_rcnn import FasterRCNN
 from ..ops.box_coder import decode_boxes
+from ..ops.boxes import clip_boxes_to_image, min_size_mask
 from ..ops.poolers import MultiScalePooler, MultiScaleRoIAlign, MultiScaleRoIPool, assign_fpn_levels
 from . import graph_ops
 from .resize import EagerResize, floor_divide
@@ -189,9 +190,9 @@ class DeployGraph(nn.Module):
             index = torch.where(real, index, 0)
             picked = box_deltas.to(torch.float32).gather(1, index[:, :, None].expand(n, k, 4))
             boxes = decode_boxes(picked.reshape(n * k, 4), anchors[index.reshape(-1)], self.rpn_weights, self.rpn_clip)
-            boxes = _clip(boxes.reshape(n, k, 4), h, w)
+            boxes = clip_boxes_to_image(boxes.reshape(n, k, 4), torch.stack((h, w)))
             scores = torch.sigmoid(top)
-            alive = real & _not_small(boxes, self.rpn_min_size) & (scores >= self.rpn_score_thresh)
+            alive = real & min_size_mask(boxes, self.rpn_min_size) & (scores >= self.rpn_score_thresh)
             level_boxes.append(boxes)
             level_scores.append(torch.where(alive, scores, -1.0))
         num_levels = len(level_boxes)
@@ -238,8 +239,8 @@ class DeployGraph(nn.Module):
         c = self.num_classes
         scores = F.softmax(class_logits.to(torch.float32), dim=-1).reshape(n, p, c)[:, :, 1:]  # [N, P, C-1]
         boxes = decode_boxes(box_deltas.to(torch.float32), rois[:, 1:], self.box_weights, self.box_clip)
-        boxes = _clip(boxes.reshape(n, p, c, 4)[:, :, 1:], h, w)  # [N, P, C-1, 4]
-        alive = (scores > self.box_score_thresh) & valid[:, :, None] & _not_small(boxes, 1e-2)
+        boxes = clip_boxes_to_image(boxes.reshape(n, p, c, 4)[:, :, 1:], torch.stack((h, w)))  # [N, P, C-1, 4]
+        alive = (scores > self.box_score_thresh) & valid[:, :, None] & min_size_mask(boxes, 1e-2)
         # groups (image, class) of P boxes each
         group_boxes = boxes.permute(0, 2, 1, 3).reshape(n * (c - 1), p, 4)
         group_scores = torch.where(alive, scores, -1.0).permute(0, 2, 1).reshape(n * (c - 1), p)
@@ -264,17 +265,6 @@ class DeployGraph(nn.Module):
         y = boxes[..., 1::2] * ((one * height) / h.to(torch.float32))
         boxes = torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
         return boxes, scores, labels, count
-
-
-def _clip(boxes: Tensor, h: Tensor, w: Tensor) -> Tensor:
-    """Clamp x to [0, w] and y to [0, h] (0-d tensors): [..., 4] -> [..., 4]."""
-    x = torch.minimum(boxes[..., 0::2].clamp(min=0.0), w.to(boxes.dtype))
-    y = torch.minimum(boxes[..., 1::2].clamp(min=0.0), h.to(boxes.dtype))
-    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
-
-
-def _not_small(boxes: Tensor, min_size: float) -> Tensor:
-    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
 
 
 def _best_kept(
