@@ -1,11 +1,15 @@
 """Exported detectors against our eager fast path: our ONNX file under ONNX Runtime, our OpenVINO IR under
-OpenVINO (float32 and bfloat16), and, in the reference environment, torchvision's model exported to ONNX under
-the same runtimes; the same weights in every column, in one run.
+OpenVINO (float32, bfloat16 and int8 from `deploy.quantize`), and, in the reference environment, torchvision's
+eager model and its model exported to ONNX under the same runtimes (OpenVINO with dynamic shapes and reshaped
+to the image's static shape, its best case; the LATENCY hint); the same weights in every column, in one run.
 
     .venv/bin/python benchmarks/bench_export.py --models r50 demo --demo-checkpoint runs/demo/best.pt
     PYTHONPATH=. ~/.cache/fasterrcnn-reference-env/bin/python benchmarks/bench_export.py --models r50
         (the torchvision columns; the reference env needs `pip install onnx onnxscript onnxruntime openvino`)
-    options: --repeats 5 --threads 2 --batch 1 --no-bf16 --keep DIR (keep the exported files there)
+    options: --repeats 5 --threads 2 --batch 1 --no-bf16 --no-int8 --no-agreement (time only)
+             --keep DIR (keep the exported files there)
+             --no-fuse, --no-reuse-memory: our eager path without fused convolutions / without kept memory
+             (cpu_memory.py is process-wide, so its effect is measured by two runs)
 
 Models: "r50" is fasterrcnn_resnet50_fpn with the detecting random weights of benchmarks/bench_inference.py
 (torchvision's published COCO weights need a download this machine cannot make), on 480x640 images resized to
@@ -34,10 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_inference import bf16_supported, detecting_checkpoint, reproduced, structured_images
+from bench_inference import bf16_supported, detecting_checkpoint, reproduced, structured_images, torchvision_model
 
 from fasterrcnn.data.synth import SynthParams, draw_image
 from fasterrcnn.deploy import export
+from fasterrcnn.deploy.quantize import quantize
 from fasterrcnn.deploy.runtimes import load_exported
 from fasterrcnn.engine.setup import load_model_for_inference
 from fasterrcnn.model.builders import fasterrcnn_resnet50_fpn
@@ -68,6 +73,9 @@ def time_columns(fns: dict, repeats: int) -> dict[str, float]:
             fn()
         for _ in range(repeats):
             for name, fn in fns.items():
+                # a pause first: the previous column's runtime threads (OpenMP, ONNX Runtime) spin-wait for a
+                # while after a call and would take the cores from the next column's threads
+                time.sleep(0.3)
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -78,7 +86,6 @@ def torchvision_onnx(checkpoint: Path, path: Path, example: torch.Tensor) -> Pat
     """torchvision's R50-FPN with the same weights exported as its documentation does it (the TorchScript-based
     exporter, opset 17; its dynamo exporter fails on this model), dynamic height and width, batch 1."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_inference import torchvision_model
 
     model = torchvision_model(checkpoint)
     with warnings.catch_warnings():
@@ -99,7 +106,7 @@ def torchvision_onnx(checkpoint: Path, path: Path, example: torch.Tensor) -> Pat
 class TorchvisionOnnx:
     """torchvision's ONNX file (one float image [3, H, W] in, ragged boxes/labels/scores out) under a runtime."""
 
-    def __init__(self, path: Path, runtime: str, threads: int, bf16: bool = False):
+    def __init__(self, path: Path, runtime: str, threads: int, bf16: bool = False, static_shape=None):
         if runtime == "onnxruntime":
             import onnxruntime as ort
 
@@ -110,10 +117,23 @@ class TorchvisionOnnx:
         else:
             import openvino as ov
 
-            config = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "INFERENCE_NUM_THREADS": threads}
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            config = {
+                "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+                "INFERENCE_NUM_THREADS": threads,
+                "PERFORMANCE_HINT": "LATENCY",  # its best for one image at a time (as ours gets)
+            }
+            core = ov.Core()
+            model = core.read_model(str(path))
+            if static_shape is not None:  # the peer at its best: shapes known when it compiles
+                model.reshape({0: list(static_shape)})
+            compiled = core.compile_model(model, "CPU", config)
             request = compiled.create_infer_request()
-            self.run = lambda x: [request.infer({0: x})[o] for o in compiled.outputs]
+
+            def run(x):  # one inference, then its outputs (not one inference per output)
+                result = request.infer({0: x})
+                return [result[o] for o in compiled.outputs]
+
+            self.run = run
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict]:
         out = []
@@ -141,26 +161,44 @@ def bench(name: str, model, names: list[str], images: dict, args, tmp: Path, che
         f"\n{name}: exported ONNX {onnx_path.stat().st_size / 2**20:.0f} MB in {t1 - t0:.0f} s, IR in {t2 - t1:.0f} s, "
         f"TorchScript in {t3 - t2:.0f} s"
     )
+    fast = {"reuse_memory": not args.no_reuse_memory, "fuse": not args.no_fuse}
     columns = {
-        "ours eager fp32": copy.deepcopy(model).optimize_for_inference(),
+        "ours eager fp32": copy.deepcopy(model).optimize_for_inference(**fast),
         "ours ONNX, onnxruntime fp32": load_exported(onnx_path, "onnxruntime", threads=args.threads),
         "ours IR, openvino fp32": load_exported(ir_path, "openvino", threads=args.threads),
         "ours TorchScript fp32": load_exported(ts_path, "torch", threads=args.threads),
     }
     use_bf16 = not args.no_bf16 and bf16_supported()
     if use_bf16:
-        columns["ours eager bf16"] = copy.deepcopy(model).optimize_for_inference(dtype=torch.bfloat16)
+        columns["ours eager bf16"] = copy.deepcopy(model).optimize_for_inference(dtype=torch.bfloat16, **fast)
         columns["ours IR, openvino bf16"] = load_exported(ir_path, "openvino", threads=args.threads, bf16=True)
+    if not args.no_int8:
+        t4 = time.perf_counter()
+        int8_path = quantize(
+            model, tmp / f"{name}_int8.xml", calibration_images=images["calibration"], class_names=names
+        )
+        print(f"  int8: quantized on {len(images['calibration'])} images in {time.perf_counter() - t4:.0f} s")
+        columns["ours IR, openvino int8"] = load_exported(int8_path, "openvino", threads=args.threads)
     if torchvision is not None and name == "r50" and checkpoint is not None:
         example = images["timing"][0]
         tv_path = torchvision_onnx(checkpoint, tmp / "torchvision_r50.onnx", example)
         columns["torchvision ONNX, onnxruntime fp32"] = TorchvisionOnnx(tv_path, "onnxruntime", args.threads)
         columns["torchvision ONNX, openvino fp32"] = TorchvisionOnnx(tv_path, "openvino", args.threads)
+        static = tuple(example.shape)
+        columns["torchvision ONNX, openvino fp32 static"] = TorchvisionOnnx(
+            tv_path, "openvino", args.threads, static_shape=static
+        )
         if use_bf16:
             columns["torchvision ONNX, openvino bf16"] = TorchvisionOnnx(tv_path, "openvino", args.threads, bf16=True)
+            columns["torchvision ONNX, openvino bf16 static"] = TorchvisionOnnx(
+                tv_path, "openvino", args.threads, bf16=True, static_shape=static
+            )
+        columns["torchvision eager fp32"] = torchvision_model(checkpoint)
 
     # agreement with the plain eager model (float32, unoptimised) on sizes other than the example's
-    for label in ("ours ONNX, onnxruntime fp32", "ours IR, openvino fp32", "ours TorchScript fp32"):
+    for label in (
+        () if args.no_agreement else ("ours ONNX, onnxruntime fp32", "ours IR, openvino fp32", "ours TorchScript fp32")
+    ):
         hits = [0.0, 0.0]
         counts = [0, 0]
         for sized in images["agreement"]:
@@ -197,6 +235,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 column (needs nncf)")
+    parser.add_argument("--no-agreement", action="store_true", help="time only")
+    parser.add_argument("--no-fuse", action="store_true", help="our eager path without fused convolutions")
+    parser.add_argument(
+        "--no-reuse-memory", action="store_true", help="our eager path without keeping freed memory (cpu_memory.py)"
+    )
     parser.add_argument("--keep", default=None, help="write the exported files to this folder and keep them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -218,6 +262,7 @@ def main() -> None:
                 names = ["__background__"] + [f"class_{i}" for i in range(1, 91)]
                 images = {
                     "timing": rounded(structured_images(max(args.batch, 1), seed=1)),
+                    "calibration": rounded(structured_images(16, seed=20)),
                     "agreement": [
                         rounded(structured_images(2, seed=s, size=size))
                         for s, size in ((2, (640, 480)), (3, (480, 720)), (4, (240, 320)))
@@ -228,6 +273,7 @@ def main() -> None:
                 model, names, _ = load_model_for_inference(args.demo_checkpoint)
                 images = {
                     "timing": synth_images(max(args.batch, 1), (256, 320)),
+                    "calibration": synth_images(64, (256, 320), seed=30),
                     "agreement": [
                         synth_images(4, size, seed=s)
                         for s, size in ((8, (320, 256)), (9, (300, 400)), (10, (120, 160)))

@@ -210,10 +210,14 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         "(BatchNorm folded, channels-last)",
     )
     p.add_argument("--out", default=None, help="folder for eval.json, voc.json and predictions.json")
+    _add_backend(p)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
+    from typing import cast
+
+    import torch
 
     from fasterrcnn.engine.config import ConfigError
     from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
@@ -226,7 +230,16 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"--amp fp16 needs a CUDA device, and this runs on {device.type}; use --amp bf16 or none")
-    model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
+    from fasterrcnn.deploy.runtimes import is_torchscript_file, load_exported
+
+    if args.backend == "torch" and not is_torchscript_file(args.weights):
+        model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
+    else:  # an exported file: it carries its class names; it runs as it was exported (no --amp)
+        device = torch.device("cpu")
+        exported = load_exported(args.weights, args.backend, threads=args.threads, bf16=args.amp == "bf16")
+        model = cast("torch.nn.Module", exported)  # called like the eager model
+        class_names, label_to_cat_id = exported.class_names, exported.label_to_cat_id
+        args.amp, args.optimize = "none", False
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
     if len(dataset.report):  # skipped or fixed images and boxes: counted, and check-data lists them
@@ -335,6 +348,58 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- quantize -----------------------------------------------------------------------------------
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True, help="a training checkpoint (best.pt) or torchvision detector weights")
+    p.add_argument("--arch", default="fasterrcnn_resnet50_fpn", help=ARCH_HELP)
+    p.add_argument("--data", required=True, help="calibration images: a COCO json (training set) or a Pascal VOC root")
+    p.add_argument("--images", default=None, help="COCO image folder (default: next to the json)")
+    p.add_argument("--split", default="train", help="VOC split (default: train)")
+    p.add_argument("--out", required=True, help="the int8 OpenVINO IR to write (.xml; the .bin goes beside it)")
+    p.add_argument(
+        "--calibration-images",
+        type=_int_at_least(1),
+        default=300,
+        help="how many images calibrate the activation ranges (default 300; evenly spread over the data)",
+    )
+    p.add_argument("--input-dtype", choices=["uint8", "float32"], default="uint8", help="as for export")
+    p.add_argument("--score-threshold", type=_fraction, default=None, help="as for export")
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    import time
+
+    from fasterrcnn.deploy.quantize import quantize
+    from fasterrcnn.engine.setup import load_model_for_inference, open_dataset
+
+    _setup_logging()
+    start = time.perf_counter()
+    model, names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device="cpu")
+    dataset = open_dataset(args.data, args.images or "", "auto", args.split, names[1:])
+    count = min(args.calibration_images, len(dataset))
+    picks = sorted({round(k * len(dataset) / count) for k in range(count)})  # evenly spread, deterministic
+    path = quantize(
+        model,
+        args.out,
+        calibration_images=(dataset.load_image(i) for i in picks),
+        num_images=count,
+        class_names=names,
+        label_to_cat_id=label_to_cat_id,
+        arch=args.arch,
+        input_dtype=args.input_dtype,
+        score_threshold=args.score_threshold,
+    )
+    size = (path.stat().st_size + path.with_suffix(".bin").stat().st_size) / 2**20
+    print(
+        f"written: {path} and {path.with_suffix('.bin')} ({size:.1f} MB) in {time.perf_counter() - start:.0f} s; "
+        f"int8, calibrated on {len(picks)} images of {args.data}"
+    )
+    print(f"run it: fasterrcnn predict IMAGES --weights {path} --backend openvino")
+    return 0
+
+
 # ---- predict ------------------------------------------------------------------------------------
 
 
@@ -379,6 +444,20 @@ def _int_at_least(low: int):
     return parse
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime", "openvino"],
+        default="torch",
+        help="what runs the model: torch (a checkpoint, or a TorchScript file from `fasterrcnn export`), "
+        "onnxruntime (an .onnx file) or openvino (an .xml IR, e.g. from `fasterrcnn quantize`, or an .onnx "
+        "file) (default torch)",
+    )
+    p.add_argument(
+        "--threads", type=_int_at_least(1), default=None, help="the runtime's threads (default: its own choice)"
+    )
+
+
 def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders and glob patterns ('**' allowed)")
     p.add_argument(
@@ -412,16 +491,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
     p.add_argument("--no-images", action="store_true", help="write the json only, no annotated copies")
-    p.add_argument(
-        "--backend",
-        choices=["torch", "onnxruntime", "openvino"],
-        default="torch",
-        help="what runs the model: torch (a checkpoint, or a TorchScript file from `fasterrcnn export`), "
-        "onnxruntime (an .onnx file) or openvino (an .xml IR or an .onnx file) (default torch)",
-    )
-    p.add_argument(
-        "--threads", type=_int_at_least(1), default=None, help="the runtime's threads (default: its own choice)"
-    )
+    _add_backend(p)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -629,6 +699,12 @@ SUBCOMMANDS: list[Subcommand] = [
         "export a detector to ONNX, OpenVINO IR or TorchScript (pixels in, detections out, class names inside)",
         _add_export,
         _run_export,
+    ),
+    Subcommand(
+        "quantize",
+        "int8 post-training quantization (OpenVINO NNCF) calibrated on training images: an OpenVINO IR",
+        _add_quantize,
+        _run_quantize,
     ),
     Subcommand("synth", "write the synthetic shapes dataset (COCO json, optionally VOC)", _add_synth, _run_synth),
     Subcommand(

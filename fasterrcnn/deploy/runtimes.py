@@ -62,7 +62,14 @@ class ExportedModel:
             raise BackendOptionError(f"the {self.backend} backend runs on the CPU here; got device {device}")
         return self
 
+    training = False  # an exported model only infers; code that saves and restores a module's mode works
+
     def eval(self) -> ExportedModel:
+        return self
+
+    def train(self, mode: bool = True) -> ExportedModel:
+        if mode:
+            raise BackendOptionError(f"{self.path}: an exported model cannot train; train the checkpoint it came from")
         return self
 
     def __call__(self, images: list[torch.Tensor]) -> list[dict]:

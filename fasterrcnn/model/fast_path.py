@@ -4,7 +4,10 @@ as the paper describes them. The same detections, less work per image.
 
     optimize_for_inference(model)   eval mode; every BatchNorm folded into the conv before it; channels-last
                                     (NHWC) weights and images; the swaps below; with ``dtype=torch.bfloat16``
-                                    (or float16) the backbone and the heads in that dtype; no gradients
+                                    (or float16) the backbone and the heads in that dtype; no gradients;
+                                    activations and residual adds fused into the convs (fused_conv.py;
+                                    ``fuse=False`` keeps them apart); on the CPU, freed feature maps
+                                    kept for the next image (cpu_memory.py; ``reuse_memory=False``: not)
     fold_batchnorm(module)          each conv followed by a frozen (or eval-mode) BatchNorm becomes one conv:
                                     W' = W * s, b' = b * s + t with s = gamma / sqrt(var + eps),
                                     t = beta - mean * s; the norm layer becomes nn.Identity
@@ -38,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu_memory import keep_freed_memory
 from .frozen_bn import FrozenBatchNorm2d
+from .fused_conv import fuse_convolutions
 from .resnet import BasicBlock, Bottleneck, ResNetBody
 from .roi_heads import ConvFCHead, TwoMLPHead
 from .rpn import RPNHead
@@ -50,7 +55,12 @@ _CONV_BN_OWNERS = (ResNetBody, BasicBlock, Bottleneck)
 
 
 def optimize_for_inference(
-    model: nn.Module, *, dtype: torch.dtype = torch.float32, channels_last: bool = True
+    model: nn.Module,
+    *,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = True,
+    fuse: bool = True,
+    reuse_memory: bool = True,
 ) -> nn.Module:
     """Prepare a FasterRCNN, in place, for fast inference, and return it (see the module docstring).
     Our RPNHead and TwoMLPHead are replaced by their fast forms; other heads keep their own forward."""
@@ -61,6 +71,8 @@ def optimize_for_inference(
     if channels_last:
         model.to_channels_last()
     rpn, heads = model.rpn, model.roi_heads
+    if fuse:
+        fuse_convolutions(model)
     use_pointwise_convs(model)
     if isinstance(rpn.head, RPNHead):
         rpn.head = FusedRPNHead(rpn.head)
@@ -78,6 +90,8 @@ def optimize_for_inference(
     for p in model.parameters():
         p.requires_grad_(False)
     model.inference_only = True  # FasterRCNN.train refuses to train from now on
+    if reuse_memory and all(p.device.type == "cpu" for p in model.parameters()):
+        keep_freed_memory()
     return model
 
 

@@ -140,10 +140,19 @@ class FasterRCNN(nn.Module):
         self.transform.memory_format = torch.channels_last
         return self
 
-    def optimize_for_inference(self, *, dtype: torch.dtype = torch.float32, channels_last: bool = True) -> "FasterRCNN":
+    def optimize_for_inference(
+        self,
+        *,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = True,
+        fuse: bool = True,
+        reuse_memory: bool = True,
+    ) -> "FasterRCNN":
         """Prepare this model, in place, for fast inference, and return it (``fast_path``): eval mode, every
         BatchNorm folded into the conv before it, channels-last weights and images, the RPN head's two
-        output convs fused and the box head reading the pooler's channels-last rows, and with
+        output convs fused and the box head reading the pooler's channels-last rows, the activations and
+        residual adds computed inside the convolutions (``fuse=False``: apart), on the CPU malloc told to keep
+        freed feature maps for the next image (process-wide, ``cpu_memory``; ``reuse_memory=False``: not), and with
         ``dtype=torch.bfloat16`` the backbone, the RPN head and the box head in bfloat16 (box decoding,
         scores and NMS stay in float32).
 
@@ -151,7 +160,9 @@ class FasterRCNN(nn.Module):
         optimised model cannot train: its norm layers are gone, so ``train()`` raises, and its
         ``state_dict`` no longer has their keys (save the checkpoint you loaded, not this one).
         """
-        return fast_path.optimize_for_inference(self, dtype=dtype, channels_last=channels_last)
+        return fast_path.optimize_for_inference(
+            self, dtype=dtype, channels_last=channels_last, fuse=fuse, reuse_memory=reuse_memory
+        )
 
     def train(self, mode: bool = True) -> "FasterRCNN":
         if mode and getattr(self, "inference_only", False):

@@ -97,6 +97,33 @@ def feeds(path: str, inputs: str, out: str) -> dict:
     return {"runs": len(results)}
 
 
+def quantize_check(calibration: str, images: str, xml: str, out: str) -> dict:
+    """int8: the tests' decisive model (helpers.py) quantized on the calibration images, then run on ``images``
+    (a .pt list of lists); what the quantized graph looks like, for the test to check."""
+    import openvino as ov
+    import torch
+
+    from fasterrcnn.deploy.quantize import quantize
+    from fasterrcnn.deploy.runtimes import load_exported
+    from tests.deploy.helpers import decisive_model
+
+    quantize(decisive_model(), xml, calibration_images=torch.load(calibration), num_images=6)
+    runner = load_exported(xml, "openvino", threads=1)
+    torch.save([runner(group) for group in torch.load(images)], out)
+    ops = ov.Core().read_model(xml).get_ordered_ops()
+    fed = sorted(
+        {
+            t.get_node().get_type_name()
+            for op in ops
+            if op.get_type_name() == "FakeQuantize"
+            for t in op.output(0).get_target_inputs()
+        }
+    )
+    convs = [op for op in ops if op.get_type_name() == "Convolution"]
+    quantized = [c for c in convs if c.input(0).get_source_output().get_node().get_type_name() == "FakeQuantize"]
+    return {"metadata": runner.metadata, "fed": fed, "convs": len(convs), "quantized_convs": len(quantized)}
+
+
 def run(job: str, **kwargs) -> dict:
     """The job in a child process (from the tests): its JSON answer, or an AssertionError with its stderr."""
     done = subprocess.run(
