@@ -3,7 +3,7 @@ fasterrcnn_resnet50_fpn in float32, with the same weights, in the same run.
 
     .venv/bin/python benchmarks/bench_inference.py                       # ours only (no torchvision)
     PYTHONPATH=. ~/.cache/fasterrcnn-reference-env/bin/python benchmarks/bench_inference.py   # with torchvision
-    options: --repeats 5 --threads 2 --batch-sizes 1 2 --unoptimised --device cpu
+    options: --repeats 5 --threads 2 --batch-sizes 1 2 --unoptimised --device cpu --no-reuse-memory --no-fuse
     .venv/bin/python benchmarks/bench_inference.py --trained-only --trained runs/demo/best.pt \
         --trained-images "data/synth/val/*.jpg"       # bf16 against fp32 on a trained detector
 
@@ -179,6 +179,13 @@ def main() -> None:
     parser.add_argument("--unoptimised", action="store_true", help="also time our model without the fast path")
     parser.add_argument("--no-bf16", action="store_true")
     parser.add_argument(
+        "--no-reuse-memory",
+        action="store_true",
+        help="our fast path without keeping freed memory (cpu_memory.py): it is process-wide, so by default "
+        "torchvision, in the same process, gets it too; with this flag neither does",
+    )
+    parser.add_argument("--no-fuse", action="store_true", help="our fast path without fused convolutions")
+    parser.add_argument(
         "--trained",
         metavar="CHECKPOINT",
         help="also measure bf16 agreement with a trained checkpoint (ours or torchvision-format) ...",
@@ -202,10 +209,13 @@ def main() -> None:
             models["torchvision fp32"] = torchvision_model(path).to(device)
         if args.unoptimised:
             models["ours fp32 (plain)"] = fasterrcnn_resnet50_fpn(weights=str(path)).eval().to(device)
-        models["ours fp32"] = fasterrcnn_resnet50_fpn(weights=str(path)).to(device).optimize_for_inference()
+        fast = {"reuse_memory": not args.no_reuse_memory, "fuse": not args.no_fuse}
+        models["ours fp32"] = fasterrcnn_resnet50_fpn(weights=str(path)).to(device).optimize_for_inference(**fast)
         if use_bf16:
             models["ours bf16"] = (
-                fasterrcnn_resnet50_fpn(weights=str(path)).to(device).optimize_for_inference(dtype=torch.bfloat16)
+                fasterrcnn_resnet50_fpn(weights=str(path))
+                .to(device)
+                .optimize_for_inference(dtype=torch.bfloat16, **fast)
             )
 
     print(

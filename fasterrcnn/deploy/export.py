@@ -33,7 +33,7 @@ from torch import nn
 
 from ..model.fast_path import fold_batchnorm
 from ..model.faster_rcnn import FasterRCNN
-from .graph import INPUT_DTYPES, DeployGraph, ExportError
+from .graph import INPUT_DTYPES, DeployGraph, ExportError, interpolating_fpns
 
 FORMATS = ("onnx", "openvino", "torchscript")
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
@@ -71,6 +71,7 @@ def prepare_graph(model: nn.Module, *, input_dtype: str = "uint8", score_thresho
         )
     model = cast(FasterRCNN, copy.deepcopy(model).float().cpu().eval())
     fold_batchnorm(model)
+    interpolating_fpns(model)
     if score_threshold is not None:
         if not 0.0 <= score_threshold < 1.0:
             raise ExportError(f"score_threshold must lie in [0, 1), got {score_threshold}")

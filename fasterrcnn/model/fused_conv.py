@@ -68,20 +68,24 @@ class FusedConv2d(nn.Conv2d):
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16)
             and x.dtype == self.weight.dtype
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+            and not (torch.is_grad_enabled() and self._wants_gradient(x, add))
             and (add is None or self._add_fusable(x, add))
         )
+
+    def _wants_gradient(self, x: torch.Tensor, add: torch.Tensor | None) -> bool:
+        """The oneDNN op has no backward: any input that wants a gradient sends the call to the plain ops."""
+        tensors = (x, self.weight, self.bias, add)
+        return any(t is not None and t.requires_grad for t in tensors)
 
     def _add_fusable(self, x: torch.Tensor, add: torch.Tensor) -> bool:
         if add.dtype != x.dtype or add.device.type != "cpu":
             return False
         if self.activation == "hardswish":  # oneDNN takes ReLU after the add, not Hardswish
             return False
-        # PyTorch 2.13 runs a bf16 add+ReLU on NCHW input and weight through aten's add_relu, which has no bf16
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) or self.weight.is_contiguous(
-            memory_format=torch.channels_last
-        )
-        return channels_last or x.dtype != torch.bfloat16 or self.activation != "relu"
+        # PyTorch fuses the add only for one group and a channels-last x or weight;
+        # otherwise it runs aten's add_relu after the conv, which has no bfloat16 kernel: the plain ops then
+        channels_last = _plainly_channels_last(x) or _plainly_channels_last(self.weight)
+        return self.groups == 1 and channels_last
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if not self._fusable(x, add):
@@ -98,6 +102,12 @@ class FusedConv2d(nn.Conv2d):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, add, self.weight, self.bias, *args, "add", 1.0, unary, [], None
         )
+
+
+def _plainly_channels_last(t: torch.Tensor) -> bool:
+    """Channels-last and not also contiguous: what PyTorch's ``suggest_memory_format`` calls channels-last for
+    a conv's input or weight (a [O, I, 1, 1] weight, contiguous in both layouts, it calls contiguous)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 class FusedBasicBlock(BasicBlock):

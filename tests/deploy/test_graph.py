@@ -126,3 +126,40 @@ def test_what_export_refuses_is_named(model, tmp_path):
     with pytest.raises(ExportError, match="TorchScript export covers RoIAlign"):
         export(roi_pool_model, tmp_path / "x.torchscript", format="torchscript")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("size", [(64, 96), (50, 74)], ids=["2x", "not-2x"])
+def test_the_exported_fpn_form_equals_the_eager_fpn(size):
+    """The graph's FPN upsamples then adds (ONNX Resize + Add); the eager one adds through a broadcast view."""
+    from collections import OrderedDict
+
+    from fasterrcnn.deploy.graph import interpolating_fpns
+    from fasterrcnn.model.fpn import FeaturePyramidNetwork
+
+    torch.manual_seed(0)
+    fpn = FeaturePyramidNetwork([8, 16, 32], 12).eval()
+    h, w = size
+    x = OrderedDict((str(i), torch.randn(2, c, -(-h // 2**i), -(-w // 2**i))) for i, c in enumerate([8, 16, 32]))
+    with torch.no_grad():
+        eager = fpn(x)
+        assert interpolating_fpns(fpn) == 1 and type(fpn).__name__ == "_InterpolatingFPN"
+        exported = fpn(x)
+    assert list(eager) == list(exported) == ["0", "1", "2", "pool"]
+    for name in eager:
+        torch.testing.assert_close(exported[name], eager[name], rtol=0, atol=1e-6)
+
+
+def test_the_pooled_rows_come_back_in_the_rois_order(model):
+    """The graph pools level by level, concatenates and gathers the rows back: equal to the eager pooler."""
+    graph = prepare_graph(model)
+    torch.manual_seed(1)
+    maps = [torch.randn(1, 16, 96 // s, 128 // s) for s in (4, 8, 16, 32)]
+    xy = torch.rand(40, 2) * torch.tensor([100.0, 70.0])
+    wh = torch.rand(40, 2) * torch.tensor([120.0, 90.0]) + 2  # sizes across the levels
+    rois = torch.cat([torch.zeros(40, 1), xy, xy + wh], dim=1)
+    pooled = graph.pool(maps, rois)
+    pooler = model.roi_heads.box_roi_pool
+    names = ["0", "1", "2", "3"]
+    with torch.no_grad():
+        eager = pooler(dict(zip(names, maps)), [rois[:, 1:]], [(96, 128)])
+    torch.testing.assert_close(pooled, eager, rtol=1e-5, atol=1e-5)
