@@ -7,10 +7,10 @@ Why: PyTorch's CPU tensors come from malloc. glibc hands every block above its m
 start, adapting up to 32 MiB) to the kernel on free, so the next image's feature maps are fresh pages: the
 kernel zeroes each 4 KiB page at its first touch. For R50-FPN at 800x1066 that is ~47,000 page faults per
 image in bfloat16 (185 MB) and ~160,000 in float32, 20% of the bf16 inference time on this machine
-(docs/results.md). Runtimes built for inference (OpenVINO, ONNX Runtime) keep their own memory pools; this is
-the same for our eager path: blocks up to 256 MiB come from the heap, and up to 1 GiB of freed heap is kept,
-so after the first few images (glibc's alignment padding can make the first freed block miss the next
-request) the maps reuse the pages of earlier ones.
+(docs/design-decisions.md, issue 16). Runtimes built for inference (OpenVINO, ONNX Runtime) keep their own
+memory pools; this is the same for our eager path: blocks up to 256 MiB come from the heap, and up to 1 GiB
+of freed heap is kept, so after the first few images (glibc's alignment padding can make the first freed
+block miss the next request) the maps reuse the pages of earlier ones.
 
 The cost: the process keeps its peak memory after an inference (the peak itself is unchanged). It is
 process-wide, so ``FasterRCNN.optimize_for_inference`` applies it only for a model on the CPU and takes

@@ -15,7 +15,9 @@ at 800x1066: 44 ms of ReLU and 43 ms of adds against 165 ms of convolution). one
 activation to each output tile while it is still in cache ("post-ops"), as OpenVINO does; PyTorch exposes
 this as ``torch.ops.mkldnn._convolution_pointwise`` (the op its inductor compiler emits for the same fusion).
 Where that op cannot run (not a CPU tensor, float16, gradients wanted, a PyTorch without it) the forward is
-the plain conv, add and activation: the same values, unfused.
+the plain conv, add and activation: the same values, unfused. One difference: oneDNN's fused ReLU maps NaN to
+0 where torch.relu keeps it, so an image with a NaN pixel, on which the plain model (all scores NaN) finds
+nothing, gets detections from the fused model (tests/model/test_fused_conv.py pins it).
 
 Shapes: x [B, I, H, W] -> [B, O, H', W']; ``add`` [B, O, H', W'] (the shortcut).
 """

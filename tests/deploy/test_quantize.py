@@ -114,3 +114,20 @@ def test_quantize_cli_then_evaluate_the_int8_model(tiny_checkpoint, tmp_path, ca
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "AP50" in done.stdout
+
+
+def test_a_missing_calibration_image_is_named_before_anything_is_written(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    ckpt, synth = tiny_checkpoint
+    data = json.loads((synth / "annotations" / "instances_train.json").read_text())
+    data["images"][0]["file_name"] = "missing.jpg"
+    broken = tmp_path / "train.json"
+    broken.write_text(json.dumps(data))
+    images = synth / "train"
+    out = tmp_path / "int8.xml"
+    code = main(["quantize", "--weights", str(ckpt), "--data", str(broken), "--images", str(images), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "missing.jpg" in err and str(broken) in err, err
+    assert not out.exists()

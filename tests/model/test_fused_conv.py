@@ -522,3 +522,18 @@ def test_optimize_keeps_freed_memory_only_when_asked(monkeypatch):
     assert calls == []
     BUILDERS["resnet18_fpn"]().optimize_for_inference()  # the default: a CPU model keeps it
     assert calls == [1]
+
+
+def test_the_fused_relu_maps_nan_to_zero_where_torch_relu_keeps_it():
+    """A documented difference (fused_conv.py): a NaN entering a fused conv + ReLU comes out 0, not NaN."""
+    conv = FusedConv2d.adopt(nn.Conv2d(2, 2, 1), "relu")
+    x = torch.zeros(1, 2, 2, 2)
+    x[0, 0, 0, 0] = float("nan")
+    x = x.contiguous(memory_format=CHANNELS_LAST)
+    with torch.inference_mode():
+        fused = conv(x)
+    plain = F.relu(F.conv2d(x, conv.weight, conv.bias))
+    assert torch.isnan(plain[0, :, 0, 0]).all()
+    if fused_conv.MKLDNN_POINTWISE:
+        assert torch.equal(fused[0, :, 0, 0], torch.zeros(2))
+    assert torch.equal(fused[0, :, 1:, 1:], plain[0, :, 1:, 1:])
