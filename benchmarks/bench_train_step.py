@@ -19,7 +19,7 @@ their forward only) are timed inside the same steps and printed per model (ours 
 sampled positive anchors, inside its RPN loss; torchvision encodes every anchor beforehand).
 
 Peak memory: each model runs a few steps in a subprocess of its own; the subprocess reports its peak
-resident set (ru_maxrss) and its RSS before the first step, so the difference is what a step adds.
+resident set (VmHWM) and its RSS before the first step, so the difference is what a step adds.
 
 Without torchvision (the project's own environment), only ours is timed. Not a test: numbers depend on
 the machine and on anything else running on it.
@@ -31,7 +31,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -245,6 +244,17 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set since its exec (VmHWM). Not ru_maxrss: Linux carries the parent's
+    high-water mark across fork and exec into it, so every child of a parent that once held 4 GiB reported
+    at least 4 GiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_child(which: str, weights: str, steps: int) -> None:
     state_dict = torch.load(weights, weights_only=True)
     if which == "torchvision":
@@ -265,7 +275,7 @@ def memory_child(which: str, weights: str, steps: int) -> None:
     before = rss_mib()
     for _ in range(steps):
         train_step(model, optimizer, images, targets)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mib()
     print(json.dumps({"model": which, "rss_before_mib": before, "peak_rss_mib": peak}))
 
 
