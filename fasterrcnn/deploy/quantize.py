@@ -17,7 +17,7 @@ products in int8 (AVX-512 VNNI or AMX).
 
 Why NNCF on our IR: our exported graph already holds the whole detector in one file that OpenVINO runs
 fastest on x86 CPUs of the runtimes measured (docs/results.md), and NNCF is the quantizer maintained with it.
-Why this scope and what int8 gains on which CPU (little over bf16 where the CPU has AMX; 4x over float32):
+Why this scope and what int8 gains on which CPU (little over bf16 where the CPU has AMX; 5x over float32):
 docs/design-decisions.md, "CPU speed against OpenVINO, and int8".
 
 Shapes: calibration images [3, H, W] float 0..1 (any sizes); the file's input as ``export`` writes it.
