@@ -203,9 +203,9 @@ def _quiet_loggers(*names: str):
             lg.setLevel(level)
 
 
-def openvino_from_onnx(onnx_path: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """An ONNX file written by ``export`` -> the OpenVINO IR at ``path`` (.xml, its .bin beside it), converted by
-    OpenVINO's own converter, float32 weights kept, the metadata carried over into the IR's rt_info."""
+def openvino_model(onnx_path: str | os.PathLike):
+    """An ONNX file written by ``export`` -> the OpenVINO model in memory (``openvino.Model``), converted by
+    OpenVINO's own converter, the metadata carried over into its rt_info."""
     ov = require("openvino", "exporting to OpenVINO")
     onnx = require("onnx", "reading an ONNX file's metadata")
     proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -214,7 +214,14 @@ def openvino_from_onnx(onnx_path: str | os.PathLike, path: str | os.PathLike) ->
         raise ExportError(f"{onnx_path}: no fasterrcnn metadata; convert a file written by `fasterrcnn export`")
     ir = ov.convert_model(str(onnx_path))
     ir.set_rt_info(raw, [METADATA_KEY])
-    ov.save_model(ir, str(path), compress_to_fp16=False)
+    return ir
+
+
+def openvino_from_onnx(onnx_path: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """An ONNX file written by ``export`` -> the OpenVINO IR at ``path`` (.xml, its .bin beside it), float32
+    weights kept (``openvino_model`` saved)."""
+    ov = require("openvino", "exporting to OpenVINO")
+    ov.save_model(openvino_model(onnx_path), str(path), compress_to_fp16=False)
     return Path(path)
 
 

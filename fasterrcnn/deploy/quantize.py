@@ -6,14 +6,14 @@
 
     fasterrcnn quantize --weights best.pt --data train.json --out detector_int8.xml [--calibration-images 300]
 
-What is quantized: the network only. The model is first exported to OpenVINO IR (``export``); NNCF then
-runs it over the calibration images, records the range of every activation that enters a convolution, a
-matrix product (RPN head, box head, predictor) or a residual / top-down add between feature maps, and
-inserts int8 quantize steps there (weights per output channel, activations per tensor, the PERFORMANCE
-preset: symmetric, what the CPU's int8 kernels take). Everything else is in NNCF's ignored scope and stays
-float32: the resize and normalisation of the input, the anchors, box decoding, clipping, the pooler's level
-assignment, RoIAlign's sampling positions, softmax, NMS. OpenVINO then runs the convolutions and matrix
-products in int8 (AVX-512 VNNI or AMX).
+What is quantized: the network only. The model is first exported (``export`` to ONNX, converted to an
+OpenVINO model in memory); NNCF then runs it over the calibration images, records the range of every
+activation that enters a convolution, a matrix product (RPN head, box head, predictor) or a residual /
+top-down add between feature maps, and inserts int8 quantize steps there (weights per output channel,
+activations per tensor, the PERFORMANCE preset: symmetric, what the CPU's int8 kernels take). Everything
+else is in NNCF's ignored scope and stays float32: the resize and normalisation of the input, the anchors, box
+decoding, clipping, the pooler's level assignment, RoIAlign's sampling positions, softmax, NMS. OpenVINO then
+runs the convolutions and matrix products in int8 (AVX-512 VNNI or AMX).
 
 Why NNCF on our IR: our exported graph already holds the whole detector in one file that OpenVINO runs
 fastest on x86 CPUs of the runtimes measured (docs/results.md), and NNCF is the quantizer maintained with it.
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .export import METADATA_KEY, _quiet_loggers, export, require
+from .export import METADATA_KEY, _quiet_loggers, export, openvino_model, require
 from .graph import ExportError
 
 # op types NNCF may quantize the inputs of; every other type is in the ignored scope
@@ -118,10 +118,10 @@ def quantize(
     ov = require("openvino", "int8 quantization")
     nncf = require("nncf", "int8 quantization")
     with tempfile.TemporaryDirectory() as tmp, _quiet_loggers("nncf"):
-        float_ir = export(
+        onnx_path = export(  # the float graph, converted in memory: no IR written and read back
             model,
-            Path(tmp) / "float.xml",
-            format="openvino",
+            Path(tmp) / "float.onnx",
+            format="onnx",
             class_names=class_names,
             label_to_cat_id=label_to_cat_id,
             arch=arch,
@@ -129,7 +129,7 @@ def quantize(
             score_threshold=score_threshold,
             example_size=example_size,
         )
-        ov_model = ov.Core().read_model(str(float_ir))
+        ov_model = openvino_model(onnx_path)
         meta = json.loads(ov_model.get_rt_info([METADATA_KEY]).astype(str))
         quantized = nncf.quantize(
             ov_model,
