@@ -221,8 +221,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from fasterrcnn.engine.config import ConfigError
     from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
-    from fasterrcnn.engine.setup import data_format, load_model_for_inference, open_dataset, resolve_device
+    from fasterrcnn.engine.setup import data_format, open_dataset, resolve_device
     from fasterrcnn.files import atomic_write_text
+    from fasterrcnn.inference.detector import load_weights
 
     _setup_logging()
     if args.batch_size < 1:
@@ -230,16 +231,18 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.amp == "fp16" and device.type != "cuda":
         raise ConfigError(f"--amp fp16 needs a CUDA device, and this runs on {device.type}; use --amp bf16 or none")
-    from fasterrcnn.deploy.runtimes import is_torchscript_file, load_exported
-
-    if args.backend == "torch" and not is_torchscript_file(args.weights):
-        model, class_names, label_to_cat_id = load_model_for_inference(args.weights, arch=args.arch, device=device)
-    else:  # an exported file: it carries its class names; it runs as it was exported (no --amp)
-        device = torch.device("cpu")
-        exported = load_exported(args.weights, args.backend, threads=args.threads, bf16=args.amp == "bf16")
-        model = cast("torch.nn.Module", exported)  # called like the eager model
-        class_names, label_to_cat_id = exported.class_names, exported.label_to_cat_id
-        args.amp, args.optimize = "none", False
+    loaded, class_names, label_to_cat_id, exported = load_weights(
+        args.weights,
+        backend=args.backend,
+        arch=args.arch,
+        device=args.device,
+        threads=args.threads,
+        bf16=args.amp == "bf16",
+    )
+    model = cast("torch.nn.Module", loaded)  # an exported file is called like the eager model
+    amp, optimize = args.amp, args.optimize
+    if exported:  # it carries its class names and runs on the CPU as it was exported (bf16: the runtime's)
+        device, amp, optimize = torch.device("cpu"), "none", False
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
     if len(dataset.report):  # skipped or fixed images and boxes: counted, and check-data lists them
@@ -265,9 +268,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         ann_file=args.data if is_coco else None,
         batch_size=args.batch_size,
         device=device,
-        amp=args.amp,
+        amp=amp,
         results_path=out / "predictions.json" if out else None,
-        optimize=args.optimize,
+        optimize=optimize,
     )
     if result.coco.message:
         print(f"note: {result.coco.message}")

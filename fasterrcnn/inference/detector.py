@@ -91,6 +91,40 @@ def to_image_tensor(image, *, name: str = "image") -> torch.Tensor:
     return tensor
 
 
+def load_weights(
+    weights: str | os.PathLike,
+    *,
+    backend: str = "torch",
+    arch: str = "fasterrcnn_resnet50_fpn",
+    device: str = "auto",
+    threads: int | None = None,
+    bf16: bool = False,
+) -> tuple[torch.nn.Module | ExportedModel, list[str], dict[int, int], bool]:
+    """-> (model, class names, label_to_cat_id, exported): a training or torchvision-format checkpoint built with
+    ``arch`` on ``device`` (not yet optimised), or an exported file (``fasterrcnn export`` / ``quantize``) under
+    ``backend`` with its own class names (``bf16``: the runtime's bfloat16; on the CPU whatever ``device``).
+    An .onnx or .xml given to the "torch" backend is named with the backend that runs it. ``threads``: the
+    runtime's threads, or torch's for a checkpoint."""
+    from ..deploy.runtimes import BACKENDS, is_torchscript_file, load_exported
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    suffix = Path(weights).suffix.lower() if isinstance(weights, (str, os.PathLike)) else ""
+    if backend == "torch" and suffix in (".onnx", ".xml"):
+        kind = "an ONNX file" if suffix == ".onnx" else "an OpenVINO IR"
+        raise ExportedFileError(
+            f"{weights}: this is {kind}; run it with --backend "
+            f"{'onnxruntime' if suffix == '.onnx' else 'openvino'} (backend=... in Python)"
+        )
+    if backend != "torch" or (os.path.isfile(weights) and is_torchscript_file(weights)):
+        exported = load_exported(weights, backend, threads=threads, bf16=bf16)
+        return exported, exported.class_names, exported.label_to_cat_id, True
+    if threads:
+        torch.set_num_threads(int(threads))
+    model, names, label_to_cat_id = load_model_for_inference(weights, arch=arch, device=resolve_device(device))
+    return model, names, label_to_cat_id, False
+
+
 class Detector:
     """A detector in eval mode with its class names; ``__call__`` runs it on one image or a list.
 
@@ -144,31 +178,19 @@ class Detector:
         An exported file (``fasterrcnn export``) runs under ``backend``: "onnxruntime" (.onnx), "openvino"
         (.xml IR or .onnx) or "torch" (a TorchScript file); its class names come from the file, ``bf16``
         asks the runtime for bfloat16 (OpenVINO), ``threads`` sets the runtime's threads."""
-        from ..deploy.runtimes import BACKENDS, is_torchscript_file, load_exported
-
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        suffix = Path(weights).suffix.lower() if isinstance(weights, (str, os.PathLike)) else ""
-        if backend == "torch" and suffix in (".onnx", ".xml"):
-            kind = "an ONNX file" if suffix == ".onnx" else "an OpenVINO IR"
-            raise ExportedFileError(
-                f"{weights}: this is {kind}; run it with --backend "
-                f"{'onnxruntime' if suffix == '.onnx' else 'openvino'} (backend=... in Python)"
-            )
-        if backend != "torch" or (os.path.isfile(weights) and is_torchscript_file(weights)):
-            exported = load_exported(weights, backend, threads=threads, bf16=bf16)
+        model, names, label_to_cat_id, exported = load_weights(
+            weights, backend=backend, arch=arch, device=device, threads=threads, bf16=bf16
+        )
+        if exported:
             return cls(
-                exported,
-                exported.class_names,
-                label_to_cat_id=exported.label_to_cat_id or None,
+                model,
+                names,
+                label_to_cat_id=label_to_cat_id or None,
                 device=device if device != "auto" else "cpu",
                 score_threshold=score_threshold,
                 optimize=False,
             )
-        if threads:
-            torch.set_num_threads(int(threads))
         dev = resolve_device(device)
-        model, names, label_to_cat_id = load_model_for_inference(weights, arch=arch, device=dev)
         if optimize and isinstance(model, FasterRCNN):  # ours alone: prepared in place, no copy
             model.optimize_for_inference(dtype=torch.bfloat16 if bf16 else torch.float32)
         return cls(

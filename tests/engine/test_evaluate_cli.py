@@ -48,16 +48,16 @@ def test_evaluate_writes_coco_and_voc_numbers(short_run, tmp_path, capsys):
 
 def test_no_detections_gives_zero_with_a_message(short_run, tmp_path, capsys, monkeypatch):
     result, synth = short_run
-    import fasterrcnn.engine.setup as setup
+    import fasterrcnn.inference.detector as detector  # evaluate loads through detector.load_weights
 
-    original = setup.load_model_for_inference
+    original = detector.load_model_for_inference
 
     def silent_model(*args, **kwargs):
         model, names, mapping = original(*args, **kwargs)
         model.roi_heads.score_thresh = 1.1  # nothing can pass
         return model, names, mapping
 
-    monkeypatch.setattr(setup, "load_model_for_inference", silent_model)
+    monkeypatch.setattr(detector, "load_model_for_inference", silent_model)
     rc = main(
         [
             "evaluate",
