@@ -403,6 +403,32 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- synth-video --------------------------------------------------------------------------------
+
+
+def _add_synth_video(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="the video file to write (.mp4)")
+    p.add_argument("--frames", type=_int_at_least(1), default=300, help="frames (default 300)")
+    p.add_argument("--size", type=_image_size, default=(480, 640), metavar="HxW", help="frame size (default 480x640)")
+    p.add_argument("--fps", type=float, default=30.0, help="frames per second (default 30)")
+    p.add_argument("--objects", type=_int_at_least(0), default=4, help="moving shapes (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _run_synth_video(args: argparse.Namespace) -> int:
+    import time
+
+    from fasterrcnn.data.synth_video import write_video
+
+    start = time.perf_counter()
+    n = write_video(
+        args.out, num_frames=args.frames, image_size=args.size, fps=args.fps, num_objects=args.objects, seed=args.seed
+    )
+    h, w = args.size
+    print(f"{args.out}: {n} frames, {w}x{h} at {args.fps:g} frames/s ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 # ---- predict ------------------------------------------------------------------------------------
 
 
@@ -462,7 +488,21 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="image files, folders and glob patterns ('**' allowed)")
+    p.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help="image and video files, folders and glob patterns ('**' allowed), a camera index (0: the first "
+        "camera) or a stream URL (rtsp://, http://, ...)",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        dest="more_sources",
+        metavar="SOURCE",
+        help="one more source, e.g. --source 0 for the first camera (may be repeated)",
+    )
     p.add_argument(
         "--weights",
         required=True,
@@ -478,12 +518,14 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a COCO json whose images[].file_name match the images: its image ids go into the results",
     )
-    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="images per forward pass (default 1)")
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), default=1, help="images or video frames per forward pass (default 1)"
+    )
     p.add_argument(
         "--workers",
         type=_int_at_least(0),
         default=1,
-        help="image-decoding processes (default 1; 0: in the main process)",
+        help="image-decoding processes (default 1; 0: in the main process); a video is decoded in a thread",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument(
@@ -492,18 +534,42 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
         help="run the network in bfloat16 (boxes and scores in float32): about 2x faster on CPUs with "
         "AVX-512 BF16 or AMX, and on GPUs",
     )
-    p.add_argument("--recursive", action="store_true", help="look for images in sub-folders too")
-    p.add_argument("--no-images", action="store_true", help="write the json only, no annotated copies")
+    p.add_argument("--recursive", action="store_true", help="look for images and videos in sub-folders too")
+    p.add_argument("--no-images", action="store_true", help="write the json only, no annotated copies of images")
+    video = p.add_argument_group("video, camera and stream sources")
+    video.add_argument(
+        "--stride", type=_int_at_least(1), default=1, help="process every K-th frame (default 1: every frame)"
+    )
+    video.add_argument(
+        "--max-frames", type=_int_at_least(1), default=None, help="stop each video after this many processed frames"
+    )
+    video.add_argument("--no-video", action="store_true", help="write the per-frame json only, no annotated video")
+    video.add_argument(
+        "--show", action="store_true", help="show the annotated frames live in a window (where there is a display)"
+    )
     _add_backend(p)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fasterrcnn.engine.config import ConfigError
     from fasterrcnn.inference.detector import Detector
-    from fasterrcnn.inference.predict_files import collect_images, predict_files
+    from fasterrcnn.inference.predict_files import IMAGE_SUFFIXES, collect_images, predict_files
+    from fasterrcnn.inference.video_source import VIDEO_SUFFIXES, is_live_source, is_video_file
 
     _setup_logging()
-    paths = collect_images(args.sources, recursive=args.recursive)
-    _output_folder(args.out, "--out")
+    sources = list(args.sources) + list(args.more_sources)
+    if not sources:
+        raise ConfigError(
+            "predict: give at least one SOURCE (image or video files, folders, globs, a camera index, a stream URL)"
+        )
+    live = [s for s in sources if is_live_source(s)]
+    named = [s for s in sources if not is_live_source(s)]
+    files = collect_images(named, recursive=args.recursive, suffixes=IMAGE_SUFFIXES + VIDEO_SUFFIXES) if named else []
+    videos = [p for p in files if is_video_file(p)]
+    paths = [p for p in files if not is_video_file(p)]
+    out = _output_folder(args.out, "--out")
     detector = Detector.load(
         args.weights,
         arch=args.arch,
@@ -513,30 +579,86 @@ def _run_predict(args: argparse.Namespace) -> int:
         backend=args.backend,
         threads=args.threads,
     )
-    summary = predict_files(
-        detector,
-        paths,
-        args.out,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        draw=not args.no_images,
-        ann_file=args.annotations,
-    )
-    rate = summary.num_images / max(summary.seconds, 1e-9)
-    print(
-        f"{summary.num_detections} detections (score >= {args.score_threshold}) in {summary.num_images} images, "
-        f"{summary.seconds:.1f} s ({rate:.2f} img/s) on {detector.device}"
-    )
-    print(
-        f"written: {summary.out_dir / 'predictions.json'}, {summary.out_dir / 'images.json'}"
-        + ("" if args.no_images else f", {summary.out_dir / 'images'}/")
-    )
-    if summary.skipped:
-        print(f"skipped {len(summary.skipped)} image(s) that could not be read:", file=sys.stderr)
-        for err in summary.skipped:
+    failed = False
+    if paths:
+        summary = predict_files(
+            detector,
+            paths,
+            out,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            draw=not args.no_images,
+            ann_file=args.annotations,
+        )
+        rate = summary.num_images / max(summary.seconds, 1e-9)
+        print(
+            f"{summary.num_detections} detections (score >= {args.score_threshold}) in {summary.num_images} images, "
+            f"{summary.seconds:.1f} s ({rate:.2f} img/s) on {detector.device}"
+        )
+        print(
+            f"written: {summary.out_dir / 'predictions.json'}, {summary.out_dir / 'images.json'}"
+            + ("" if args.no_images else f", {summary.out_dir / 'images'}/")
+        )
+        if summary.skipped:
+            print(f"skipped {len(summary.skipped)} image(s) that could not be read:", file=sys.stderr)
+            for err in summary.skipped:
+                print(f"  {err}", file=sys.stderr)
+            failed = True
+    if videos or live:
+        failed |= _predict_videos(detector, videos, live, Path(out) / "videos", args)
+    return 1 if failed else 0
+
+
+def _predict_videos(detector, videos, live: list[str], out, args: argparse.Namespace) -> bool:
+    """Each video file, then each camera or stream, into ``out``; True when one could not be read whole."""
+    from fasterrcnn.inference.predict_video import predict_video
+    from fasterrcnn.inference.video_source import VideoError, source_name
+
+    names = _video_output_names(videos) + [source_name(s) for s in live]
+    failed = []
+    for source, name in zip([*videos, *live], names):
+        try:
+            summary = predict_video(
+                detector,
+                source,
+                out,
+                name=name,
+                batch_size=args.batch_size,
+                stride=args.stride,
+                max_frames=args.max_frames,
+                draw=not args.no_video,
+                show=args.show,
+            )
+        except VideoError as e:
+            if str(source) in live:
+                raise  # a camera or stream that cannot be opened is the whole job failing
+            failed.append(str(e))  # a file: named and counted, the others still run
+            continue
+        dropped = f", {summary.dropped} dropped (the model was slower than the source)" if summary.dropped else ""
+        print(
+            f"{source}: {summary.detections} detections (score >= {args.score_threshold}) in {summary.frames} "
+            f"frames{dropped}, {summary.seconds:.1f} s ({summary.fps:.1f} frames/s) on {detector.device}"
+        )
+        print(f"written: {summary.json_path}" + (f", {summary.video_path}" if summary.video_path else ""))
+        if summary.error:
+            failed.append(f"{summary.error}; the {summary.frames} frames before it are in {summary.json_path}")
+    if failed:
+        print(f"{len(failed)} video(s) could not be read whole:", file=sys.stderr)
+        for err in failed:
             print(f"  {err}", file=sys.stderr)
-        return 1
-    return 0
+    return bool(failed)
+
+
+def _video_output_names(videos) -> list[str]:
+    """Each video's output name: its name relative to the videos' common folder, without the suffix, or with
+    it when two videos would otherwise share a name (clip.mp4 and clip.avi)."""
+    from pathlib import PurePosixPath
+
+    from fasterrcnn.inference.predict_files import output_names
+
+    full = output_names(videos) if videos else []
+    stems = [str(PurePosixPath(n).with_suffix("")) for n in full]
+    return [stem if stems.count(stem) == 1 else name for stem, name in zip(stems, full)]
 
 
 # ---- explain ------------------------------------------------------------------------------------
@@ -679,8 +801,8 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("evaluate", "COCO and VOC metrics of a checkpoint on a dataset", _add_evaluate, _run_evaluate),
     Subcommand(
         "predict",
-        "detect objects in image files, folders or globs: COCO results json and annotated "
-        "images (exit 1 when an image could not be read)",
+        "detect objects in images, videos, cameras and streams: COCO results json and annotated "
+        "images, per-frame json and annotated videos (exit 1 when an image or video could not be read whole)",
         _add_predict,
         _run_predict,
     ),
@@ -710,6 +832,12 @@ SUBCOMMANDS: list[Subcommand] = [
         _run_quantize,
     ),
     Subcommand("synth", "write the synthetic shapes dataset (COCO json, optionally VOC)", _add_synth, _run_synth),
+    Subcommand(
+        "synth-video",
+        "write a video of the synthetic shapes moving (to try predict on video)",
+        _add_synth_video,
+        _run_synth_video,
+    ),
     Subcommand(
         "check-data",
         "check a COCO json or VOC root: counts, box sizes, problems (exit 0: clean, 1: problems listed, 2: unusable)",

@@ -5,6 +5,8 @@
     found = detector("photo.jpg")                             # also a PIL image, a NumPy array, a tensor
     for box, name, score in zip(found.boxes, found.names, found.scores): ...
     many = detector(["a.jpg", "b.png"], batch_size=4)         # a list in, a list out
+    for index, frame, found in detector.stream("clip.mp4"):   # a video, a camera ("0") or a stream URL
+        ...                                                   # frame: [H, W, 3] uint8 RGB
 
 An image is a path (any file Pillow reads, EXIF orientation applied), a PIL image, a NumPy array
 ``[H, W]`` / ``[H, W, 3|4]`` (uint8 0..255 or float 0..1) or a tensor ``[3, H, W]`` (uint8 or float
@@ -225,6 +227,11 @@ class Detector:
             problem = image_problem(im)
             if problem is not None:
                 raise ValueError(f"image {i}: {problem}; the detector cannot use this image")
+        return self._detect_usable(images)
+
+    @torch.inference_mode()
+    def _detect_usable(self, images: list[torch.Tensor]) -> list[Detections]:
+        """``detect`` for images known to be usable (video frames: uint8 pictures, no NaN possible)."""
         with autocast(self.device, self.amp):
             raw = self.model([im.to(self.device, non_blocking=True) for im in images])
         results = []
@@ -237,6 +244,30 @@ class Detector:
             names = [self.name_of(int(lb)) for lb in labels]
             results.append(Detections(boxes, scores, labels, names))
         return results
+
+    def stream(
+        self,
+        source: str | os.PathLike,
+        *,
+        batch_size: int = 1,
+        stride: int = 1,
+        max_frames: int | None = None,
+    ):
+        """Yield ``(frame_index, frame, Detections)`` for the frames of a video file, a camera (``"0"``: the
+        first) or a stream URL (rtsp://, http://, ...); frame is [H, W, 3] uint8 RGB, frame_index counts
+        every frame of the source. Frames are decoded in a background thread (PyAV, the ``video`` extra)
+        and run ``batch_size`` at a time; ``stride`` K takes every K-th frame, ``max_frames`` stops after
+        that many. A live source never waits for the model: frames it would have to wait for are dropped.
+        A source that cannot be opened is a VideoError at once; a file damaged or cut off part-way yields
+        the frames before the damage, then raises VideoError saying where it stopped."""
+        from .predict_video import detect_frames
+        from .video_source import FrameReader, VideoError
+
+        with FrameReader(source, stride=stride, max_frames=max_frames, queue_size=max(8, 2 * batch_size)) as reader:
+            for frame, found in detect_frames(self, reader, batch_size):
+                yield frame.index, frame.image, found
+        if reader.error:
+            raise VideoError(reader.error)
 
     def name_of(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else f"class_{label}"

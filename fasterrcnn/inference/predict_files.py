@@ -42,18 +42,22 @@ log = logging.getLogger("fasterrcnn")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
-def collect_images(sources: list[str], *, recursive: bool = False) -> list[Path]:
+def collect_images(
+    sources: list[str], *, recursive: bool = False, suffixes: tuple[str, ...] = IMAGE_SUFFIXES
+) -> list[Path]:
     """Files named, image files inside folders (sorted; with ``recursive``, sub-folders too) and
-    matches of glob patterns (``**`` allowed), in the order given, each once."""
+    matches of glob patterns (``**`` allowed), in the order given, each once. ``suffixes``: what counts
+    as an image file in a folder or a pattern (predict passes the video suffixes too)."""
+    what = "image" if suffixes == IMAGE_SUFFIXES else "image or video"
     found: list[Path] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
-            files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in suffixes)
             if not files:
                 raise DataError(
-                    f"{source}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})"
+                    f"{source}: no {what} files in this folder ({', '.join(suffixes)})"
                     + ("" if recursive else "; add --recursive to look in sub-folders")
                 )
         elif path.is_file():
@@ -62,10 +66,10 @@ def collect_images(sources: list[str], *, recursive: bool = False) -> list[Path]
             files = sorted(
                 Path(p)
                 for p in glob.glob(source, recursive=True)
-                if os.path.isfile(p) and Path(p).suffix.lower() in IMAGE_SUFFIXES
+                if os.path.isfile(p) and Path(p).suffix.lower() in suffixes
             )
             if not files:
-                raise DataError(f"{source}: the pattern matches no image file")
+                raise DataError(f"{source}: the pattern matches no {what} file")
         else:
             raise DataError(f"{source}: no such file or folder")
         found.extend(files)

@@ -58,3 +58,39 @@ def test_memory_stays_flat_over_1000_images(tmp_path):
         f"({growth:+.2%})"
     )
     assert growth < 0.05
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memory_stays_flat_over_a_long_video(tmp_path):
+    """Issue 17: the per-frame json is streamed, the decoder's and the encoder's queues are bounded."""
+    pytest.importorskip("av")
+    from fasterrcnn.data.synth_video import write_video
+    from fasterrcnn.inference.predict_video import predict_video
+
+    clip = tmp_path / "long.mp4"
+    write_video(clip, num_frames=600, image_size=(32, 48), fps=30, num_objects=3, seed=0)
+    torch.manual_seed(0)
+    model = tiny_model(num_classes=4, min_size=32, max_size=48, box_score_thresh=0.0)
+    detector = Detector(model, ["__background__", "a", "b", "c"], score_threshold=0.0)
+    samples = []
+    detect = detector._detect_usable
+
+    def measured(images):
+        out = detect(images)
+        samples.append(resident_bytes())
+        return out
+
+    detector._detect_usable = measured  # type: ignore[method-assign]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = predict_video(detector, clip, tmp_path / "out", show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary.frames == 600 and summary.detections > 600
+    growth = samples[599] / samples[99] - 1
+    print(
+        f"resident memory: {samples[99] / 2**20:.1f} MiB at frame 100, {samples[599] / 2**20:.1f} MiB at 600 "
+        f"({growth:+.2%})"
+    )
+    assert growth < 0.05
