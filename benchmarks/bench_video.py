@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fasterrcnn.data.synth_video import write_video
-from fasterrcnn.inference.detector import Detector
-from fasterrcnn.inference.predict_video import frame_tensor, predict_video
-from fasterrcnn.inference.video_source import FrameReader
+from fasterrcnn.data.video_source import FrameReader
+from fasterrcnn.inference.detector import Detector, frame_tensor
+from fasterrcnn.inference.predict_video import predict_video
 
 
 def load(checkpoint: str | None, bf16: bool) -> Detector:

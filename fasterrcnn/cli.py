@@ -553,10 +553,10 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from fasterrcnn.data.video_source import VIDEO_SUFFIXES, import_av, is_live_source, is_video_file
     from fasterrcnn.engine.config import ConfigError
     from fasterrcnn.inference.detector import Detector
     from fasterrcnn.inference.predict_files import IMAGE_SUFFIXES, collect_images, predict_files
-    from fasterrcnn.inference.video_source import VIDEO_SUFFIXES, is_live_source, is_video_file
 
     _setup_logging()
     sources = list(args.sources) + list(args.more_sources)
@@ -569,6 +569,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     files = collect_images(named, recursive=args.recursive, suffixes=IMAGE_SUFFIXES + VIDEO_SUFFIXES) if named else []
     videos = [p for p in files if is_video_file(p)]
     paths = [p for p in files if not is_video_file(p)]
+    if videos or live:
+        import_av()  # PyAV missing: one clear error before any work, not one per video
     out = _output_folder(args.out, "--out")
     detector = Detector.load(
         args.weights,
@@ -611,8 +613,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 def _predict_videos(detector, videos, live: list[str], out, args: argparse.Namespace) -> bool:
     """Each video file, then each camera or stream, into ``out``; True when one could not be read whole."""
+    from fasterrcnn.data.video_source import VideoError, source_name
     from fasterrcnn.inference.predict_video import predict_video
-    from fasterrcnn.inference.video_source import VideoError, source_name
 
     names = _video_output_names(videos) + [source_name(s) for s in live]
     failed = []

@@ -114,7 +114,7 @@ def write_video(
     seed: int = 0,
 ) -> int:
     """Write the clip to ``path`` (H.264 mp4, through the video extra's PyAV); returns the frames written."""
-    from ..inference.video_writer import VideoWriter
+    from .video_writer import VideoWriter
 
     h, w = image_size
     frames = clip_frames(

@@ -16,6 +16,7 @@ An image is a path (any file Pillow reads, EXIF orientation applied), a PIL imag
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image
+from ..data.video_source import VideoFrame
 from ..deploy.runtimes import ExportedFileError, ExportedModel
 from ..engine.evaluator import autocast, optimized_for_inference
 from ..engine.setup import load_model_for_inference, resolve_device
@@ -260,8 +262,7 @@ class Detector:
         that many. A live source never waits for the model: frames it would have to wait for are dropped.
         A source that cannot be opened is a VideoError at once; a file damaged or cut off part-way yields
         the frames before the damage, then raises VideoError saying where it stopped."""
-        from .predict_video import detect_frames
-        from .video_source import FrameReader, VideoError
+        from ..data.video_source import FrameReader, VideoError
 
         with FrameReader(source, stride=stride, max_frames=max_frames, queue_size=max(8, 2 * batch_size)) as reader:
             for frame, found in detect_frames(self, reader, batch_size):
@@ -275,3 +276,30 @@ class Detector:
 
 def _describe(image, index: int) -> str:
     return os.fspath(image) if isinstance(image, (str, Path)) else f"image {index}"
+
+
+def detect_frames(
+    detector: Detector, frames: Iterable[VideoFrame], batch_size: int = 1
+) -> Iterator[tuple[VideoFrame, Detections]]:
+    """(frame, its detections) for each frame, the model run on ``batch_size`` frames at a time."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1 (frames per forward pass), got {batch_size!r}")
+    batch: list[VideoFrame] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == batch_size:
+            yield from _detect(detector, batch)
+            batch = []
+    if batch:
+        yield from _detect(detector, batch)
+
+
+def _detect(detector: Detector, batch: list[VideoFrame]) -> list[tuple[VideoFrame, Detections]]:
+    return list(zip(batch, detector._detect_usable([frame_tensor(f.image) for f in batch])))
+
+
+def frame_tensor(image: np.ndarray) -> torch.Tensor:
+    """A decoded frame [H, W, 3] uint8 -> Tensor[3, H, W] float32 in [0, 1], the values and layout
+    ``to_image_tensor`` gives (so a frame detects as the same picture passed as an image does), without its
+    checks for NaN and range, which a uint8 picture cannot fail: 2.6 -> 0.6 ms a 640x480 frame."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255)

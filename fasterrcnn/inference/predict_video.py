@@ -20,24 +20,23 @@ A file interrupted part-way says ``"partial": true``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from ..data.video_source import FrameReader, VideoFrame
+from ..data.video_writer import VideoWriter
 from ..engine.progress import Progress
 from ..viz.detections import draw_detections
-from .detector import Detections, Detector
+from .detector import Detections, Detector, detect_frames
 from .predict_files import JsonArrayWriter
-from .video_source import FrameReader, VideoFrame
-from .video_writer import VideoWriter
 
 log = logging.getLogger("fasterrcnn")
 
@@ -58,33 +57,6 @@ class VideoSummary:
     @property
     def fps(self) -> float:
         return self.frames / max(self.seconds, 1e-9)
-
-
-def detect_frames(
-    detector: Detector, frames: Iterable[VideoFrame], batch_size: int = 1
-) -> Iterator[tuple[VideoFrame, Detections]]:
-    """(frame, its detections) for each frame, the model run on ``batch_size`` frames at a time."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1 (frames per forward pass), got {batch_size!r}")
-    batch: list[VideoFrame] = []
-    for frame in frames:
-        batch.append(frame)
-        if len(batch) == batch_size:
-            yield from _detect(detector, batch)
-            batch = []
-    if batch:
-        yield from _detect(detector, batch)
-
-
-def _detect(detector: Detector, batch: list[VideoFrame]) -> list[tuple[VideoFrame, Detections]]:
-    return list(zip(batch, detector._detect_usable([frame_tensor(f.image) for f in batch])))
-
-
-def frame_tensor(image: np.ndarray) -> torch.Tensor:
-    """A decoded frame [H, W, 3] uint8 -> Tensor[3, H, W] float32 in [0, 1], the values and layout
-    ``to_image_tensor`` gives (so a frame detects as the same picture passed as an image does), without its
-    checks for NaN and range, which a uint8 picture cannot fail: 2.6 -> 0.6 ms a 640x480 frame."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255)
 
 
 def frame_record(frame: VideoFrame, dets: Detections) -> dict:
@@ -148,11 +120,16 @@ def predict_video(
         "categories": categories,
     }
     records = JsonArrayWriter(json_path, prefix=json.dumps(head)[:-1] + ', "frames": [')
-    writer = (
-        VideoWriter(video_path, width=reader.width, height=reader.height, fps=reader.frame_rate / stride)
-        if draw
-        else None
-    )
+    try:
+        writer = (
+            VideoWriter(video_path, width=reader.width, height=reader.height, fps=reader.frame_rate / stride)
+            if draw
+            else None
+        )
+    except BaseException:
+        records.abort()
+        reader.close()
+        raise
     progress = Progress(
         total=reader.total,  # type: ignore[arg-type]  # None: a stream of unknown length (tqdm counts up)
         desc=name,
@@ -180,7 +157,8 @@ def predict_video(
         reader.close()
         records.close(suffix=_tail(records.count, reader, "failed", partial=True))
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(Exception):  # the frames so far, playable; the error raised is the first one
+                writer.close()
         raise
     finally:
         if window is not None:

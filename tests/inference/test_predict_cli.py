@@ -134,8 +134,8 @@ def test_unreadable_image_is_skipped_and_reported(tiny_checkpoint, photos, tmp_p
     "argv, message",
     [
         (["nowhere/"], "nowhere/: no such file or folder"),
-        (["{tmp}/*.bmp"], r"\*.bmp: the pattern matches no image file"),
-        (["{tmp}/empty"], "empty: no image files in this folder"),
+        (["{tmp}/*.bmp"], r"\*.bmp: the pattern matches no image or video file"),
+        (["{tmp}/empty"], "empty: no image or video files in this folder"),
     ],
 )
 def test_sources_that_name_nothing_are_errors(tiny_checkpoint, tmp_path, capsys, argv, message):

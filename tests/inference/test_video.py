@@ -14,12 +14,12 @@ import torch
 
 from fasterrcnn import Detector
 from fasterrcnn.cli import main
+from fasterrcnn.data import video_source
 from fasterrcnn.data.synth_video import clip_frames, write_video
+from fasterrcnn.data.video_source import FrameReader, VideoError, is_live_source, source_name
+from fasterrcnn.data.video_writer import VideoWriter
 from fasterrcnn.inference import predict_video as predict_video_module
-from fasterrcnn.inference import video_source
 from fasterrcnn.inference.predict_video import predict_video
-from fasterrcnn.inference.video_source import FrameReader, VideoError, is_live_source, source_name
-from fasterrcnn.inference.video_writer import VideoWriter
 
 av = pytest.importorskip("av")
 
@@ -356,3 +356,39 @@ def test_synthetic_clip_is_seeded_and_moves(tmp_path, capsys):
 def test_the_module_names_its_outputs():
     json_path, video_path = predict_video_module.video_outputs(__import__("pathlib").Path("o"), "clip")
     assert (json_path.name, video_path.name) == ("clip.json", "clip.mp4")
+
+
+def test_a_video_with_a_display_rotation_stands_upright(tmp_path):
+    """A phone's portrait clip: stored 64x48 with a display rotation, read 48 wide and 64 high, turned as stated."""
+    source = np.zeros((48, 64, 3), np.uint8)
+    source[:12, :24] = 255  # a white patch at the top left of the stored picture
+    with av.open(str(tmp_path / "phone.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)  # counter-clockwise, as FFmpeg states it
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(source, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    reader = FrameReader(tmp_path / "phone.mp4")
+    assert (reader.width, reader.height, reader.rotation) == (48, 64, 1)
+    frames = [f.image for f in reader]
+    assert len(frames) == 3 and frames[0].shape == (64, 48, 3) and frames[0].flags["C_CONTIGUOUS"]
+    assert np.abs(frames[0].astype(int) - np.rot90(source).astype(int)).mean() < 4
+
+
+def test_a_file_that_opens_but_holds_no_decodable_frame_is_refused_at_once(tmp_path):
+    write_mkv(tmp_path / "whole.mkv", [np.full((48, 64, 3), 9 * i, np.uint8) for i in range(5)])
+    (tmp_path / "stub.mkv").write_bytes((tmp_path / "whole.mkv").read_bytes()[:600])  # the header, part of a frame
+    with pytest.raises(VideoError, match="stub.mkv: the video holds no frame that can be decoded"):
+        FrameReader(tmp_path / "stub.mkv")
+
+
+def test_without_pyav_the_error_says_what_to_install(tiny_checkpoint, clip, tmp_path, monkeypatch, capsys):
+    ckpt, _ = tiny_checkpoint
+    monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
+    assert main(["predict", str(clip), "--weights", str(ckpt), "--out", str(tmp_path / "p")]) == 2
+    assert "video needs PyAV (FFmpeg in a wheel): pip install 'fasterrcnn[video]'" in capsys.readouterr().err
+    with pytest.raises(VideoError, match=r"pip install 'fasterrcnn\[video\]'"):
+        FrameReader(clip)

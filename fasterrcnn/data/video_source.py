@@ -21,6 +21,7 @@ length (a cut-off download) is reported the same way.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.report import DataError
+from .report import DataError
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".3gp")
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "srt://")
@@ -109,8 +110,10 @@ class FrameReader:
     by a background thread; iterate once. Opening happens here, so a missing file, a file that is no
     video and a camera that cannot be opened are a ``VideoError`` naming the source before any work.
 
-    Attributes after opening: ``width``, ``height``, ``fps`` (the source's frame rate, 30 if it states
-    none), ``live``, ``total`` (frames that will be kept, when the file states its length; else None).
+    Attributes after opening: ``width``, ``height`` (of the frames as yielded: upright, see ``rotation``),
+    ``fps`` (the source's frame rate, 30 if it states none), ``live``, ``total`` (frames that will be kept,
+    when the file states its length; else None), ``rotation`` (quarter turns counter-clockwise applied to
+    each frame, from the display rotation the file states: a phone's portrait video stands upright).
     After iterating: ``decoded`` (frames decoded), ``kept``, ``dropped`` (live sources only), ``error``."""
 
     def __init__(
@@ -139,7 +142,13 @@ class FrameReader:
         stream = self._container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: FFmpeg's own, outside the GIL
         self._stream = stream
-        self.width, self.height = int(stream.codec_context.width), int(stream.codec_context.height)
+        self._frames = self._container.decode(stream)
+        self._first = self._first_frame()
+        # a phone's portrait clip is stored landscape with a display rotation: turned upright, as the EXIF
+        # orientation of a photo is (the rotation FFmpeg states, counter-clockwise, in quarter turns)
+        self.rotation = int(round((getattr(self._first, "rotation", 0) or 0) / 90)) % 4
+        width, height = int(self._first.width), int(self._first.height)
+        self.width, self.height = (height, width) if self.rotation % 2 else (width, height)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         self.fps = float(rate) if rate else _DEFAULT_FPS
         self.frame_rate = Fraction(rate).limit_denominator(100000) if rate else Fraction(int(_DEFAULT_FPS))
@@ -181,11 +190,28 @@ class FrameReader:
             raise VideoError(f"{self.source}: no video stream in this file")
         return container
 
+    def _first_frame(self):
+        """The first frame, decoded now: its size and rotation are the video's, and a file FFmpeg opens but
+        cannot decode (or holding no frame) is refused here, before any output is made."""
+        try:
+            first = next(self._frames, None)
+        except Exception as e:
+            self._container.close()
+            raise VideoError(f"{self.source}: no frame could be decoded ({_reason(e)})") from None
+        if first is None:
+            self._container.close()
+            raise VideoError(f"{self.source}: the video holds no frame that can be decoded (empty, or cut off early)")
+        return first
+
+    def _picture(self, frame) -> np.ndarray:
+        image = frame.to_ndarray(format="rgb24")
+        return np.ascontiguousarray(np.rot90(image, self.rotation)) if self.rotation else image
+
     # ---- the decoding thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
-            for frame in self._container.decode(self._stream):
+            for frame in itertools.chain([self._first], self._frames):
                 if self._stop.is_set():
                     return
                 index = self.decoded
@@ -194,7 +220,7 @@ class FrameReader:
                     continue
                 time = float(frame.time) if frame.time is not None else index / self.fps
                 self._last_time = time
-                item = VideoFrame(index, time, frame.to_ndarray(format="rgb24"))
+                item = VideoFrame(index, time, self._picture(frame))
                 self._put(item)
                 self.kept += 1
                 if self.max_frames is not None and self.kept >= self.max_frames:
@@ -204,8 +230,6 @@ class FrameReader:
             self.error = (
                 f"{self.source}: the video is damaged or cut off after frame {self.decoded - 1}"
                 f" ({self.decoded} frames decoded; {_reason(e)})"
-                if self.decoded
-                else f"{self.source}: no frame could be decoded ({_reason(e)})"
             )
         finally:
             self._put(_END, force=True)
