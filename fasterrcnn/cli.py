@@ -177,10 +177,13 @@ def _run_train(args: argparse.Namespace) -> int:
         dist.cleanup()
     if dist.is_main() and result.evaluation is not None:
         print(result.evaluation.format_table())
+        pictures = ["losses.png", "ap.png", "precision_recall.png", "confusion_matrix.png", "f1_curve.png"]
+        pictures.append("val_predictions.jpg")
         print(
             f"\nrun folder: {result.run_dir} ({result.seconds:.0f} s); plots: "
-            + ", ".join(str(result.run_dir / n) for n in ("losses.png", "ap.png", "precision_recall.png"))
+            + ", ".join(str(result.run_dir / n) for n in pictures if (result.run_dir / n).exists())
         )
+        print(f"TensorBoard: tensorboard --logdir {result.run_dir.parent}")
     return 0
 
 
@@ -209,17 +212,37 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         help="run the model as trained (autocast for --amp) instead of the optimised inference copy "
         "(BatchNorm folded, channels-last)",
     )
-    p.add_argument("--out", default=None, help="folder for eval.json, voc.json and predictions.json")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for eval.json, voc.json, predictions.json and the error analysis: confusion_matrix.png/.csv, "
+        "f1_curve.png, val_predictions.jpg",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=_fraction,
+        default=0.5,
+        help="the confusion matrix and the error grid count detections scoring at least this (default 0.5; "
+        "the metrics use every detection)",
+    )
+    p.add_argument(
+        "--iou-threshold",
+        type=_fraction,
+        default=0.5,
+        help="a detection matches an object at this IoU or more, in the confusion matrix and F1 (default 0.5)",
+    )
     _add_backend(p)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
     from typing import cast
 
     import torch
 
     from fasterrcnn.engine.config import ConfigError
+    from fasterrcnn.engine.diagnostics import write_diagnostics
     from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
     from fasterrcnn.engine.setup import data_format, open_dataset, resolve_device
     from fasterrcnn.files import atomic_write_text
@@ -279,7 +302,22 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         result.coco.to_json(out / "eval.json")
         result.voc.to_json(out / "voc.json")
         atomic_write_text(out / "summary.json", json.dumps(result.summary(), indent=2))
+        found = write_diagnostics(
+            result,
+            dataset,
+            class_names=class_names,
+            label_to_cat_id=label_to_cat_id,
+            out_dir=out,
+            score_threshold=args.score_threshold,
+            iou_threshold=args.iou_threshold,
+            title=Path(args.weights).name,
+        )
+        print(
+            f"best F1 {found.f1.best_f1:.3f} at score {found.f1.best_threshold:.2f} "
+            f"(the --score-threshold for predict; f1_curve.png)"
+        )
         print(f"\nwritten: {out / 'eval.json'}, {out / 'voc.json'}, {out / 'predictions.json'}")
+        print("error analysis: " + ", ".join(str(p) for k, p in found.paths.items()))
     return 0
 
 

@@ -9,7 +9,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -37,6 +37,10 @@ class Evaluation:
     results: list[dict]  # COCO results format
     seconds: float
     num_images: int
+    # each image's detections in the model's labels (boxes, scores, labels, on the CPU), in ``image_ids`` order:
+    # what the error analysis (engine/diagnostics.py) and the TensorBoard pictures use
+    image_ids: list[int] = field(default_factory=list)
+    detections: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict[str, float]:
         return {
@@ -271,4 +275,4 @@ def evaluate_model(
     if results_path is not None:  # streamed, not built as one string; atomic: a kill leaves the old file whole
         with atomic_open(results_path, "w", encoding="utf-8") as f:
             json.dump(results, f)
-    return Evaluation(coco, voc, results, time.perf_counter() - start, len(ids))
+    return Evaluation(coco, voc, results, time.perf_counter() - start, len(ids), image_ids=ids, detections=dets)

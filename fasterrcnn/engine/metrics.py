@@ -15,7 +15,19 @@ from . import distributed as dist
 
 log = logging.getLogger("fasterrcnn")
 EVAL_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "VOC07_mAP50", "VOC_mAP50")
-CSV_COLUMNS = ("kind", "iteration", "epoch", "lr", "loss", *LOSS_NAMES, "images_per_s", *EVAL_COLUMNS)
+# the validation loss of an eval row: its total (weighted as training's) and the four losses
+VAL_LOSS_COLUMNS = ("val_loss", *(f"val_{k}" for k in LOSS_NAMES))
+CSV_COLUMNS = (
+    "kind",
+    "iteration",
+    "epoch",
+    "lr",
+    "loss",
+    *LOSS_NAMES,
+    "images_per_s",
+    *EVAL_COLUMNS,
+    *VAL_LOSS_COLUMNS,
+)
 
 
 class MetricsLog:

@@ -31,13 +31,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..evaluation.confusion import pr_counts
 from ..model.loss_names import LOSS_NAMES
 from ..viz.precision_recall import plot_precision_recall
 from . import distributed as dist
 from . import preflight
 from .batches import BatchStream, EpochBatches
+from .board import RunBoard
 from .checkpoint import CheckpointError, estimate_checkpoint_bytes, load_checkpoint, set_rng_state
 from .config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, save_config
+from .diagnostics import draw_result, image_results, write_diagnostics
 from .evaluator import Evaluation, autocast, evaluate_model
 from .metrics import EVAL_COLUMNS, LossWindow, MetricsLog
 from .progress import Progress
@@ -45,6 +48,7 @@ from .run_state import Position, RunCheckpoints, checked_on_main, prepare_run_di
 from .schedule import lr_factor
 from .setup import build_data, build_model
 from .signals import StopRequest, TrainingInterrupted
+from .val_loss import validation_loss
 
 log = logging.getLogger("fasterrcnn")
 
@@ -205,9 +209,16 @@ def train_step(
 
 
 def log_window(
-    window: LossWindow, *, position: Position, lr: float, metrics: MetricsLog | None, progress: Progress
+    window: LossWindow,
+    *,
+    position: Position,
+    lr: float,
+    metrics: MetricsLog | None,
+    progress: Progress,
+    board: RunBoard | None = None,
 ) -> None:
-    """A train row of metrics.csv and the progress line: the window's mean losses (every rank calls this)."""
+    """A train row of metrics.csv, TensorBoard's train scalars and the progress line: the window's mean losses
+    (every rank calls this; rank 0 has the metrics log and the board)."""
     steps = window.steps
     means, rate = window.close()
     if metrics is not None:
@@ -222,6 +233,8 @@ def log_window(
                 "images_per_s": rate,
             }
         )
+    if board is not None:
+        board.train(position.iteration, {"loss": sum(means.values()), **means, "lr": lr, "images_per_s": rate})
     progress.update(
         steps,
         loss=f"{sum(means.values()):.3f}",
@@ -241,9 +254,12 @@ def evaluate_run(
     position: Position,
     metrics: MetricsLog,
     show_progress: bool,
+    board: RunBoard | None = None,
+    loss_weights: dict[str, float] | None = None,
 ) -> Evaluation:
-    """Evaluate ``model`` on the validation set (rank 0): predictions.json, eval.json, an eval row of
-    metrics.csv, a log line and the precision-recall plot."""
+    """Evaluate ``model`` on the validation set (rank 0): predictions.json, eval.json, the validation loss, an
+    eval row of metrics.csv, a log line, the precision-recall plot, the error analysis (confusion matrix, F1
+    curve, val_predictions.jpg: engine/diagnostics.py) and TensorBoard's evaluation events."""
     iteration = position.iteration
     result = evaluate_model(
         model,
@@ -259,11 +275,24 @@ def evaluate_run(
     )
     result.coco.to_json(run_dir / "eval.json")
     summary = result.summary()
+    loss_start = time.perf_counter()
+    val_loss = validation_loss(
+        model, data.val, batch_size=cfg.train.batch_size, device=device, amp=cfg.train.amp, weights=loss_weights
+    )
+    loss_seconds = time.perf_counter() - loss_start
+    val_columns = {"val_loss": val_loss["loss"], **{f"val_{k}": v for k, v in val_loss.items() if k in LOSS_NAMES}}
     metrics.write(
-        {"kind": "eval", "iteration": iteration, "epoch": position.epoch, **{k: summary[k] for k in EVAL_COLUMNS}}
+        {
+            "kind": "eval",
+            "iteration": iteration,
+            "epoch": position.epoch,
+            **{k: summary[k] for k in EVAL_COLUMNS},
+            **val_columns,
+        }
     )
     log.info(
-        "evaluation at iteration %d: AP %.3f AP50 %.3f AP75 %.3f (VOC07 mAP50 %.3f) on %d images in %.1f s",
+        "evaluation at iteration %d: AP %.3f AP50 %.3f AP75 %.3f (VOC07 mAP50 %.3f) on %d images in %.1f s; "
+        "validation loss %.4f (%.1f s)",
         iteration,
         summary["AP"],
         summary["AP50"],
@@ -271,7 +300,28 @@ def evaluate_run(
         summary["VOC07_mAP50"],
         result.num_images,
         result.seconds,
+        val_loss["loss"],
+        loss_seconds,
     )
+    found = write_diagnostics(
+        result,
+        data.val,
+        class_names=data.class_names,
+        label_to_cat_id=data.label_to_cat_id,
+        out_dir=run_dir,
+        title=f"iteration {iteration}",
+    )
+    if board is not None:
+        results = image_results(data.val, result.image_ids, result.detections, data.label_to_cat_id)
+        board.evaluation(
+            iteration,
+            summary,
+            per_class_ap={c.name: c.AP for c in result.coco.per_class if c.AP >= 0},
+            val_loss={k: v for k, v in val_loss.items() if k in LOSS_NAMES or k == "loss"},
+            pr=pr_counts(found.matches, num_classes=len(data.class_names)),
+            class_names=data.class_names,
+            images=[draw_result(data.val, r, class_names=data.class_names, score_threshold=0.5) for r in results[:4]],
+        )
     if result.coco.curves:
         plot_precision_recall(
             result.coco.curves,
@@ -478,6 +528,9 @@ def run_training(
         metrics=metrics,
         extra=stage.checkpoint_entries() if stage is not None else None,
     )
+    board = RunBoard(run_dir, resume_iteration=position.iteration if state is not None else None) if metrics else None
+    if board is not None:
+        log.info("TensorBoard: tensorboard --logdir %s (the events are in the run folder)", cfg.train.out_dir)
     forward_model = stage.wrap(model) if stage is not None else model  # evaluated too
     # a stage trains part of the model, whose other parameters may get no gradient in a step
     train_model = (
@@ -502,6 +555,8 @@ def run_training(
             position=position,
             metrics=metrics,
             show_progress=show_progress,
+            board=board,
+            loss_weights=weights,
         )
         if metrics is not None and (stage is None or stage.evaluates)  # rank 0, the one with the metrics log
         else None
@@ -544,7 +599,7 @@ def run_training(
                 position.iteration += 1
                 window.steps += 1
                 if position.iteration % cfg.train.log_every == 0 or position.iteration == total:
-                    log_window(window, position=position, lr=solver.lr, metrics=metrics, progress=progress)
+                    log_window(window, position=position, lr=solver.lr, metrics=metrics, progress=progress, board=board)
 
                 every = cfg.train.eval_every
                 evaluate_now = position.iteration == total or bool(every and position.iteration % every == 0)
@@ -576,4 +631,6 @@ def run_training(
         progress.close()
         if stream is not None:
             stream.close()
+        if board is not None:
+            board.close()
     return TrainResult(run_dir, position.iteration, evaluation, position.best_ap, time.perf_counter() - start)

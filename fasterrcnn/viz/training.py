@@ -22,6 +22,9 @@ def plot_losses(rows: list[dict], path: str | Path) -> Path:
         x, y = _series(rows, "train", key)
         if x:
             ax.plot(x, y, label=key, linewidth=2.0 if key == "loss" else 1.0)
+    x, y = _series(rows, "eval", "val_loss")  # the validation loss at each evaluation (older runs have none)
+    if x:
+        ax.plot(x, y, label="validation loss", color="black", linestyle="--", marker="o", linewidth=2.0)
     ax.set_yscale("log")
     ax.set_ylabel("loss")
     ax.legend(fontsize=8)

@@ -360,3 +360,61 @@ def test_an_image_the_model_cannot_use_is_scored_empty_named_and_counted(caplog)
     ids, dets = predict_dataset(model, Items(), batch_size=3, show_progress=False)
     assert ids == [1, 2, 3] and len(dets[1]["boxes"]) == 0 and len(dets[0]["boxes"]) > 0
     assert "1 image(s) the model cannot use" in caplog.text and "image id 2: 1 of its 6000 pixel values" in caplog.text
+
+
+def test_evaluate_writes_the_error_analysis_of_its_own_detections(short_run, tmp_path, capsys):
+    """Issue 18: confusion matrix (PNG and CSV), F1 curve and error grid; the CSV's counts are those of the
+    detections evaluate wrote to predictions.json against the ground truth of the json it read."""
+    import csv
+
+    from PIL import Image
+
+    from fasterrcnn.evaluation.confusion import confusion_matrix
+
+    result, synth = short_run
+    val = synth / "annotations" / "instances_val.json"
+    out = tmp_path / "ev"
+    args = ["evaluate", "--weights", str(result.run_dir / "last.pt"), "--data", str(val), "--out", str(out)]
+    assert main([*args, "--score-threshold", "0.05", "--iou-threshold", "0.4"]) == 0
+    text = capsys.readouterr().out
+    assert "best F1" in text and "the --score-threshold for predict" in text
+    for name in ("confusion_matrix.png", "f1_curve.png", "val_predictions.jpg"):
+        assert Image.open(out / name).size[0] > 300, name
+    with open(out / "confusion_matrix.csv", newline="") as f:
+        table = list(csv.reader(f))
+    header, body = table[0], table[1 : table.index([])]
+    assert header[1:] == ["circle", "square", "triangle", "star", "background"]
+    counts = [[int(v) for v in row[1:]] for row in body]
+    gt = json.loads(val.read_text())
+    dets = json.loads((out / "predictions.json").read_text())
+    images = []
+    for image in gt["images"]:
+        anns = [a for a in gt["annotations"] if a["image_id"] == image["id"]]
+        mine = [d for d in dets if d["image_id"] == image["id"]]
+
+        def xyxy(records):
+            return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in records)]).reshape(-1, 4)
+
+        images.append(
+            {
+                "gt_boxes": xyxy(anns),
+                "gt_labels": torch.tensor([a["category_id"] for a in anns]),
+                "gt_crowd": torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool),
+                "det_boxes": xyxy(mine),
+                "det_labels": torch.tensor([d["category_id"] for d in mine]),
+                "det_scores": torch.tensor([d["score"] for d in mine]),
+            }
+        )
+    names = ["__background__", "circle", "square", "triangle", "star"]
+    expected = confusion_matrix(images=images, class_names=names, score_threshold=0.05, iou_threshold=0.4)
+    assert counts == expected.counts.tolist()
+    assert sum(map(sum, counts)) > 0
+
+
+@pytest.mark.parametrize("flag, value", [("--score-threshold", "1.5"), ("--iou-threshold", "-1")])
+def test_thresholds_outside_zero_one_are_usage_errors(short_run, flag, value, capsys):
+    result, synth = short_run
+    val = synth / "annotations" / "instances_val.json"
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--weights", str(result.run_dir / "last.pt"), "--data", str(val), flag, value])
+    assert e.value.code == 2 and "expected a number in [0, 1]" in capsys.readouterr().err
