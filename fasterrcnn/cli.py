@@ -183,7 +183,6 @@ def _run_train(args: argparse.Namespace) -> int:
             f"\nrun folder: {result.run_dir} ({result.seconds:.0f} s); plots: "
             + ", ".join(str(result.run_dir / n) for n in pictures if (result.run_dir / n).exists())
         )
-        print(f"TensorBoard: tensorboard --logdir {result.run_dir.parent}")
     return 0
 
 

@@ -140,6 +140,11 @@ class DeployGraph(nn.Module):
         self.box_weights = heads.box_coder.weights
         self.box_clip = float(heads.box_coder.bbox_xform_clip)
         self.box_score_thresh = float(heads.score_thresh)
+        if getattr(heads, "nms", "nms") != "nms":
+            raise ExportError(
+                f"box_nms={heads.nms}: Soft-NMS has no exported form yet; export the model with box_nms=nms "
+                "(model.roi_heads.nms = 'nms'), or run it eagerly"
+            )
         self.box_nms_thresh = float(heads.nms_thresh)
         self.detections_per_img = int(heads.detections_per_img)
         self.num_classes = int(model.num_classes)

@@ -54,6 +54,7 @@ class ImageResult:
 class Diagnostics:
     confusion: ConfusionMatrix
     f1: F1Curve
+    results: list[ImageResult]
     matches: list[ImageMatch]
     paths: dict[str, Path]
 
@@ -192,4 +193,4 @@ def write_diagnostics(
             (draw_result(dataset, r, class_names=class_names, score_threshold=score_threshold), c) for r, c in picks
         ]
         paths["val_predictions"] = save_grid(tiles, out_dir / "val_predictions.jpg")
-    return Diagnostics(cm, curve, matches, paths)
+    return Diagnostics(cm, curve, results, matches, paths)

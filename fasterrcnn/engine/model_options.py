@@ -90,6 +90,13 @@ RANGES = {
     "anchor_sizes": (lambda v: isinstance(v, (list, tuple)) and _all_at_least_1(v), "a list of integers >= 1"),
     "fpn_norm": (lambda v: v in ("none", "bn", "gn"), "one of none, bn, gn"),
     "roi_op": (lambda v: v in ("roi_pool", "roi_align"), "one of roi_pool, roi_align"),
+    "box_nms": (lambda v: v in ("nms", "soft_linear", "soft_gaussian"), "one of nms, soft_linear, soft_gaussian"),
+    "box_soft_nms_sigma": _number_in(0, 10, lo_open=True),
+    "box_soft_nms_min_score": _number_in(0, 1),
+    **{
+        k: (lambda v: v in ("smooth_l1", "l1", "giou"), "one of smooth_l1, l1, giou")
+        for k in ("rpn_box_loss", "box_loss")
+    },
 }
 
 

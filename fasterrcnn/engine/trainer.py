@@ -40,7 +40,7 @@ from .batches import BatchStream, EpochBatches
 from .board import RunBoard
 from .checkpoint import CheckpointError, estimate_checkpoint_bytes, load_checkpoint, set_rng_state
 from .config import RESUME_OVERRIDABLE, Config, ConfigError, apply_overrides, config_from_dict, save_config
-from .diagnostics import draw_result, image_results, write_diagnostics
+from .diagnostics import draw_result, write_diagnostics
 from .evaluator import Evaluation, autocast, evaluate_model
 from .metrics import EVAL_COLUMNS, LossWindow, MetricsLog
 from .progress import Progress
@@ -312,7 +312,6 @@ def evaluate_run(
         title=f"iteration {iteration}",
     )
     if board is not None:
-        results = image_results(data.val, result.image_ids, result.detections, data.label_to_cat_id)
         board.evaluation(
             iteration,
             summary,
@@ -320,7 +319,9 @@ def evaluate_run(
             val_loss={k: v for k, v in val_loss.items() if k in LOSS_NAMES or k == "loss"},
             pr=pr_counts(found.matches, num_classes=len(data.class_names)),
             class_names=data.class_names,
-            images=[draw_result(data.val, r, class_names=data.class_names, score_threshold=0.5) for r in results[:4]],
+            images=[
+                draw_result(data.val, r, class_names=data.class_names, score_threshold=0.5) for r in found.results[:4]
+            ],
         )
     if result.coco.curves:
         plot_precision_recall(

@@ -62,12 +62,17 @@ class FasterRCNN(nn.Module):
         rpn_batch_size_per_image: int = 256,
         rpn_positive_fraction: float = 0.5,
         rpn_score_thresh: float = 0.0,
+        rpn_box_loss: str = "smooth_l1",
         # box head
         box_roi_pool: nn.Module | None = None,
         box_head: nn.Module | None = None,
         box_predictor: nn.Module | None = None,
         box_score_thresh: float = 0.05,
         box_nms_thresh: float = 0.5,
+        box_nms: str = "nms",
+        box_soft_nms_sigma: float = 0.5,
+        box_soft_nms_min_score: float = 0.001,
+        box_loss: str = "smooth_l1",
         box_detections_per_img: int = 100,
         box_fg_iou_thresh: float = 0.5,
         box_bg_iou_thresh: float = 0.5,
@@ -101,6 +106,7 @@ class FasterRCNN(nn.Module):
             post_nms_top_n={"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test},
             nms_thresh=rpn_nms_thresh,
             score_thresh=rpn_score_thresh,
+            box_loss=rpn_box_loss,
         )
 
         if box_roi_pool is None:
@@ -125,7 +131,11 @@ class FasterRCNN(nn.Module):
             bbox_reg_weights=bbox_reg_weights,
             score_thresh=box_score_thresh,
             nms_thresh=box_nms_thresh,
+            nms=box_nms,
+            soft_nms_sigma=box_soft_nms_sigma,
+            soft_nms_min_score=box_soft_nms_min_score,
             detections_per_img=box_detections_per_img,
+            box_loss=box_loss,
         )
 
     @property

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import BoxCoder, batched_nms, clip_boxes_to_image, remove_small_boxes
+from ..ops import BoxCoder, batched_nms, batched_soft_nms, clip_boxes_to_image, remove_small_boxes
+from .box_loss import box_regression_loss, check_box_loss
 from .matcher import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher, pad_ragged, padded_box_iou
 from .per_image import top_n_per_image
 from .recorder import Recorder
@@ -116,19 +117,36 @@ class FastRCNNPredictor(nn.Module):
 
 
 def fastrcnn_loss(
-    class_logits: torch.Tensor, box_deltas: torch.Tensor, labels: torch.Tensor, regression_targets: torch.Tensor
+    class_logits: torch.Tensor,
+    box_deltas: torch.Tensor,
+    labels: torch.Tensor,
+    regression_targets: torch.Tensor,
+    *,
+    box_loss: str = "smooth_l1",
+    proposals: torch.Tensor | None = None,
+    box_coder: BoxCoder | None = None,
 ) -> dict[str, torch.Tensor]:
     """class_logits [R, K], box_deltas [R, 4K], labels [R] (0 = background), regression_targets [R, 4]
-    (read for foreground RoIs only). Masks rather than selects the foreground: no host sync."""
+    (read for foreground RoIs only). Masks rather than selects the foreground: no host sync. ``box_loss``
+    (model/box_loss.py): "giou" needs the RoIs' ``proposals`` [R, 4] and the ``box_coder`` to decode."""
     classification_loss = F.cross_entropy(class_logits, labels)
     num_rois = box_deltas.shape[0]
     fg = labels > 0
     # the deltas predicted for each RoI's own class: [R, K, 4] -> [R, 4] (background: class 0's, masked)
     own_deltas = box_deltas.reshape(num_rois, -1, 4)[torch.arange(num_rois, device=labels.device), labels]
     targets = torch.where(fg[:, None], regression_targets, 0.0)  # whatever a background row holds
-    box_loss = F.smooth_l1_loss(own_deltas, targets.to(own_deltas.dtype), beta=1 / 9, reduction="none").sum(dim=1)
-    box_loss = torch.where(fg, box_loss, 0.0).sum()
-    return {"loss_classifier": classification_loss, "loss_box_reg": box_loss / max(labels.numel(), 1)}
+    if box_loss == "smooth_l1":  # the default, kept exactly as it was (in the deltas' dtype)
+        per_box = F.smooth_l1_loss(own_deltas, targets.to(own_deltas.dtype), beta=1 / 9, reduction="none").sum(dim=1)
+    else:
+        if box_loss == "giou" and (proposals is None or box_coder is None):
+            raise ValueError("fastrcnn_loss: box_loss='giou' needs the proposals and the box coder")
+        refs = proposals if proposals is not None else torch.zeros_like(targets)
+        per_box = box_regression_loss(box_loss, own_deltas, targets, refs, box_coder or BoxCoder((1.0, 1.0, 1.0, 1.0)))
+    per_box = torch.where(fg, per_box, 0.0).sum()
+    return {"loss_classifier": classification_loss, "loss_box_reg": per_box / max(labels.numel(), 1)}
+
+
+NMS_METHODS = ("nms", "soft_linear", "soft_gaussian")
 
 
 class RoIHeads(nn.Module):
@@ -145,9 +163,16 @@ class RoIHeads(nn.Module):
         bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
+        nms: str = "nms",
+        soft_nms_sigma: float = 0.5,
+        soft_nms_min_score: float = 0.001,
         detections_per_img: int = 100,
+        box_loss: str = "smooth_l1",
     ):
         super().__init__()
+        self.box_loss = check_box_loss("box_loss", box_loss)  # model/box_loss.py
+        if nms not in NMS_METHODS:
+            raise ValueError(f"box_nms must be one of {', '.join(NMS_METHODS)}, got {nms!r}")
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head
         self.box_predictor = box_predictor
@@ -156,6 +181,12 @@ class RoIHeads(nn.Module):
         self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
+        # "nms": greedy NMS at nms_thresh; "soft_linear" / "soft_gaussian": Soft-NMS (ops/soft_nms.py), the scores
+        # of overlapping boxes decayed (linear: by 1 - IoU above nms_thresh; gaussian: exp(-IoU^2 / sigma)) and the
+        # boxes dropped below soft_nms_min_score
+        self.nms = nms
+        self.soft_nms_sigma = soft_nms_sigma
+        self.soft_nms_min_score = soft_nms_min_score
         self.detections_per_img = detections_per_img
 
     # ---- training ----------------------------------------------------------------------------
@@ -229,7 +260,21 @@ class RoIHeads(nn.Module):
         boxes = clip_boxes_to_image(boxes, sizes[image])  # each box to its own image
         ok = remove_small_boxes(boxes, 1e-2)
         boxes, scores, labels, rows, image = boxes[ok], scores[ok], labels[ok], rows[ok], image[ok]
-        keep = batched_nms(boxes, scores, image * num_classes + labels, self.nms_thresh)  # by score
+        groups = image * num_classes + labels
+        if self.nms == "nms":
+            keep = batched_nms(boxes, scores, groups, self.nms_thresh)  # by score
+        else:  # by decayed score; the kept boxes get their decayed scores
+            keep, decayed = batched_soft_nms(
+                boxes,
+                scores,
+                groups,
+                method=self.nms.removeprefix("soft_"),
+                sigma=self.soft_nms_sigma,
+                iou_threshold=self.nms_thresh,
+                score_threshold=self.soft_nms_min_score,
+            )
+            scores = scores.clone()
+            scores[keep] = decayed.to(scores.dtype)
         keep, _ = top_n_per_image(keep, image[keep], len(proposals), self.detections_per_img)
         per_image = torch.bincount(image[keep], minlength=len(proposals)).tolist()
         if recorder is not None:
@@ -292,6 +337,14 @@ class RoIHeads(nn.Module):
         if recorder is not None:
             self.record(recorder, features, proposals, image_sizes, pooled, class_logits, box_deltas)
         if self.training:
-            losses = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), torch.cat(regression_targets))
+            losses = fastrcnn_loss(
+                class_logits,
+                box_deltas,
+                torch.cat(labels),
+                torch.cat(regression_targets),
+                box_loss=self.box_loss,
+                proposals=torch.cat(proposals),
+                box_coder=self.box_coder,
+            )
             return [], losses
         return self.postprocess_detections(class_logits, box_deltas, proposals, image_sizes, recorder), {}

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..ops import BoxCoder, batched_nms, clip_boxes_to_image, min_size_mask
 from .anchors import AnchorGenerator
+from .box_loss import box_regression_loss, check_box_loss
 from .matcher import Matcher, pad_ragged, padded_box_iou
 from .per_image import top_n_per_image
 from .recorder import Recorder
@@ -94,8 +95,10 @@ class RegionProposalNetwork(nn.Module):
         nms_thresh: float = 0.7,
         score_thresh: float = 0.0,
         min_size: float = 1e-3,
+        box_loss: str = "smooth_l1",
     ):
         super().__init__()
+        self.box_loss = check_box_loss("rpn_box_loss", box_loss)  # model/box_loss.py
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
@@ -250,9 +253,9 @@ class RegionProposalNetwork(nn.Module):
         # (zero deltas, finite) and their loss is masked out
         pos_matched = torch.where(sample.pos_valid[..., None], gt_boxes.gather(1, pos_gt), pos_anchors)
         targets = self.box_coder.encode(pos_matched.reshape(-1, 4), pos_anchors.reshape(-1, 4))
-        box_loss = F.smooth_l1_loss(
-            deltas.gather(1, pos).reshape(-1, 4).float(), targets, beta=1 / 9, reduction="none"
-        ).sum(dim=1)
+        box_loss = box_regression_loss(
+            self.box_loss, deltas.gather(1, pos).reshape(-1, 4), targets, pos_anchors.reshape(-1, 4), self.box_coder
+        )
         box_loss = (box_loss * sample.pos_valid.reshape(-1)).sum() / num_sampled
         return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
 
