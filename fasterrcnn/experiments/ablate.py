@@ -140,6 +140,25 @@ BUILTIN_CELLS: tuple[Cell, ...] = (
         backbone_from="baseline",
         description="the paper's 4-step alternating training from the same pretrained backbone",
     ),
+    # issue 19: what came after the 2015 detector, each with the baseline's two seeds
+    *(
+        Cell(
+            f"giou{suffix}",
+            ("model.options.box_loss=giou", "solver.loss_weights.loss_box_reg=10", *seed),
+            description="GIoU loss on the second stage's decoded boxes, weighted 10 (mmdetection's recipe)"
+            + (", seed 1" if seed else ""),
+        )
+        for suffix, seed in (("", ()), ("_seed1", ("train.seed=1",)))
+    ),
+    *(
+        Cell(
+            f"soft_nms{suffix}",
+            ("model.options.box_nms=soft_gaussian",),
+            reevaluates=f"baseline{suffix}",
+            description="Soft-NMS (Gaussian, sigma 0.5) in the second stage instead of NMS at 0.5",
+        )
+        for suffix in ("", "_seed1")
+    ),
 )
 
 
