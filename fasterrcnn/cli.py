@@ -230,6 +230,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="a detection matches an object at this IoU or more, in the confusion matrix and F1 (default 0.5)",
     )
+    _add_tta(p)
     _add_backend(p)
 
 
@@ -242,10 +243,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from fasterrcnn.engine.config import ConfigError
     from fasterrcnn.engine.diagnostics import write_diagnostics
-    from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
+    from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name, optimized_for_inference
     from fasterrcnn.engine.setup import data_format, open_dataset, resolve_device
     from fasterrcnn.files import atomic_write_text
     from fasterrcnn.inference.detector import load_weights
+    from fasterrcnn.model.tta import TestTimeAugmentation
 
     _setup_logging()
     if args.batch_size < 1:
@@ -265,6 +267,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     amp, optimize = args.amp, args.optimize
     if exported:  # it carries its class names and runs on the CPU as it was exported (bf16: the runtime's)
         device, amp, optimize = torch.device("cpu"), "none", False
+    if args.tta:  # around the optimised copy (or the model as trained with --no-optimize)
+        if exported:
+            raise ConfigError("--tta runs a checkpoint's eager model; an exported file runs without it")
+        if optimize:
+            model, amp = optimized_for_inference(model, amp)
+            optimize = False
+        model = TestTimeAugmentation(model.eval(), **cast(dict, _tta_options(args)))
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
     if len(dataset.report):  # skipped or fixed images and boxes: counted, and check-data lists them
@@ -524,6 +533,33 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tta(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("test-time augmentation (a checkpoint, not an exported file)")
+    group.add_argument(
+        "--tta",
+        action="store_true",
+        help="run each image at several sizes and mirrored, and merge the detections (slower: one pass each)",
+    )
+    group.add_argument(
+        "--tta-scales",
+        type=float,
+        nargs="+",
+        default=[0.8, 1.0, 1.2],
+        metavar="S",
+        help="with --tta: the sizes, as multiples of the model's (default 0.8 1.0 1.2)",
+    )
+    group.add_argument(
+        "--tta-merge",
+        choices=["nms", "voting"],
+        default="nms",
+        help="with --tta: class-wise NMS over all passes, or NMS with box voting (default nms)",
+    )
+
+
+def _tta_options(args: argparse.Namespace) -> dict | bool:
+    return {"scales": tuple(args.tta_scales), "merge": args.tta_merge} if args.tta else False
+
+
 def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "sources",
@@ -584,6 +620,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     video.add_argument(
         "--show", action="store_true", help="show the annotated frames live in a window (where there is a display)"
     )
+    _add_tta(p)
     _add_backend(p)
 
 
@@ -617,6 +654,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         backend=args.backend,
         threads=args.threads,
+        tta=_tta_options(args),
     )
     failed = False
     if paths:

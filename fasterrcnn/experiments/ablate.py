@@ -29,6 +29,7 @@ from ..engine.config import EXECUTION_KEYS, Config, ConfigError, apply_overrides
 from ..engine.evaluator import evaluate_model
 from ..engine.setup import build_data, build_model, resolve_device
 from ..files import atomic_write_text
+from ..model.tta import TestTimeAugmentation
 from ..viz.ablation import plot_ablation
 from .alternating import AlternatingResult, latest_checkpoint
 from .schedules import train_schedule
@@ -53,6 +54,7 @@ class Cell:
     reevaluates: str = ""
     description: str = ""
     backbone_from: str = ""
+    tta: tuple[float, ...] = ()  # a re-evaluation with test-time augmentation at these scales, and mirrored
 
     @property
     def depends_on(self) -> str:
@@ -62,6 +64,8 @@ class Cell:
         parts = [f"`{o}`" for o in self.overrides]
         if self.drop_options:
             parts.append("without " + ", ".join(f"`model.options.{k}`" for k in self.drop_options))
+        if self.tta:
+            parts.append(f"test-time augmentation: scales {', '.join(f'{x:g}' for x in self.tta)}, mirrored")
         if self.reevaluates:
             parts.append(f"({self.reevaluates}'s model, re-evaluated)")
         if self.backbone_from:
@@ -156,6 +160,15 @@ BUILTIN_CELLS: tuple[Cell, ...] = (
             ("model.options.box_nms=soft_gaussian",),
             reevaluates=f"baseline{suffix}",
             description="Soft-NMS (Gaussian, sigma 0.5) in the second stage instead of NMS at 0.5",
+        )
+        for suffix in ("", "_seed1")
+    ),
+    *(
+        Cell(
+            f"tta{suffix}",
+            reevaluates=f"baseline{suffix}",
+            tta=(0.8, 1.0, 1.2),
+            description="test-time augmentation: three sizes, each also mirrored, merged by class-wise NMS",
         )
         for suffix in ("", "_seed1")
     ),
@@ -338,8 +351,11 @@ def run_reevaluation_cell(cell: Cell, cfg: Config, reference: CellResult, *, sho
     data = build_data(eval_cfg.data, train=False)
     run_dir = out / cell.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    evaluated: torch.nn.Module = model
+    if cell.tta:
+        evaluated = TestTimeAugmentation(model.eval(), scales=cell.tta, hflip=True)
     evaluation = evaluate_model(
-        model,
+        evaluated,
         data.val,
         class_names=data.class_names,
         label_to_cat_id=data.label_to_cat_id,
@@ -351,7 +367,7 @@ def run_reevaluation_cell(cell: Cell, cfg: Config, reference: CellResult, *, sho
         results_path=run_dir / "predictions.json",
     )
     evaluation.coco.to_json(run_dir / "eval.json")
-    digest = config_hash(cfg, reference.config_hash, *cell.overrides)
+    digest = config_hash(cfg, reference.config_hash, *cell.overrides, *(f"tta={x}" for x in cell.tta))
     return CellResult(cell, _eval_metrics(evaluation, run_dir), 0.0, evaluation.seconds, digest)
 
 
@@ -367,7 +383,8 @@ def run_ablation(
         cfg = cell_config(base, cell, out)
         run_dir = out / cell.name
         if cell.reevaluates:
-            digest = config_hash(cfg, results[cell.reevaluates].config_hash, *cell.overrides)
+            tta = (f"tta={x}" for x in cell.tta)
+            digest = config_hash(cfg, results[cell.reevaluates].config_hash, *cell.overrides, *tta)
         elif cell.backbone_from:  # what it computes depends on what the donor learned
             digest = config_hash(cfg, results[cell.backbone_from].config_hash)
         else:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from ..data.images import load_image
 from ..data.video_source import VideoFrame
@@ -31,6 +32,7 @@ from ..engine.evaluator import autocast, optimized_for_inference
 from ..engine.setup import load_model_for_inference, resolve_device
 from ..model.faster_rcnn import FasterRCNN
 from ..model.input_checks import image_problem
+from ..model.tta import TestTimeAugmentation
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Detector:
         score_threshold: float = 0.5,
         bf16: bool = False,
         optimize: bool = True,
+        tta: bool | dict = False,
     ):
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must lie in [0, 1], got {score_threshold}")
@@ -157,6 +160,10 @@ class Detector:
         if optimize and isinstance(model, torch.nn.Module):
             model, self.amp = optimized_for_inference(model, self.amp)
         self.model = model.to(self.device).eval()
+        if tta:  # test-time augmentation around the (optimised) model: model/tta.py
+            if not isinstance(self.model, nn.Module):
+                raise ValueError("test-time augmentation runs our eager model; an exported model runs without it")
+            self.model = TestTimeAugmentation(self.model, **(tta if isinstance(tta, dict) else {})).eval()
         self.class_names = list(class_names)
         self.label_to_cat_id = dict(label_to_cat_id or {i: i for i in range(1, len(class_names))})
         self.score_threshold = score_threshold
@@ -174,6 +181,7 @@ class Detector:
         optimize: bool = True,
         backend: str = "torch",
         threads: int | None = None,
+        tta: bool | dict = False,
     ) -> Detector:
         """From one of our training checkpoints (last.pt/best.pt: architecture and class names come
         with it) or a torchvision-format detector checkpoint built with ``arch`` (COCO's names).
@@ -181,7 +189,10 @@ class Detector:
 
         An exported file (``fasterrcnn export``) runs under ``backend``: "onnxruntime" (.onnx), "openvino"
         (.xml IR or .onnx) or "torch" (a TorchScript file); its class names come from the file, ``bf16``
-        asks the runtime for bfloat16 (OpenVINO), ``threads`` sets the runtime's threads."""
+        asks the runtime for bfloat16 (OpenVINO), ``threads`` sets the runtime's threads.
+
+        ``tta``: test-time augmentation (``True``: three sizes, 0.8x, 1x and 1.2x, each also mirrored, merged by
+        class-wise NMS; or a dict of ``TestTimeAugmentation``'s arguments: scales, hflip, merge, iou_threshold)."""
         model, names, label_to_cat_id, exported = load_weights(
             weights, backend=backend, arch=arch, device=device, threads=threads, bf16=bf16
         )
@@ -193,6 +204,7 @@ class Detector:
                 device=device if device != "auto" else "cpu",
                 score_threshold=score_threshold,
                 optimize=False,
+                tta=tta,
             )
         dev = resolve_device(device)
         if optimize and isinstance(model, FasterRCNN):  # ours alone: prepared in place, no copy
@@ -205,6 +217,7 @@ class Detector:
             score_threshold=score_threshold,
             bf16=bf16,
             optimize=optimize,
+            tta=tta,
         )
 
     def __call__(self, images, *, batch_size: int = 1) -> Detections | list[Detections]:
