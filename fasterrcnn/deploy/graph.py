@@ -140,6 +140,11 @@ class DeployGraph(nn.Module):
         self.box_weights = heads.box_coder.weights
         self.box_clip = float(heads.box_coder.bbox_xform_clip)
         self.box_score_thresh = float(heads.score_thresh)
+        if hasattr(heads, "later_heads"):
+            raise ExportError(
+                "a Cascade R-CNN model (cascade_iou) has no exported form yet; run it eagerly (the Python API, "
+                "fasterrcnn predict / evaluate with the checkpoint)"
+            )
         if getattr(heads, "nms", "nms") != "nms":
             raise ExportError(
                 f"box_nms={heads.nms}: Soft-NMS has no exported form yet; export the model with box_nms=nms "

@@ -93,6 +93,11 @@ RANGES = {
     "box_nms": (lambda v: v in ("nms", "soft_linear", "soft_gaussian"), "one of nms, soft_linear, soft_gaussian"),
     "box_soft_nms_sigma": _number_in(0, 10, lo_open=True),
     "box_soft_nms_min_score": _number_in(0, 1),
+    "cascade_iou": (
+        lambda v: len(v) == 0 or (len(v) >= 2 and all(0 < x < 1 for x in v) and list(v) == sorted(set(v))),
+        "empty (no cascade) or at least two rising IoU thresholds in (0, 1), e.g. [0.5, 0.6, 0.7]",
+    ),
+    "cascade_loss_weights": (lambda v: all(x > 0 for x in v), "a list of positive numbers, one per stage"),
     **{
         k: (lambda v: v in ("smooth_l1", "l1", "giou"), "one of smooth_l1, l1, giou")
         for k in ("rpn_box_loss", "box_loss")

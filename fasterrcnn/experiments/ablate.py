@@ -147,6 +147,15 @@ BUILTIN_CELLS: tuple[Cell, ...] = (
     # issue 19: what came after the 2015 detector, each with the baseline's two seeds
     *(
         Cell(
+            f"cascade{suffix}",
+            ("model.options.cascade_iou=[0.5, 0.6, 0.7]", *seed),
+            description="Cascade R-CNN: three second stages trained at IoU 0.5, 0.6, 0.7, losses weighted 1, 0.5, 0.25"
+            + (", seed 1" if seed else ""),
+        )
+        for suffix, seed in (("", ()), ("_seed1", ("train.seed=1",)))
+    ),
+    *(
+        Cell(
             f"giou{suffix}",
             ("model.options.box_loss=giou", "solver.loss_weights.loss_box_reg=10", *seed),
             description="GIoU loss on the second stage's decoded boxes, weighted 10 (mmdetection's recipe)"

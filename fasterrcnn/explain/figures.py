@@ -733,6 +733,37 @@ def plot_two_stage(trace, path, *, score_threshold: float = 0.5, limit: int = 10
     return _save(fig, path), {"threshold": score_threshold, "shown": len(pairs), "pairs": pairs}
 
 
+def plot_cascade_stages(trace, path, *, score_threshold: float = 0.5, limit: int = 6) -> tuple[Path | None, dict]:
+    """Cascade R-CNN: for the top detections, the RPN's proposal (dashed) and the box after each stage (thin to
+    thick); None for a model with one second stage."""
+    if trace.cascade_boxes is None:
+        return None, {}
+    path = Path(path)
+    keep = _shown_detections(trace, score_threshold, limit)
+    stages = trace.cascade_boxes  # [proposals, stage 1's boxes, ..., the last stage's]
+    pw, ph = _panel_size(trace, 6.0)
+    fig = _figure(pw, ph + 1.0)
+    ax = fig.add_subplot(1, 1, 1)
+    _show(ax, trace.image)
+    shown = []
+    for n, d in enumerate(keep.tolist()):
+        r = int(trace.detection_proposal_index[d])
+        color = PALETTE[n % 10]
+        path_boxes = [_fmt_box(s[r]) for s in stages]
+        for k, box in enumerate(path_boxes):
+            _box(ax, box, color, lw=0.8 + 0.7 * k, ls="--" if k == 0 else "-", alpha=0.45 + 0.55 * k / len(stages))
+        _label(ax, path_boxes[-1][0], path_boxes[-1][1], str(n + 1), color)
+        ious = [float(box_iou(stages[k][r][None], stages[k + 1][r][None])[0, 0]) for k in range(len(stages) - 1)]
+        shown.append({"proposal_index": r, "boxes": path_boxes, "iou_between_stages": ious})
+    ax.set_title(
+        f"Cascade R-CNN: each detection's proposal (dashed) and its box after each of the {len(stages) - 1} "
+        "stages (thicker: later)",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    return _save(fig, path), {"threshold": score_threshold, "stages": len(stages) - 1, "shown": shown}
+
+
 def plot_detections(trace, path, *, score_threshold: float = 0.5) -> tuple[Path, dict]:
     """The final detections on the original image, class and score."""
     path = Path(path)
@@ -786,7 +817,7 @@ def write_explain_figures(
 ) -> dict[str, tuple[Path | None, dict]]:
     """Every figure into ``out_dir``: {name: (path or None when it does not apply, numbers)}."""
     out = Path(out_dir)
-    return {
+    figures = {
         "anchors": plot_anchors(trace, out / "anchors.png", level=level),
         "anchor_labels": plot_anchor_labels(trace, out / "anchor_labels.png"),
         "rpn_objectness": plot_rpn_objectness(trace, out / "rpn_objectness.png"),
@@ -796,6 +827,11 @@ def write_explain_figures(
         "two_stage": plot_two_stage(trace, out / "two_stage.png", score_threshold=score_threshold),
         "detections": plot_detections(trace, out / "detections.png", score_threshold=score_threshold),
     }
+    if trace.cascade_boxes is not None:  # Cascade R-CNN: the boxes after each stage
+        figures["cascade_stages"] = plot_cascade_stages(
+            trace, out / "cascade_stages.png", score_threshold=score_threshold
+        )
+    return figures
 
 
 def summary_lines(trace, *, score_threshold: float = 0.5) -> dict[str, list[str]]:

@@ -137,6 +137,8 @@ class ExplainTrace:
     detection_boxes_resized: torch.Tensor  # [D, 4]
     detection_proposal_index: torch.Tensor  # [D] row of proposals each detection was refined from
     anchor_labels: AnchorLabels | None = None
+    # Cascade R-CNN: each stage's input boxes, then the last stage's output, [P, 4] each (None: one stage)
+    cascade_boxes: list[torch.Tensor] | None = None
     times: dict[str, float] = field(default_factory=dict)  # seconds per stage, in STAGES order
     notes: list[str] = field(default_factory=list)
 
@@ -505,6 +507,9 @@ def _explain(model, image, target, class_names, roi_index) -> ExplainTrace:
         detection_boxes_resized=dets["boxes"].cpu(),
         detection_proposal_index=proposal_index.cpu(),
         anchor_labels=None if anchor_labels is None else _to_cpu(anchor_labels),
+        cascade_boxes=(
+            [b[0].cpu() for b in recorder["roi_heads.cascade_boxes"]] if "roi_heads.cascade_boxes" in recorder else None
+        ),
         times={k: clock.times[k] for k in STAGES if k in clock.times},
         notes=notes,
     )

@@ -76,16 +76,18 @@ def optimize_for_inference(
     use_pointwise_convs(model)
     if isinstance(rpn.head, RPNHead):
         rpn.head = FusedRPNHead(rpn.head)
-    if isinstance(heads.box_head, TwoMLPHead):  # our poolers output channels-last rows, whatever the model's layout
-        heads.box_head = ChannelsLastTwoMLPHead(heads.box_head, model.backbone.out_channels)
-    elif channels_last:  # a conv head's convs then output channels-last maps
-        heads.box_head = channels_last_conv_head(heads.box_head)
-    for part in (model.backbone, rpn.head, heads.box_head, heads.box_predictor):
+    heads.box_head = _fast_box_head(heads.box_head, model.backbone.out_channels, channels_last)
+    later_heads = getattr(heads, "later_heads", None)  # Cascade R-CNN's stages after the first (model/cascade.py)
+    if later_heads is not None:
+        for k, head in enumerate(later_heads):
+            later_heads[k] = _fast_box_head(head, model.backbone.out_channels, channels_last)
+    box_parts = [heads.box_head, *(later_heads or [])]
+    for part in (model.backbone, rpn.head, *box_parts, heads.box_predictor, *getattr(heads, "later_predictors", [])):
         part.to(dtype)
     if dtype != torch.float32:
-        # the two parts whose input comes from outside the cast network: the float32 image batch, and the
+        # the parts whose input comes from outside the cast network: the float32 image batch, and the
         # pooler's output (ours keeps the maps' dtype; another pooler may not)
-        for part in (model.backbone, heads.box_head):
+        for part in (model.backbone, *box_parts):
             part.register_forward_pre_hook(CastInput(dtype))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -93,6 +95,14 @@ def optimize_for_inference(
     if reuse_memory and all(p.device.type == "cpu" for p in model.parameters()):
         keep_freed_memory()
     return model
+
+
+def _fast_box_head(head: nn.Module, channels: int, channels_last: bool) -> nn.Module:
+    if isinstance(head, TwoMLPHead):  # our poolers output channels-last rows, whatever the model's layout
+        return ChannelsLastTwoMLPHead(head, channels)
+    if channels_last:  # a conv head's convs then output channels-last maps
+        return channels_last_conv_head(head)
+    return head
 
 
 # ---- BatchNorm folding ---------------------------------------------------------------------------------

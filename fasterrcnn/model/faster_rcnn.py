@@ -22,6 +22,7 @@ returning an ordered dict of feature maps, with ``out_channels``) and swap the a
 the box head or the predictor.
 """
 
+import copy
 from collections import OrderedDict
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 from ..ops import MultiScaleRoIAlign
 from . import fast_path
 from .anchors import AnchorGenerator
+from .cascade import CascadePredictor, CascadeRoIHeads
 from .input_checks import check_images, check_targets
 from .recorder import Recorder
 from .roi_heads import ConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
@@ -73,6 +75,8 @@ class FasterRCNN(nn.Module):
         box_soft_nms_sigma: float = 0.5,
         box_soft_nms_min_score: float = 0.001,
         box_loss: str = "smooth_l1",
+        cascade_iou: tuple[float, ...] = (),
+        cascade_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25),
         box_detections_per_img: int = 100,
         box_fg_iou_thresh: float = 0.5,
         box_bg_iou_thresh: float = 0.5,
@@ -118,6 +122,39 @@ class FasterRCNN(nn.Module):
                 box_head = ConvFCHead(out_channels, size, tuple(box_head_convs), representation_size)
             else:
                 box_head = TwoMLPHead(out_channels * size[0] * size[1], representation_size)
+        common = dict(
+            batch_size_per_image=box_batch_size_per_image,
+            positive_fraction=box_positive_fraction,
+            score_thresh=box_score_thresh,
+            nms_thresh=box_nms_thresh,
+            nms=box_nms,
+            soft_nms_sigma=box_soft_nms_sigma,
+            soft_nms_min_score=box_soft_nms_min_score,
+            detections_per_img=box_detections_per_img,
+            box_loss=box_loss,
+        )
+        if cascade_iou:  # Cascade R-CNN: one head and class-agnostic predictor per stage (model/cascade.py)
+            if box_predictor is not None:
+                raise ValueError("cascade_iou builds its own predictors; give num_classes, not box_predictor")
+            if len(cascade_loss_weights) != len(cascade_iou):
+                raise ValueError(
+                    f"cascade_loss_weights needs one weight per stage of cascade_iou={list(cascade_iou)}, "
+                    f"got {list(cascade_loss_weights)}"
+                )
+            heads = [box_head] + [copy.deepcopy(box_head) for _ in cascade_iou[1:]]
+            for head in heads[1:]:
+                for module in head.modules():
+                    if hasattr(module, "reset_parameters"):
+                        module.reset_parameters()
+            self.roi_heads: RoIHeads = CascadeRoIHeads(
+                box_roi_pool,
+                heads,
+                [CascadePredictor(box_head.out_features, num_classes) for _ in cascade_iou],
+                iou_thresholds=tuple(cascade_iou),
+                loss_weights=tuple(cascade_loss_weights),
+                **common,
+            )
+            return
         if box_predictor is None:
             box_predictor = FastRCNNPredictor(box_head.out_features, num_classes)
         self.roi_heads = RoIHeads(
@@ -126,16 +163,8 @@ class FasterRCNN(nn.Module):
             box_predictor,
             fg_iou_thresh=box_fg_iou_thresh,
             bg_iou_thresh=box_bg_iou_thresh,
-            batch_size_per_image=box_batch_size_per_image,
-            positive_fraction=box_positive_fraction,
             bbox_reg_weights=bbox_reg_weights,
-            score_thresh=box_score_thresh,
-            nms_thresh=box_nms_thresh,
-            nms=box_nms,
-            soft_nms_sigma=box_soft_nms_sigma,
-            soft_nms_min_score=box_soft_nms_min_score,
-            detections_per_img=box_detections_per_img,
-            box_loss=box_loss,
+            **common,
         )
 
     @property

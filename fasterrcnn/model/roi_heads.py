@@ -132,8 +132,12 @@ def fastrcnn_loss(
     classification_loss = F.cross_entropy(class_logits, labels)
     num_rois = box_deltas.shape[0]
     fg = labels > 0
-    # the deltas predicted for each RoI's own class: [R, K, 4] -> [R, 4] (background: class 0's, masked)
-    own_deltas = box_deltas.reshape(num_rois, -1, 4)[torch.arange(num_rois, device=labels.device), labels]
+    # the deltas predicted for each RoI's own class: [R, K, 4] -> [R, 4] (background: class 0's, masked);
+    # a class-agnostic predictor (Cascade R-CNN's) gives [R, 4] already
+    if box_deltas.shape[1] == 4:
+        own_deltas = box_deltas
+    else:
+        own_deltas = box_deltas.reshape(num_rois, -1, 4)[torch.arange(num_rois, device=labels.device), labels]
     targets = torch.where(fg[:, None], regression_targets, 0.0)  # whatever a background row holds
     if box_loss == "smooth_l1":  # the default, kept exactly as it was (in the deltas' dtype)
         per_box = F.smooth_l1_loss(own_deltas, targets.to(own_deltas.dtype), beta=1 / 9, reduction="none").sum(dim=1)
@@ -232,9 +236,11 @@ class RoIHeads(nn.Module):
         proposals: list[torch.Tensor],
         image_sizes: list[tuple[int, int]],
         recorder: Recorder | None = None,
+        box_coder: BoxCoder | None = None,
     ) -> list[dict]:
         """-> B x {boxes, scores, labels}; a recorder gets, per image, the row of the image's proposals
-        each detection was refined from (``roi_heads.proposal_index``).
+        each detection was refined from (``roi_heads.proposal_index``). ``box_coder``: the one that decodes the
+        deltas (default this head's; the cascade's last stage has its own).
 
         The whole batch at once: a candidate is a (proposal, class) pair scoring above score_thresh
         (background excluded), in that row-major order; only candidates are decoded (in float32, even
@@ -249,7 +255,7 @@ class RoIHeads(nn.Module):
         rows, labels = torch.nonzero(scores[:, 1:] > self.score_thresh).unbind(1)  # [M] each, row-major
         labels = labels + 1
         scores = scores[rows, labels]
-        boxes = self.box_coder.decode(
+        boxes = (box_coder or self.box_coder).decode(
             box_deltas.view(num_rois, num_classes, 4)[rows, labels], torch.cat(proposals).to(torch.float32)[rows]
         )
         counts = torch.tensor(boxes_per_image, device=device)
@@ -296,6 +302,7 @@ class RoIHeads(nn.Module):
         pooled: torch.Tensor,
         class_logits: torch.Tensor,
         box_deltas: torch.Tensor,
+        box_coder: BoxCoder | None = None,
     ) -> None:
         """What the second stage made of each RoI: its pooler level, its class scores and its box refined
         for every class (clipped to its image). Work done only for a recorder."""
@@ -309,7 +316,7 @@ class RoIHeads(nn.Module):
         num_rois, num_classes = class_logits.shape
         recorder.put("roi_heads.class_scores", F.softmax(class_logits, dim=-1))
         rois = torch.cat(proposals).to(torch.float32) if proposals else box_deltas.new_zeros((0, 4))
-        refined = self.box_coder.decode(box_deltas, rois).view(num_rois, num_classes, 4)
+        refined = (box_coder or self.box_coder).decode(box_deltas, rois).view(num_rois, num_classes, 4)
         sizes = torch.tensor(image_sizes, dtype=refined.dtype, device=refined.device)  # [B, 2] (h, w)
         image = torch.repeat_interleave(
             torch.arange(len(proposals), device=refined.device),
