@@ -10,9 +10,11 @@ pooled features [R, D, P, P] (P = 7 with FPN).
                    padded to [B, N] candidates and matched at once;
                    sample 512 per image (25% foreground at most);
                    loss_classifier = cross-entropy over the sample; loss_box_reg = smooth-L1 (beta 1/9)
-                   on the deltas of each foreground RoI's own class, summed / number sampled.
+                   on the deltas of each foreground RoI's own class, summed / number sampled (box_loss:
+                   also L1, or GIoU on the decoded boxes: box_loss.py).
     inference:     softmax, decode every class's box, clip, drop background, score > 0.05,
-                   drop tiny boxes, NMS 0.5 per class, keep the top 100 per image.
+                   drop tiny boxes, NMS 0.5 per class (nms: or Soft-NMS), keep the top 100 per image.
+    Cascade R-CNN: cascade.py's CascadeRoIHeads, this class with more stages.
     recorder:      given one, the heads write the RoIs pooled (and in training the sample), each RoI's
                    pooler level, class scores and per-class boxes, and in inference the proposal each
                    detection came from (see recorder.py).
