@@ -165,6 +165,15 @@ BUILTIN_CELLS: tuple[Cell, ...] = (
     ),
     *(
         Cell(
+            f"giou_w1{suffix}",
+            ("model.options.box_loss=giou", *seed),
+            description="GIoU loss on the second stage's decoded boxes, weighted 1 (as smooth L1 is)"
+            + (", seed 1" if seed else ""),
+        )
+        for suffix, seed in (("", ()), ("_seed1", ("train.seed=1",)))
+    ),
+    *(
+        Cell(
             f"soft_nms{suffix}",
             ("model.options.box_nms=soft_gaussian",),
             reevaluates=f"baseline{suffix}",
