@@ -59,10 +59,15 @@ def is_video_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
+def _is_camera_index(text: str) -> bool:
+    """ "0", "1", ...: a camera, unless a file has that name."""
+    return bool(re.fullmatch(r"\d+", text)) and not os.path.exists(text)
+
+
 def is_live_source(source: str | os.PathLike) -> bool:
     """A camera index ("0", "1", ...; when no file has that name), a /dev/video* device or a stream URL."""
     text = os.fspath(source)
-    if re.fullmatch(r"\d+", text) and not os.path.exists(text):
+    if _is_camera_index(text):
         return True
     return text.startswith("/dev/video") or text.lower().startswith(STREAM_SCHEMES)
 
@@ -70,7 +75,7 @@ def is_live_source(source: str | os.PathLike) -> bool:
 def source_name(source: str | os.PathLike) -> str:
     """A short name for outputs: the file's stem, ``camera0``, or the stream URL's host and path made file-safe."""
     text = os.fspath(source)
-    if re.fullmatch(r"\d+", text) and not os.path.exists(text):
+    if _is_camera_index(text):
         return f"camera{text}"
     if text.startswith("/dev/video"):
         return "camera" + text[len("/dev/video") :]
@@ -164,7 +169,7 @@ class FrameReader:
     def _open(self, av):
         target, fmt = self.source, None
         options: dict[str, str] = {}
-        if re.fullmatch(r"\d+", self.source) and not os.path.exists(self.source):
+        if _is_camera_index(self.source):
             target, fmt = _camera(self.source)
         elif self.source.startswith("/dev/video"):
             fmt = "v4l2"

@@ -283,6 +283,14 @@ class Detector:
         if reader.error:
             raise VideoError(reader.error)
 
+    def categories(self) -> list[dict]:
+        """COCO "categories" records of the detector's classes: ``{id, name}``, background left out."""
+        return [
+            {"id": self.label_to_cat_id.get(label, label), "name": name}
+            for label, name in enumerate(self.class_names)
+            if label > 0
+        ]
+
     def name_of(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else f"class_{label}"
 

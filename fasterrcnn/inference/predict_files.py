@@ -203,11 +203,7 @@ def predict_files(
     progress = Progress(
         total=len(paths), desc="predict", unit="img", enabled=show_progress, every=max(1, len(paths) // 20)
     )
-    categories = [
-        {"id": detector.label_to_cat_id.get(label, label), "name": name}
-        for label, name in enumerate(detector.class_names)
-        if label > 0
-    ]
+    categories = detector.categories()
     remove_previous_drawings(out_dir)
     # images.json is {"categories": [...], "images": [...], "partial": ...}, its images streamed like the results
     images_head = '{"categories": ' + json.dumps(categories) + ', "images": ['

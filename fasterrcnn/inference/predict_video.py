@@ -106,11 +106,7 @@ def predict_video(
         window, why_not = LiveWindow.open(f"fasterrcnn: {name}")
         if window is None:
             log.warning("--show: %s; the annotated frames are only written", why_not)
-    categories = [
-        {"id": detector.label_to_cat_id.get(label, label), "name": class_name}
-        for label, class_name in enumerate(detector.class_names)
-        if label > 0
-    ]
+    categories = detector.categories()
     head = {
         "video": os.fspath(source),
         "width": reader.width,

@@ -43,12 +43,17 @@ def _dashed_box(draw: ImageDraw.ImageDraw, box, *, width: int) -> None:
             _dashed_line(draw, start, end, fill=colour, width=w, dash=max(4, 3 * width))
 
 
+def _name(class_names: list[str], label) -> str:
+    label = int(label)
+    return class_names[label] if 0 <= label < len(class_names) else f"class_{label}"
+
+
 def draw_truth_and_predictions(
     image: Image.Image, *, gt_boxes, gt_labels, det_boxes, det_labels, det_scores, class_names: list[str]
 ) -> Image.Image:
     """A copy of ``image`` with the ground truth dashed and the predictions solid (see the module docstring);
     boxes [N, 4] xyxy pixels (tensors or lists), labels index ``class_names`` (background first)."""
-    names = [class_names[int(k)] if 0 <= int(k) < len(class_names) else f"class_{int(k)}" for k in det_labels]
+    names = [_name(class_names, k) for k in det_labels]
     out = draw_detections(image, det_boxes, det_labels, names, det_scores)
     draw = ImageDraw.Draw(out)
     short = min(out.size)
@@ -58,7 +63,7 @@ def draw_truth_and_predictions(
     labels = gt_labels.tolist() if hasattr(gt_labels, "tolist") else list(gt_labels)
     for box, label in zip(boxes, labels):
         _dashed_box(draw, box, width=width)
-        name = class_names[int(label)] if 0 <= int(label) < len(class_names) else f"class_{int(label)}"
+        name = _name(class_names, label)
         x, y = box[0] + width + 2, box[1] + width + 1
         draw.text((x, y), name, fill=GT_LINE, font=font, stroke_width=1, stroke_fill=GT_SHADOW)
     return out
