@@ -79,16 +79,20 @@ def image_results(dataset, image_ids: list[int], detections: list[dict], label_t
     return out
 
 
-def _errors(result: ImageResult, *, class_names, score_threshold: float, iou_threshold: float) -> tuple[int, int, int]:
-    """(missed, false, confused) boxes of one image."""
-    cm = confusion_matrix(
+def image_confusion(result: ImageResult, *, class_names, score_threshold: float, iou_threshold: float):
+    """One image's confusion matrix (its counts sum over the images to the dataset's)."""
+    return confusion_matrix(
         images=[result.as_confusion_input()],
         class_names=class_names,
         score_threshold=score_threshold,
         iou_threshold=iou_threshold,
-    ).counts
-    missed, false = int(cm[:-1, -1].sum()), int(cm[-1, :-1].sum())
-    confused = int(cm[:-1, :-1].sum() - np.trace(cm[:-1, :-1]))
+    )
+
+
+def _errors(counts: np.ndarray) -> tuple[int, int, int]:
+    """(missed, false, confused) boxes of one image's confusion counts."""
+    missed, false = int(counts[:-1, -1].sum()), int(counts[-1, :-1].sum())
+    confused = int(counts[:-1, :-1].sum() - np.trace(counts[:-1, :-1]))
     return missed, false, confused
 
 
@@ -101,13 +105,17 @@ def pick_grid_images(
     worst: int = 8,
     random_count: int = 4,
     seed: int = 0,
+    confusions: list[ConfusionMatrix] | None = None,
 ) -> list[tuple[ImageResult, str]]:
     """The ``worst`` images by missed + false + confused boxes (ties: dataset order; only images with an
-    error), then ``random_count`` of the others drawn with ``seed``; each with its caption."""
-    errors = [
-        _errors(r, class_names=class_names, score_threshold=score_threshold, iou_threshold=iou_threshold)
-        for r in results
-    ]
+    error), then ``random_count`` of the others drawn with ``seed``; each with its caption. ``confusions``:
+    each image's confusion matrix when the caller has them (``image_confusion``), else computed here."""
+    if confusions is None:
+        confusions = [
+            image_confusion(r, class_names=class_names, score_threshold=score_threshold, iou_threshold=iou_threshold)
+            for r in results
+        ]
+    errors = [_errors(c.counts) for c in confusions]
     order = sorted(range(len(results)), key=lambda i: (-sum(errors[i]), i))
     bad = [i for i in order if sum(errors[i]) > 0][:worst]
     rest = [i for i in range(len(results)) if i not in set(bad)]
@@ -155,12 +163,15 @@ def write_diagnostics(
     ``image_ids`` and ``detections``) on ``dataset``."""
     out_dir = Path(out_dir)
     results = image_results(dataset, evaluation.image_ids, evaluation.detections, label_to_cat_id)
+    # each image matched once: the dataset's matrix is the sum, the grid ranks the images by theirs
+    per_image = [
+        image_confusion(r, class_names=class_names, score_threshold=score_threshold, iou_threshold=iou_threshold)
+        for r in results
+    ]
     cm = confusion_matrix(
-        images=[r.as_confusion_input() for r in results],
-        class_names=class_names,
-        score_threshold=score_threshold,
-        iou_threshold=iou_threshold,
+        images=[], class_names=class_names, score_threshold=score_threshold, iou_threshold=iou_threshold
     )
+    cm.counts = sum((c.counts for c in per_image), cm.counts)
     matches = [
         match_image(
             gt_boxes=r.gt["boxes"],
@@ -187,7 +198,11 @@ def write_diagnostics(
     paths["confusion_csv"] = out_dir / "confusion_matrix.csv"
     if grid and results:
         picks = pick_grid_images(
-            results, class_names=class_names, score_threshold=score_threshold, iou_threshold=iou_threshold
+            results,
+            class_names=class_names,
+            score_threshold=score_threshold,
+            iou_threshold=iou_threshold,
+            confusions=per_image,
         )
         tiles = [
             (draw_result(dataset, r, class_names=class_names, score_threshold=score_threshold), c) for r, c in picks
