@@ -243,11 +243,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from fasterrcnn.engine.config import ConfigError
     from fasterrcnn.engine.diagnostics import write_diagnostics
-    from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name, optimized_for_inference
+    from fasterrcnn.engine.evaluator import evaluate_model, match_categories_by_name
     from fasterrcnn.engine.setup import data_format, open_dataset, resolve_device
     from fasterrcnn.files import atomic_write_text
     from fasterrcnn.inference.detector import load_weights
-    from fasterrcnn.model.tta import TestTimeAugmentation
 
     _setup_logging()
     if args.batch_size < 1:
@@ -267,13 +266,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     amp, optimize = args.amp, args.optimize
     if exported:  # it carries its class names and runs on the CPU as it was exported (bf16: the runtime's)
         device, amp, optimize = torch.device("cpu"), "none", False
-    if args.tta:  # around the optimised copy (or the model as trained with --no-optimize)
-        if exported:
-            raise ConfigError("--tta runs a checkpoint's eager model; an exported file runs without it")
-        if optimize:
-            model, amp = optimized_for_inference(model, amp)
-            optimize = False
-        model = TestTimeAugmentation(model.eval(), **cast(dict, _tta_options(args)))
+    if args.tta and exported:
+        raise ConfigError("--tta runs a checkpoint's eager model; an exported file runs without it")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else class_names[1:]
     dataset = open_dataset(args.data, args.images or "", "auto", args.split, classes)
     if len(dataset.report):  # skipped or fixed images and boxes: counted, and check-data lists them
@@ -302,6 +296,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         amp=amp,
         results_path=out / "predictions.json" if out else None,
         optimize=optimize,
+        tta=cast(dict, _tta_options(args)) if args.tta else None,  # around the optimised copy
     )
     if result.coco.message:
         print(f"note: {result.coco.message}")

@@ -22,6 +22,7 @@ from ..data.report import DataError
 from ..evaluation import COCO_STAT_NAMES, CocoEvaluator, CocoMetrics, VocMetrics, evaluate_voc
 from ..files import atomic_open
 from ..model.input_checks import image_problem
+from ..model.tta import TestTimeAugmentation
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -254,12 +255,16 @@ def evaluate_model(
     show_progress=True,
     results_path: str | Path | None = None,
     optimize: bool = False,
+    tta: dict | None = None,
 ) -> Evaluation:
     """Predict over ``dataset`` and score. With ``optimize``, the predictions come from an optimised
-    copy of ``model`` (:func:`optimized_for_inference`); the model passed in is left as it was."""
+    copy of ``model`` (:func:`optimized_for_inference`); the model passed in is left as it was. ``tta``: the
+    arguments of ``TestTimeAugmentation`` (model/tta.py), which then wraps the (optimised) model."""
     start = time.perf_counter()
     if optimize:
         model, amp = optimized_for_inference(model, amp)
+    if tta is not None:
+        model = TestTimeAugmentation(model.eval(), **tta)
     ids, dets = predict_dataset(
         model,
         dataset,

@@ -29,7 +29,6 @@ from ..engine.config import EXECUTION_KEYS, Config, ConfigError, apply_overrides
 from ..engine.evaluator import evaluate_model
 from ..engine.setup import build_data, build_model, resolve_device
 from ..files import atomic_write_text
-from ..model.tta import TestTimeAugmentation
 from ..viz.ablation import plot_ablation
 from .alternating import AlternatingResult, latest_checkpoint
 from .schedules import train_schedule
@@ -349,6 +348,11 @@ def run_training_cell(cell: Cell, cfg: Config, digest: str, *, show_progress: bo
     return CellResult(cell, _eval_metrics(result.evaluation, run_dir), wall - eval_s, eval_s, digest, notes=notes)
 
 
+def reevaluation_hash(cfg: Config, cell: Cell, reference_hash: str) -> str:
+    """A re-evaluation cell's key: the trained cell's, its test-time overrides and its augmentation."""
+    return config_hash(cfg, reference_hash, *cell.overrides, *(f"tta={x}" for x in cell.tta))
+
+
 def run_reevaluation_cell(cell: Cell, cfg: Config, reference: CellResult, *, show_progress: bool) -> CellResult:
     """``reference``'s trained model, evaluated with the cell's test-time model.options."""
     bad = [o for o in cell.overrides if not o.startswith("model.options.")]
@@ -369,11 +373,8 @@ def run_reevaluation_cell(cell: Cell, cfg: Config, reference: CellResult, *, sho
     data = build_data(eval_cfg.data, train=False)
     run_dir = out / cell.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    evaluated: torch.nn.Module = model
-    if cell.tta:
-        evaluated = TestTimeAugmentation(model.eval(), scales=cell.tta, hflip=True)
     evaluation = evaluate_model(
-        evaluated,
+        model,
         data.val,
         class_names=data.class_names,
         label_to_cat_id=data.label_to_cat_id,
@@ -383,9 +384,10 @@ def run_reevaluation_cell(cell: Cell, cfg: Config, reference: CellResult, *, sho
         amp=cfg.train.amp,
         show_progress=show_progress,
         results_path=run_dir / "predictions.json",
+        tta={"scales": cell.tta, "hflip": True} if cell.tta else None,
     )
     evaluation.coco.to_json(run_dir / "eval.json")
-    digest = config_hash(cfg, reference.config_hash, *cell.overrides, *(f"tta={x}" for x in cell.tta))
+    digest = reevaluation_hash(cfg, cell, reference.config_hash)
     return CellResult(cell, _eval_metrics(evaluation, run_dir), 0.0, evaluation.seconds, digest)
 
 
@@ -401,8 +403,7 @@ def run_ablation(
         cfg = cell_config(base, cell, out)
         run_dir = out / cell.name
         if cell.reevaluates:
-            tta = (f"tta={x}" for x in cell.tta)
-            digest = config_hash(cfg, results[cell.reevaluates].config_hash, *cell.overrides, *tta)
+            digest = reevaluation_hash(cfg, cell, results[cell.reevaluates].config_hash)
         elif cell.backbone_from:  # what it computes depends on what the donor learned
             digest = config_hash(cfg, results[cell.backbone_from].config_hash)
         else:
